@@ -1,0 +1,118 @@
+"""Field-by-field differences between two snapshots.
+
+``diff(reference, upstream)`` returns :class:`Divergence` records keyed by a
+path (a parameter, a LoRA module, a modules-to-save wrapper, ``<model>`` or
+``<error>``) and a field name.  Nested per-adapter fields are spelled
+``adapter[default].scaling``.  The list is sorted, so two runs of the same case
+print the same diff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from conformance.snapshot import Snapshot
+
+__all__ = ["Divergence", "diff", "format_table"]
+
+MODEL = "<model>"
+ERROR = "<error>"
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One field where the reference and upstream disagree."""
+
+    path: str
+    field: str
+    reference: Any
+    upstream: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "field": self.field, "reference": _plain(self.reference), "upstream": _plain(self.upstream)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.astuple(value))
+    return value
+
+
+def _fields(obj: Any, skip: tuple[str, ...] = ("path",)) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in skip}
+
+
+def _compare_keyed(kind: str, ref: Iterable[Any], up: Iterable[Any], out: list[Divergence]) -> None:
+    ref_by = {x.path: x for x in ref}
+    up_by = {x.path: x for x in up}
+    for path in sorted(ref_by.keys() | up_by.keys()):
+        r, u = ref_by.get(path), up_by.get(path)
+        if r is None or u is None:
+            out.append(Divergence(path, f"{kind}.present", r is not None, u is not None))
+            continue
+        rf, uf = _fields(r), _fields(u)
+        for name in rf:
+            if name == "adapters" and kind == "lora":
+                _compare_adapters(path, dict(rf[name]), dict(uf[name]), out)
+            elif rf[name] != uf[name]:
+                out.append(Divergence(path, name, rf[name], uf[name]))
+
+
+def _compare_adapters(path: str, ref: dict[str, Any], up: dict[str, Any], out: list[Divergence]) -> None:
+    for name in sorted(ref.keys() | up.keys()):
+        r, u = ref.get(name), up.get(name)
+        if r is None or u is None:
+            out.append(Divergence(path, f"adapter[{name}].present", r is not None, u is not None))
+            continue
+        for field_name, value in _fields(r, skip=()).items():
+            other = getattr(u, field_name)
+            if value != other:
+                out.append(Divergence(path, f"adapter[{name}].{field_name}", value, other))
+
+
+def diff(reference: Snapshot, upstream: Snapshot) -> list[Divergence]:
+    """Every field in which ``reference`` and ``upstream`` differ."""
+    out: list[Divergence] = []
+    if reference.error is not None or upstream.error is not None:
+        r, u = reference.error, upstream.error
+        if r is None or u is None:
+            out.append(Divergence(ERROR, "raised", _describe(r), _describe(u)))
+        else:
+            for name in ("cls", "kind"):
+                if getattr(r, name) != getattr(u, name):
+                    out.append(Divergence(ERROR, name, getattr(r, name), getattr(u, name)))
+        return out
+    _compare_keyed("param", reference.params, upstream.params, out)
+    _compare_keyed("lora", reference.lora, upstream.lora, out)
+    _compare_keyed("saved", reference.saved, upstream.saved, out)
+    if reference.model is not None and upstream.model is not None:
+        for name, value in _fields(reference.model, skip=()).items():
+            other = getattr(upstream.model, name)
+            if value != other:
+                out.append(Divergence(MODEL, name, value, other))
+    return out
+
+
+def _describe(error: Any) -> str:
+    if error is None:
+        return "no error"
+    return f"{error.cls}[{error.kind}]: {error.message[:160]}"
+
+
+def format_table(divergences: list[Divergence], limit: int = 40) -> str:
+    """A side-by-side table: path | field | reference | upstream."""
+    rows = [("path", "field", "reference", "upstream")]
+    rows += [(d.path, d.field, repr(d.reference), repr(d.upstream)) for d in divergences[:limit]]
+    widths = [min(60, max(len(row[i]) for row in rows)) for i in range(4)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell[: widths[j]].ljust(widths[j]) for j, cell in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if len(divergences) > limit:
+        lines.append(f"... and {len(divergences) - limit} more")
+    return "\n".join(lines)

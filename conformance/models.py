@@ -1,0 +1,214 @@
+"""Building the tiny random models of the zoo, plain or bitsandbytes-quantized.
+
+:func:`build_model` is deterministic (same :class:`ModelSpec`, bitwise-identical
+weights) and leaves the global RNG state untouched.  :func:`load_model` goes
+through a checkpoint on disk for quantized loads, since bitsandbytes
+quantization happens in ``from_pretrained``; checkpoints are written once per
+spec under a cache directory shared by concurrent processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+)
+
+from reference.spec import ModelSpec, QuantSpec
+from strategies.zoo import CAUSAL_NEEDS_IS_DECODER, ZOO
+
+__all__ = [
+    "AUTO_CLASSES",
+    "build_model",
+    "checkpoint_path",
+    "load_model",
+    "make_config",
+    "quantization_config",
+    "spec_key",
+]
+
+AUTO_CLASSES = {
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_CLS": AutoModelForSequenceClassification,
+    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
+    "TOKEN_CLS": AutoModelForTokenClassification,
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,
+}
+
+# Bump when the on-disk layout or the way weights are drawn changes.
+_FORMAT = 1
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
+
+
+def make_config(spec: ModelSpec) -> PretrainedConfig:
+    """The transformers config of ``spec`` (a fresh object)."""
+    entry = ZOO.get(spec.model_type)
+    if entry is None:
+        raise ValueError(f"model type {spec.model_type!r} is not in the zoo; known: {sorted(ZOO)}")
+    if spec.task not in AUTO_CLASSES:
+        raise ValueError(f"unknown task {spec.task!r}; known: {sorted(AUTO_CLASSES)}")
+    if spec.task not in entry.tasks:
+        raise ValueError(
+            f"model type {spec.model_type!r} does not support task {spec.task!r}; "
+            f"it supports {list(entry.tasks)}"
+        )
+    if spec.num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {spec.num_layers}")
+    if spec.hidden_size < 64 or spec.hidden_size % 64:
+        raise ValueError(f"hidden_size must be a positive multiple of 64, got {spec.hidden_size}")
+    config = entry.make_config(spec.num_layers, spec.hidden_size)
+    if spec.task == "CAUSAL_LM" and spec.model_type in CAUSAL_NEEDS_IS_DECODER:
+        config.is_decoder = True
+    return config
+
+
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """A randomly initialised model for ``spec``, in ``spec.load_dtype``, in eval mode.
+
+    The weights depend on ``spec`` only: the RNG is seeded with ``spec.seed``
+    inside a forked RNG context, so the caller's RNG state is not disturbed.
+    """
+    config = make_config(spec)
+    auto = AUTO_CLASSES[spec.task]
+    dtype = _dtype(spec.load_dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = auto.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+# -- quantized loads ---------------------------------------------------------------------
+
+
+def quantization_config(quant: QuantSpec) -> BitsAndBytesConfig | None:
+    """The ``BitsAndBytesConfig`` of ``quant``; None when nothing is quantized.
+
+    Only the fields of the chosen kind are passed (the others keep
+    transformers' defaults); ``skip_modules=None`` leaves transformers' own
+    choice of unquantized modules in place.
+    """
+    if quant.kind == "none":
+        return None
+    kw: dict = {}
+    if quant.skip_modules is not None:
+        kw["llm_int8_skip_modules"] = list(quant.skip_modules)
+    if quant.kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=quant.int8_threshold, **kw)
+    if quant.kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=_dtype(quant.compute_dtype),
+            bnb_4bit_quant_storage=_dtype(quant.quant_storage),
+            **kw,
+        )
+    raise ValueError(f"unknown quantization kind {quant.kind!r}")
+
+
+def spec_key(spec: ModelSpec) -> str:
+    """A stable hash of ``spec``, its zoo config and the library versions."""
+    payload = {
+        "format": _FORMAT,
+        "spec": dataclasses.asdict(spec),
+        "config": make_config(spec).to_dict(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+_LRU_SIZE = 128
+_paths: "OrderedDict[tuple[ModelSpec, str], pathlib.Path]" = OrderedDict()
+_lock = threading.Lock()
+
+
+def _complete(path: pathlib.Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def checkpoint_path(spec: ModelSpec, cache_dir: pathlib.Path) -> pathlib.Path:
+    """The directory holding the saved ``build_model(spec)``, written on first use.
+
+    Writers save to a private temporary directory and rename it into place, so
+    concurrent processes sharing ``cache_dir`` never see a partial checkpoint;
+    when two race, the loser's copy is discarded (both are identical).
+    """
+    cache_dir = pathlib.Path(cache_dir)
+    lru_key = (spec, str(cache_dir.resolve()))
+    with _lock:
+        cached = _paths.get(lru_key)
+        if cached is not None and _complete(cached):
+            _paths.move_to_end(lru_key)
+            return cached
+    final = cache_dir / f"{spec.model_type}-{spec.task}-{spec_key(spec)}"
+    if not _complete(final):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
+        try:
+            build_model(spec).save_pretrained(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                # another process got there first (the target is a non-empty directory)
+                if not _complete(final):
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    with _lock:
+        _paths[lru_key] = final
+        _paths.move_to_end(lru_key)
+        while len(_paths) > _LRU_SIZE:
+            _paths.popitem(last=False)
+    return final
+
+
+def load_model(spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path) -> torch.nn.Module:
+    """``build_model(spec)``, quantized at load time as ``quant`` says, in eval mode.
+
+    For ``quant.kind == "none"`` this is :func:`build_model` itself; otherwise
+    the model is saved under ``cache_dir`` (once) and reloaded on the CPU with
+    ``from_pretrained(..., quantization_config=..., dtype=spec.load_dtype)``.
+    """
+    bnb = quantization_config(quant)
+    if bnb is None:
+        return build_model(spec)
+    path = checkpoint_path(spec, cache_dir)
+    auto = AUTO_CLASSES[spec.task]
+    model = auto.from_pretrained(
+        path,
+        quantization_config=bnb,
+        dtype=_dtype(spec.load_dtype),
+        device_map="cpu",
+    )
+    return model.eval()

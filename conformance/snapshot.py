@@ -1,0 +1,321 @@
+"""Canonical snapshots of prepared models.
+
+A :class:`Snapshot` is an immutable, JSON-serialisable description of what a
+preparation produced.  The same function, :func:`snapshot_of`, reads both the
+reference's model and upstream's: both use PEFT's public module layout
+(``base_layer``, ``lora_A``/``lora_B`` ModuleDicts, ``lora_embedding_A``/``_B``,
+``original_module``/``modules_to_save``), so the snapshot duck-types on it and
+never imports peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AdapterFacts",
+    "ErrorFacts",
+    "LoraModuleFacts",
+    "ModelFacts",
+    "ParamFacts",
+    "SavedModuleFacts",
+    "Snapshot",
+    "error_snapshot",
+    "snapshot_of",
+]
+
+
+@dataclass(frozen=True)
+class ParamFacts:
+    """One parameter of the prepared model."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    requires_grad: bool
+    cls: str
+    """``plain``, ``Params4bit`` or ``Int8Params``."""
+    quant: tuple[tuple[str, Any], ...] = ()
+    """4-bit quant state: quant type, blocksize, original dtype, nested (double quant)."""
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """One adapter of one LoRA-wrapped module."""
+
+    r: int
+    alpha: float
+    scaling: float
+    dropout: str
+    """``identity`` or ``dropout(p)``."""
+    lora_bias: bool
+    a_shape: tuple[int, ...]
+    a_dtype: str
+    b_shape: tuple[int, ...]
+    b_dtype: str
+    init: str
+    """Which factors are zero at init: ``A=nonzero,B=zero`` and so on."""
+
+
+@dataclass(frozen=True)
+class LoraModuleFacts:
+    """One LoRA-wrapped module."""
+
+    path: str
+    kind: str
+    """linear, conv1d, embedding, bnb4bit, bnb8bit, or the base class name."""
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
+    base: tuple[tuple[str, Any], ...]
+    """Facts of a quantized base: compute dtype, quant type, compress statistics..."""
+    adapters: tuple[tuple[str, AdapterFacts], ...]
+
+
+@dataclass(frozen=True)
+class SavedModuleFacts:
+    """One modules-to-save wrapper: a trainable copy beside the frozen original."""
+
+    path: str
+    adapters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Model-level facts of the prepared transformers model."""
+
+    gradient_checkpointing: bool
+    input_grads: bool
+    """Input embeddings produce outputs that require grad."""
+    use_cache: Any
+    loaded_in_4bit: bool
+    loaded_in_8bit: bool
+    trainable_params: int
+    total_params: int
+
+
+@dataclass(frozen=True)
+class ErrorFacts:
+    """A preparation that raised."""
+
+    cls: str
+    """The nearest builtin exception class (``ValueError``, ``TypeError``...)."""
+    kind: str
+    """A stable name for the reason, so two sides' messages can be compared."""
+    message: str = dataclasses.field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one side's preparation of one case produced."""
+
+    params: tuple[ParamFacts, ...] = ()
+    lora: tuple[LoraModuleFacts, ...] = ()
+    saved: tuple[SavedModuleFacts, ...] = ()
+    model: ModelFacts | None = None
+    error: ErrorFacts | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Snapshot":
+        def tup(x: Any) -> Any:
+            return tuple(tup(v) for v in x) if isinstance(x, list) else x
+
+        def adapters(items: list) -> tuple:
+            return tuple((name, AdapterFacts(**{k: tup(v) for k, v in facts.items()})) for name, facts in items)
+
+        return cls(
+            params=tuple(ParamFacts(**{k: tup(v) for k, v in p.items()}) for p in data.get("params", ())),
+            lora=tuple(
+                LoraModuleFacts(**{k: (adapters(v) if k == "adapters" else tup(v)) for k, v in m.items()})
+                for m in data.get("lora", ())
+            ),
+            saved=tuple(SavedModuleFacts(**{k: tup(v) for k, v in s.items()}) for s in data.get("saved", ())),
+            model=ModelFacts(**data["model"]) if data.get("model") else None,
+            error=ErrorFacts(**data["error"]) if data.get("error") else None,
+        )
+
+
+def _dtype(value: Any) -> str:
+    return str(value).removeprefix("torch.") if value is not None else "none"
+
+
+def _param_facts(path: str, param: nn.Parameter) -> ParamFacts:
+    cls = type(param).__name__
+    quant: tuple[tuple[str, Any], ...] = ()
+    if cls == "Params4bit":
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            quant = (
+                ("quant_type", state.quant_type),
+                ("blocksize", int(state.blocksize)),
+                ("dtype", _dtype(state.dtype)),
+                ("nested", bool(getattr(state, "nested", False))),
+            )
+    elif cls not in ("Int8Params",):
+        cls = "plain"
+    return ParamFacts(path, tuple(param.shape), _dtype(param.dtype), bool(param.requires_grad), cls, quant)
+
+
+def _base_kind(base: nn.Module, fan_in_fan_out: bool) -> str:
+    name = type(base).__name__
+    module = type(base).__module__
+    if module.startswith("bitsandbytes"):
+        return {"Linear4bit": "bnb4bit", "Linear8bitLt": "bnb8bit"}.get(name, f"bnb:{name}")
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    if name == "Conv1D" and module.startswith("transformers"):
+        return "conv1d"
+    if isinstance(base, nn.Linear):
+        return "linear"
+    return name
+
+
+def _base_facts(base: nn.Module) -> tuple[tuple[str, Any], ...]:
+    kind = type(base).__name__
+    if kind == "Linear4bit":
+        w = base.weight
+        return (
+            ("compute_dtype", _dtype(getattr(base, "compute_dtype", None))),
+            ("quant_type", getattr(w, "quant_type", None)),
+            ("compress_statistics", bool(getattr(w, "compress_statistics", False))),
+            ("quant_storage", _dtype(getattr(w, "quant_storage", None))),
+        )
+    if kind == "Linear8bitLt":
+        state = base.state
+        return (
+            ("threshold", float(state.threshold)),
+            ("has_fp16_weights", bool(state.has_fp16_weights)),
+        )
+    return ()
+
+
+def _features(base: nn.Module) -> tuple[int, int]:
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if type(base).__name__ == "Conv1D":
+        w = base.weight
+        return int(w.shape[0]), int(w.shape[1])
+    return int(getattr(base, "in_features", -1)), int(getattr(base, "out_features", -1))
+
+
+def _zero(t: torch.Tensor) -> str:
+    return "zero" if not bool(t.detach().float().abs().sum()) else "nonzero"
+
+
+def _dropout(module: nn.Module) -> str:
+    if isinstance(module, nn.Identity):
+        return "identity"
+    if isinstance(module, nn.Dropout):
+        return f"dropout({module.p:g})"
+    return type(module).__name__
+
+
+def _adapter_names(module: nn.Module) -> list[str]:
+    names = set(getattr(module, "lora_A", {}).keys()) | set(getattr(module, "lora_embedding_A", {}).keys())
+    return sorted(names)
+
+
+def _adapter_facts(module: nn.Module, name: str) -> AdapterFacts:
+    if name in getattr(module, "lora_embedding_A", {}):
+        a = module.lora_embedding_A[name]
+        b = module.lora_embedding_B[name]
+        bias = False
+    else:
+        a = module.lora_A[name].weight
+        lora_b = module.lora_B[name]
+        b = lora_b.weight
+        bias = getattr(lora_b, "bias", None) is not None
+    return AdapterFacts(
+        r=int(module.r[name]),
+        alpha=float(module.lora_alpha[name]),
+        scaling=float(module.scaling[name]),
+        dropout=_dropout(module.lora_dropout[name]),
+        lora_bias=bias,
+        a_shape=tuple(a.shape),
+        a_dtype=_dtype(a.dtype),
+        b_shape=tuple(b.shape),
+        b_dtype=_dtype(b.dtype),
+        init=f"A={_zero(a)},B={_zero(b)}",
+    )
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "base_layer") and (hasattr(module, "lora_A") or hasattr(module, "lora_embedding_A"))
+
+
+def _is_saved_wrapper(module: nn.Module) -> bool:
+    return hasattr(module, "original_module") and isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict)
+
+
+def _input_grads(model: nn.Module) -> bool:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    if emb is None:
+        return False
+    weight = next((p for p in emb.parameters()), None)
+    device = weight.device if weight is not None else "cpu"
+    with torch.enable_grad():
+        out = emb(torch.tensor([[1, 2]], device=device))
+    return bool(out.requires_grad)
+
+
+def _model_facts(model: nn.Module, params: Iterable[ParamFacts], numels: dict[str, int]) -> ModelFacts:
+    config = getattr(model, "config", None)
+    return ModelFacts(
+        gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
+        input_grads=_input_grads(model),
+        use_cache=getattr(config, "use_cache", None),
+        loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)),
+        loaded_in_8bit=bool(getattr(model, "is_loaded_in_8bit", False)),
+        trainable_params=sum(numels[p.path] for p in params if p.requires_grad),
+        total_params=sum(numels.values()),
+    )
+
+
+def snapshot_of(model: nn.Module) -> Snapshot:
+    """Describe a prepared transformers model (the model *inside* any PEFT wrapper)."""
+    params = []
+    numels: dict[str, int] = {}
+    for path, param in model.named_parameters(remove_duplicate=True):
+        params.append(_param_facts(path, param))
+        numels[path] = param.numel()
+    lora = []
+    saved = []
+    for path, module in model.named_modules():
+        if _is_lora_layer(module):
+            base = module.base_layer
+            fifo = bool(getattr(module, "fan_in_fan_out", False))
+            in_f, out_f = _features(base)
+            lora.append(
+                LoraModuleFacts(
+                    path=path,
+                    kind=_base_kind(base, fifo),
+                    in_features=in_f,
+                    out_features=out_f,
+                    fan_in_fan_out=fifo,
+                    base=_base_facts(base),
+                    adapters=tuple((n, _adapter_facts(module, n)) for n in _adapter_names(module)),
+                )
+            )
+        elif _is_saved_wrapper(module):
+            saved.append(SavedModuleFacts(path, tuple(sorted(module.modules_to_save.keys()))))
+    params.sort(key=lambda p: p.path)
+    return Snapshot(
+        params=tuple(params),
+        lora=tuple(lora),
+        saved=tuple(saved),
+        model=_model_facts(model, params, numels),
+    )
+
+
+def error_snapshot(cls: str, kind: str, message: str = "") -> Snapshot:
+    """The snapshot of a preparation that raised."""
+    return Snapshot(error=ErrorFacts(cls=cls, kind=kind, message=message))

@@ -1,0 +1,94 @@
+"""The upstream driver: the only module of the harness that imports peft and trl.
+
+Everything upstream-specific lives here: how a case becomes upstream calls, and
+how upstream's exception messages map to the reference's error kinds.  To test a
+fork, install it in the environment; nothing here names a version.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+from torch import nn
+
+from reference.errors import builtin_class
+from reference.spec import ABSENT, Case
+
+__all__ = ["classify_error", "prepare_peft", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """The installed stack, read from the imported modules themselves."""
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    out["bitsandbytes"] = bitsandbytes.__version__
+    try:
+        import trl
+
+        out["trl"] = trl.__version__
+    except ImportError:  # trl is only needed for the trl level
+        out["trl"] = "absent"
+    return out
+
+
+def prepare_peft(model: nn.Module, case: Case) -> nn.Module:
+    """``prepare_model_for_kbit_training`` (if asked) then ``get_peft_model``.
+
+    Returns the transformers model inside the PEFT wrapper, so its parameter
+    paths are those of the reference's prepared model.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    t = case.training
+    if t.prepare_kbit:
+        kwargs: dict[str, Any] = {}
+        if t.gradient_checkpointing is not ABSENT:
+            kwargs["use_gradient_checkpointing"] = t.gradient_checkpointing
+        if t.use_reentrant is not ABSENT:
+            kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": t.use_reentrant}
+        model = prepare_model_for_kbit_training(model, **kwargs)
+    config = LoraConfig(**case.adapter.given())
+    kwargs = {}
+    if t.autocast_adapter_dtype is not ABSENT:
+        kwargs["autocast_adapter_dtype"] = t.autocast_adapter_dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, config, **kwargs)
+    return peft_model.base_model.model
+
+
+# Upstream messages -> the reference's error kinds.  First match wins; the
+# patterns name the distinctive part of each message, observed in peft 0.15-0.21.
+_ERROR_KINDS: tuple[tuple[str, str], ...] = (
+    ("invalid_r", r"`r` should be a positive integer"),
+    ("no_default_targets", r"Please specify `target_modules`"),
+    ("layers_with_regex_targets", r"`layers_to_transform` cannot be used when `target_modules` is a str"),
+    ("layers_with_regex_targets", r"`layers_pattern` cannot be used when `target_modules` is a str"),
+    ("layers_pattern_without_layers", r"When `layers_pattern` is specified, `layers_to_transform` must also"),
+    ("unsupported_module", r"Target module .* is not supported"),
+    ("lora_bias_unsupported", r"lora_bias=True is not supported for"),
+    ("lora_bias_init", r"lora_bias=True is only supported with init_lora_weights"),
+    ("unknown_init", r"Unknown initialization init_lora_weights"),
+    ("invalid_dropout", r"dropout probability has to be between 0 and 1"),
+    ("saved_module_quantized", r"only Tensors of floating point dtype can require gradients"),
+    (
+        "no_target_matched",
+        r"not found in the base model|No modules were targeted|All modules were excluded|No `target_modules` passed",
+    ),
+    ("invalid_bias", r"Requested bias: .*, is not implemented"),
+)
+
+
+def classify_error(exc: BaseException) -> tuple[str, str]:
+    """(builtin class, kind) of an upstream exception; unknown messages get kind ``other``."""
+    message = str(exc)
+    for kind, pattern in _ERROR_KINDS:
+        if re.search(pattern, message):
+            return builtin_class(exc), kind
+    return builtin_class(exc), "other"

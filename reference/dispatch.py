@@ -1,0 +1,97 @@
+"""Which LoRA layer wraps which base module: an ordered list, first match wins.
+
+bitsandbytes is optional: its classes are looked up lazily and a missing package
+simply means its dispatchers never match.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+from torch import nn
+
+from reference.errors import UnsupportedModule
+from reference.layers import LoraEmbedding, LoraLinear
+
+__all__ = ["DISPATCH_ORDER", "SUPPORTED_KINDS", "wrap"]
+
+
+def _bnb_class(name: str) -> type | None:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # bitsandbytes is optional
+        return None
+    return getattr(bnb.nn, name, None)
+
+
+def _is_bnb(module: nn.Module, name: str) -> bool:
+    cls = _bnb_class(name)
+    return cls is not None and isinstance(module, cls)
+
+
+def _bnb_8bit(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
+    if not _is_bnb(module, "Linear8bitLt"):
+        return None
+    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=False)
+
+
+def _bnb_4bit(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
+    if not _is_bnb(module, "Linear4bit"):
+        return None
+    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=False)
+
+
+def _embedding(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
+    if not isinstance(module, nn.Embedding):
+        return None
+    return LoraEmbedding(module)
+
+
+def _linear(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
+    if not isinstance(module, nn.Linear):
+        return None
+    if fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+            "Setting fan_in_fan_out to False.",
+            stacklevel=3,
+        )
+    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=False)
+
+
+def _conv1d(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
+    if not (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")):
+        return None
+    if not fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+            stacklevel=3,
+        )
+    in_features, out_features = module.weight.shape
+    return LoraLinear(module, int(in_features), int(out_features), fan_in_fan_out=True)
+
+
+Dispatcher = Callable[[nn.Module, bool], "nn.Module | None"]
+
+# Quantized backends first: a bnb Linear is also an nn.Linear.
+DISPATCH_ORDER: tuple[tuple[str, Dispatcher], ...] = (
+    ("bnb8bit", _bnb_8bit),
+    ("bnb4bit", _bnb_4bit),
+    ("embedding", _embedding),
+    ("linear", _linear),
+    ("conv1d", _conv1d),
+)
+SUPPORTED_KINDS = tuple(kind for kind, _ in DISPATCH_ORDER)
+
+
+def wrap(name: str, module: nn.Module, fan_in_fan_out: bool) -> nn.Module:
+    """The LoRA layer for ``module``; raises :class:`UnsupportedModule` when none fits."""
+    for _, dispatch in DISPATCH_ORDER:
+        layer = dispatch(module, fan_in_fan_out)
+        if layer is not None:
+            return layer
+    raise UnsupportedModule(
+        f"Target module {name!r} ({type(module).__name__}) is not supported; "
+        f"LoRA wraps: {', '.join(SUPPORTED_KINDS)}"
+    )

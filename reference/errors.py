@@ -1,0 +1,92 @@
+"""The reference's exceptions.
+
+Every rejection is an instance of :class:`PreparationError` *and* of the builtin
+class upstream raises for the same input (``ValueError``, ``TypeError``,
+``NotImplementedError``), so callers catch what they would catch upstream.  The
+``kind`` is a stable name for the reason; the harness compares (builtin class,
+kind) between the two sides.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidBias",
+    "InvalidConfig",
+    "InvalidRank",
+    "LoraBiasUnsupported",
+    "NoDefaultTargets",
+    "NoTargetMatched",
+    "PreparationError",
+    "UnsupportedModule",
+    "builtin_class",
+]
+
+
+class PreparationError(Exception):
+    """Base of the reference's rejections; ``kind`` names the reason."""
+
+    kind = "error"
+
+
+class InvalidConfig(PreparationError, ValueError):
+    """An adapter spec field has a value or combination upstream's config rejects.
+
+    Remedy: fix the named field; the message shows its value.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class InvalidRank(PreparationError, ValueError):
+    """``r`` (or a ``rank_pattern`` value) is not a positive integer.  Use r >= 1."""
+
+    kind = "invalid_r"
+
+
+class NoDefaultTargets(PreparationError, ValueError):
+    """``target_modules`` was not given and the model type has no default targets.
+
+    Remedy: pass ``target_modules`` explicitly (a list, a regex or ``"all-linear"``).
+    """
+
+    kind = "no_default_targets"
+
+
+class NoTargetMatched(PreparationError, ValueError):
+    """No module of the model matched the targets (after excludes and layer filters).
+
+    Remedy: check the names against ``model.named_modules()``.
+    """
+
+    kind = "no_target_matched"
+
+
+class UnsupportedModule(PreparationError, ValueError):
+    """A matched module has a class no LoRA layer wraps (a container, a norm...).
+
+    Remedy: target its Linear / Embedding / Conv1D children instead.
+    """
+
+    kind = "unsupported_module"
+
+
+class LoraBiasUnsupported(PreparationError, ValueError):
+    """``lora_bias=True`` on a base layer that has no LoRA bias (e.g. Embedding)."""
+
+    kind = "lora_bias_unsupported"
+
+
+class InvalidBias(PreparationError, NotImplementedError):
+    """``bias`` is not one of ``none``, ``all``, ``lora_only``."""
+
+    kind = "invalid_bias"
+
+
+def builtin_class(exc: BaseException) -> str:
+    """The nearest builtin class in ``exc``'s MRO: what both sides are compared on."""
+    for cls in type(exc).__mro__:
+        if cls.__module__ == "builtins":
+            return cls.__name__
+    return type(exc).__name__

@@ -1,0 +1,41 @@
+"""k-bit preparation: what ``prepare_model_for_kbit_training`` is specified to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["enable_gradient_checkpointing", "is_kbit", "prepare_for_kbit_training"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def is_kbit(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+def enable_gradient_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None) -> None:
+    """Turn on checkpointing; with reentrant checkpointing (the default) the inputs
+    of the first checkpointed block must require grad, so the input embeddings'
+    outputs are made to."""
+    kwargs = dict(kwargs or {})
+    if kwargs.get("use_reentrant", True):
+        model.enable_input_require_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> nn.Module:
+    """Freeze every parameter, upcast fp16/bf16 parameters that are not 4-bit-packed
+    to fp32, and for a quantized model enable gradient checkpointing."""
+    for param in model.parameters():
+        param.requires_grad = False
+    for param in model.parameters():
+        if param.dtype in _HALF and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
+    if is_kbit(model) and use_gradient_checkpointing:
+        enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
+    return model

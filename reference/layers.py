@@ -1,0 +1,194 @@
+"""The reference's LoRA layers, laid out like PEFT's public checkpoints.
+
+Parameter paths are ``<module>.base_layer.weight``, ``<module>.lora_A.<adapter>.weight``,
+``<module>.lora_B.<adapter>.weight`` (and ``.bias`` with ``lora_bias``) for
+linear-like bases, and ``<module>.lora_embedding_A.<adapter>`` /
+``lora_embedding_B.<adapter>`` for embeddings, so adapters interoperate with PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from reference.errors import InvalidConfig, InvalidRank, LoraBiasUnsupported
+from reference.rules import adapter_dtype, scaling
+
+__all__ = ["AdapterParams", "LoraEmbedding", "LoraLinear", "SavedModule"]
+
+
+@dataclass(frozen=True)
+class AdapterParams:
+    """Resolved hyper-parameters of one adapter on one module."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    init: object
+    """True, False or ``"gaussian"``."""
+    lora_bias: bool
+    autocast: bool
+
+
+def _check_rank(r: object) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise InvalidRank(f"`r` should be a positive integer value but the value passed is {r!r}")
+    return r
+
+
+def _weight_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype new factors follow: a 4-bit layer's compute dtype, else its weight's."""
+    compute = getattr(base, "compute_dtype", None)
+    if type(base).__name__ == "Linear4bit" and compute is not None:
+        return compute
+    return base.weight.dtype
+
+
+class _LoraBase(nn.Module):
+    """State shared by the reference's LoRA layers."""
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+
+    def _common(self, name: str, p: AdapterParams) -> None:
+        _check_rank(p.r)
+        if p.dropout > 1.0:
+            raise InvalidConfig("invalid_dropout", f"lora_dropout={p.dropout!r} must be between 0 and 1")
+        self.r[name] = p.r
+        self.lora_alpha[name] = p.alpha
+        self.scaling[name] = scaling(p.alpha, p.r, p.use_rslora)
+        self.lora_bias[name] = p.lora_bias
+        self.lora_dropout[name] = nn.Dropout(p=p.dropout) if p.dropout > 0.0 else nn.Identity()
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    def _place(self, params: list[torch.Tensor], autocast: bool) -> None:
+        """Move new factors to the base layer's device and the policy's dtype."""
+        weight = self.base_layer.weight
+        dtype = adapter_dtype(_weight_dtype(self.base_layer), autocast)
+        for t in params:
+            t.data = t.data.to(device=weight.device, dtype=dtype)
+
+
+class LoraLinear(_LoraBase):
+    """LoRA around a linear-like base: ``nn.Linear``, transformers ``Conv1D``, bnb 4/8-bit."""
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, fan_in_fan_out: bool) -> None:
+        super().__init__(base_layer, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def add_adapter(self, name: str, p: AdapterParams) -> None:
+        if p.init not in (True, False, "gaussian"):
+            raise InvalidConfig("unknown_init", f"Unknown initialization init_lora_weights={p.init!r}")
+        self._common(name, p)
+        a = nn.Linear(self.in_features, p.r, bias=False)
+        b = nn.Linear(p.r, self.out_features, bias=p.lora_bias)
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+        if p.init is not False:
+            self._init(a, b, p)
+        self._place(list(a.parameters()) + list(b.parameters()), p.autocast)
+
+    def _init(self, a: nn.Linear, b: nn.Linear, p: AdapterParams) -> None:
+        with torch.no_grad():
+            if p.init == "gaussian":
+                nn.init.normal_(a.weight, std=1.0 / p.r)
+            else:
+                # He-uniform with a = sqrt(5): the bound is 1/sqrt(fan_in), like nn.Linear's own init.
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+            if b.bias is not None:
+                nn.init.zeros_(b.bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(a.weight.dtype))
+            result = result + (b(a(h)) * self.scaling[name]).to(out_dtype)
+        return result
+
+
+class LoraEmbedding(_LoraBase):
+    """LoRA around ``nn.Embedding``: factors are bare parameters, A is (r, vocab)."""
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self.fan_in_fan_out = False
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add_adapter(self, name: str, p: AdapterParams) -> None:
+        if p.lora_bias:
+            raise LoraBiasUnsupported(f"lora_bias={p.lora_bias} is not supported for {type(self).__name__}.")
+        self._common(name, p)
+        a = torch.randn(p.r, self.in_features)
+        b = torch.randn(self.out_features, p.r)
+        if p.init is not False:
+            # Every other value, "gaussian" and unknown strings included, gives the
+            # embedding default: A zero, B standard normal (observed in peft 0.21).
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+        self._place([self.lora_embedding_A[name], self.lora_embedding_B[name]], p.autocast)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self.active_adapters:
+            a = self.lora_embedding_A[name].T
+            b = self.lora_embedding_B[name].T
+            after_a = F.embedding(x, a, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            result = result + ((after_a @ b) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class SavedModule(nn.Module):
+    """A module trained in full: the frozen original beside one trainable copy per adapter."""
+
+    def __init__(self, original: nn.Module, adapter: str) -> None:
+        super().__init__()
+        self.original_module = original
+        for param in original.parameters():
+            if not param.dtype.is_floating_point:
+                raise InvalidConfig(
+                    "saved_module_quantized",
+                    f"modules_to_save cannot train a quantized module ({type(original).__name__}); "
+                    "keep it unquantized (llm_int8_skip_modules)",
+                )
+        self.modules_to_save = nn.ModuleDict({adapter: copy.deepcopy(original)})
+        self.active_adapter = adapter
+        for param in original.parameters():
+            param.requires_grad = False
+        for param in self.modules_to_save[adapter].parameters():
+            param.requires_grad = True
+
+    def forward(self, *args, **kwargs):
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Attribute reads (e.g. `weight`, `out_features`) fall through to the active copy.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            copy_ = super().__getattr__("modules_to_save")[super().__getattr__("active_adapter")]
+            return getattr(copy_, name)

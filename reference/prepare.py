@@ -1,0 +1,101 @@
+"""The reference preparer: a plain function of (model, adapter spec, training spec, profile)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from reference.config import LoraSettings, resolve
+from reference.dispatch import wrap
+from reference.errors import InvalidBias
+from reference.kbit import prepare_for_kbit_training
+from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModule
+from reference.profiles import Profile
+from reference.spec import ABSENT, AdapterSpec, TrainingSpec
+from reference.targets import iter_targets
+
+__all__ = ["ADAPTER", "TASK_HEADS", "prepare"]
+
+ADAPTER = "default"
+
+# Task types whose PEFT model trains the classification head in full.
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+}
+
+
+def _saved_names(settings: LoraSettings) -> tuple[str, ...]:
+    """The user's modules_to_save plus the task's head names."""
+    return tuple(settings.modules_to_save or ()) + TASK_HEADS.get(settings.task_type or "", ())
+
+
+def _wrap_saved(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Wrap every module whose name ends with an entry (a plain string suffix, as
+    upstream does: ``"head"`` wraps ``lm_head``).  Entries that match nothing are ignored."""
+    if not names:
+        return
+    for key, module in list(model.named_modules()):
+        if not key or not any(key.endswith(name) for name in names):
+            continue
+        if isinstance(module, (LoraLinear, LoraEmbedding)):
+            raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)}")
+        model.set_submodule(key, SavedModule(module, ADAPTER))
+
+
+def _mark_trainable(model: nn.Module, bias: str) -> None:
+    if bias not in ("none", "all", "lora_only"):
+        raise InvalidBias(f"bias={bias!r} is not one of 'none', 'all', 'lora_only'")
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                param.requires_grad = True
+    elif bias == "lora_only":
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                base_bias = getattr(module.base_layer, "bias", None)
+                if base_bias is not None:
+                    base_bias.requires_grad = True
+
+
+def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile) -> nn.Module:
+    """Prepare ``model`` in place for LoRA training and return it.
+
+    The steps follow upstream's order: config checks, optional k-bit preparation,
+    target resolution, layer dispatch and creation, trainability, and finally the
+    modules-to-save wrappers.
+    """
+    settings = resolve(adapter, profile)
+    if training.prepare_kbit:
+        use_gc = training.gradient_checkpointing
+        prepare_for_kbit_training(
+            model,
+            use_gradient_checkpointing=profile.gradient_checkpointing_default if use_gc is ABSENT else use_gc,
+            gradient_checkpointing_kwargs=None
+            if training.use_reentrant is ABSENT
+            else {"use_reentrant": training.use_reentrant},
+        )
+    autocast = training.autocast_adapter_dtype
+    autocast = profile.autocast_adapter_dtype_default if autocast is ABSENT else bool(autocast)
+
+    names = _saved_names(settings)
+    fan_in_fan_out = settings.fan_in_fan_out
+    for target in iter_targets(model, settings, profile, names):
+        layer = wrap(target.name, target.module, fan_in_fan_out)
+        layer.add_adapter(
+            ADAPTER,
+            AdapterParams(
+                r=target.r,
+                alpha=target.alpha,
+                dropout=settings.lora_dropout,
+                use_rslora=settings.use_rslora,
+                init=settings.init_lora_weights,
+                lora_bias=settings.lora_bias,
+                autocast=autocast,
+            ),
+        )
+        model.set_submodule(target.name, layer)
+    _mark_trainable(model, settings.bias)
+    _wrap_saved(model, names)
+    return model

@@ -1,0 +1,166 @@
+"""Profiles: the behaviour of one range of upstream versions.
+
+A profile holds every rule that changed between upstream releases, so a change
+lives in exactly one place.  :func:`select_profile` picks one from installed
+versions (read from package metadata; peft and trl are never imported) and a
+user can force one by name.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import MappingProxyType
+from typing import Mapping
+
+__all__ = ["PROFILES", "Profile", "installed_versions", "select_profile"]
+
+_QV = ("q_proj", "v_proj")
+
+# The per-model-type default targets that peft applies when `target_modules` is
+# None.  Documented in peft's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`;
+# peft 0.15 is the seed era.  A type absent here has no default: get_peft_model
+# must be given explicit targets.
+_DEFAULT_TARGETS_0_15: dict[str, tuple[str, ...] | str] = {
+    "t5": ("q", "v"),
+    "mt5": ("q", "v"),
+    "bart": _QV,
+    "gpt2": ("c_attn",),
+    "bloom": ("query_key_value",),
+    "blip-2": ("q", "v", "q_proj", "v_proj"),
+    "opt": _QV,
+    "gptj": _QV,
+    "gpt_neox": ("query_key_value",),
+    "gpt_neo": _QV,
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "deberta-v2": ("query_proj", "value_proj"),
+    "deberta": ("in_proj",),
+    "layoutlm": ("query", "value"),
+    "llama": _QV,
+    "chatglm": ("query_key_value",),
+    "gpt_bigcode": ("c_attn",),
+    "mpt": ("Wqkv",),
+    "RefinedWebModel": ("query_key_value",),
+    "RefinedWeb": ("query_key_value",),
+    "falcon": ("query_key_value",),
+    "btlm": ("c_proj", "c_attn"),
+    "codegen": ("qkv_proj",),
+    "mistral": _QV,
+    "mixtral": _QV,
+    "stablelm": _QV,
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "gemma": _QV,
+    "gemma2": _QV,
+    "qwen2": _QV,
+}
+
+# peft 0.16 – 0.21 added newer families (gemma3_text, qwen3, llama4, ...).
+_DEFAULT_TARGETS_0_21: dict[str, tuple[str, ...] | str] = {
+    **_DEFAULT_TARGETS_0_15,
+    "llama4": _QV,
+    "gemma3_text": _QV,
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen3": _QV,
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One upstream era's behaviour."""
+
+    name: str
+    peft: str
+    """The peft versions it covers, as a PEP 440 specifier."""
+    description: str
+    default_targets: Mapping[str, tuple[str, ...] | str]
+    lora_defaults: Mapping[str, object] = field(
+        default_factory=lambda: MappingProxyType(
+            {
+                "r": 8,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "use_rslora": False,
+                "init_lora_weights": True,
+                "fan_in_fan_out": False,
+                "lora_bias": False,
+            }
+        )
+    )
+    """``LoraConfig`` defaults for the fields the reference models."""
+    autocast_adapter_dtype_default: bool = True
+    gradient_checkpointing_default: bool = True
+    """``prepare_model_for_kbit_training(use_gradient_checkpointing=...)`` default."""
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            name="seed",
+            peft=">=0.15,<0.16",
+            description="peft 0.15 (seed era, with trl 0.19 / transformers 4.53)",
+            default_targets=MappingProxyType(_DEFAULT_TARGETS_0_15),
+        ),
+        Profile(
+            name="current",
+            peft=">=0.16",
+            description="peft 0.16 - 0.21 (current: peft 0.21.2 with trl 1.16 / transformers 5.23)",
+            default_targets=MappingProxyType(_DEFAULT_TARGETS_0_21),
+        ),
+    )
+}
+
+_NEWEST = "current"
+_NEWEST_KNOWN_PEFT = (0, 21)
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of the stack packages, from metadata; missing ones are ``"absent"``."""
+    out = {}
+    for name in ("torch", "transformers", "bitsandbytes", "peft", "trl", "accelerate"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+def select_profile(name: str | None = None, versions: Mapping[str, str] | None = None) -> Profile:
+    """The profile named ``name``, or the one matching the installed peft version."""
+    if name is not None:
+        if name not in PROFILES:
+            raise ValueError(f"profile={name!r} is not one of {', '.join(PROFILES)}")
+        return PROFILES[name]
+    versions = dict(versions or installed_versions())
+    peft = _release(versions.get("peft", "absent"))
+    if not peft:
+        return PROFILES[_NEWEST]
+    if peft < (0, 16):
+        return PROFILES["seed"]
+    if peft[:2] > _NEWEST_KNOWN_PEFT:
+        warnings.warn(
+            f"peft {versions['peft']} is newer than the newest known profile "
+            f"({_NEWEST!r}, peft <= {'.'.join(map(str, _NEWEST_KNOWN_PEFT))}); using it anyway",
+            stacklevel=2,
+        )
+    return PROFILES[_NEWEST]
