@@ -23,49 +23,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 from transformers import (
-    BartConfig,
-    BertConfig,
-    BloomConfig,
-    CodeGenConfig,
-    CohereConfig,
-    DebertaConfig,
-    DebertaV2Config,
-    ElectraConfig,
-    FalconConfig,
-    Gemma2Config,
-    Gemma3TextConfig,
-    GemmaConfig,
-    GlmConfig,
-    GPT2Config,
-    GPTBigCodeConfig,
-    GPTJConfig,
-    GPTNeoConfig,
-    GPTNeoXConfig,
-    GraniteConfig,
-    LayoutLMConfig,
-    LlamaConfig,
-    MistralConfig,
-    MixtralConfig,
-    MT5Config,
-    Olmo2Config,
-    OlmoConfig,
-    OPTConfig,
-    PersimmonConfig,
-    Phi3Config,
-    PhiConfig,
-    PretrainedConfig,
-    Qwen2Config,
-    Qwen3Config,
-    Qwen3MoeConfig,
-    RobertaConfig,
-    StableLmConfig,
-    Starcoder2Config,
-    T5Config,
-    XLMRobertaConfig,
+    BartConfig, BertConfig, BloomConfig, CodeGenConfig, CohereConfig, DebertaConfig,
+    DebertaV2Config, ElectraConfig, FalconConfig, Gemma2Config, Gemma3TextConfig,
+    GemmaConfig, GlmConfig, GPT2Config, GPTBigCodeConfig, GPTJConfig, GPTNeoConfig,
+    GPTNeoXConfig, GraniteConfig, LayoutLMConfig, LlamaConfig, MistralConfig, MixtralConfig,
+    MT5Config, Olmo2Config, OlmoConfig, OPTConfig, PersimmonConfig, Phi3Config, PhiConfig,
+    PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig, RobertaConfig,
+    StableLmConfig, Starcoder2Config, T5Config, XLMRobertaConfig,
 )
 
 __all__ = [
     "CAUSAL_NEEDS_IS_DECODER",
+    "NUM_LABELS",
     "TASKS",
     "ZOO",
     "ZooEntry",
@@ -126,7 +95,7 @@ def _common() -> dict:
 # -- decoder-only, llama-like ------------------------------------------------------
 
 
-def _llama_like(cls: type, *, heads_kw: str = "num_attention_heads", **extra) -> ConfigFactory:
+def _llama_like(cls: type, **extra) -> ConfigFactory:
     def make(num_layers: int, hidden: int) -> PretrainedConfig:
         kw = dict(
             _common(),
@@ -135,7 +104,7 @@ def _llama_like(cls: type, *, heads_kw: str = "num_attention_heads", **extra) ->
             num_hidden_layers=num_layers,
             max_position_embeddings=POSITIONS,
         )
-        kw[heads_kw] = _heads(hidden)
+        kw["num_attention_heads"] = _heads(hidden)
         kw.update(extra)
         if "num_key_value_heads" in kw and kw["num_key_value_heads"] is None:
             kw["num_key_value_heads"] = _kv(hidden)
@@ -150,7 +119,7 @@ _FUSED = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 _BERT = ("query", "key", "value", "dense")
 _DEC3 = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
 _ENC2 = ("SEQ_CLS", "TOKEN_CLS")
-_ENC3 = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
+_ENC3 = _DEC3
 
 
 def _gemma(cls: type, **extra) -> ConfigFactory:
@@ -271,9 +240,9 @@ def _bert_like(cls: type, **extra) -> ConfigFactory:
 
 def _electra(num_layers: int, hidden: int) -> PretrainedConfig:
     # embedding_size == hidden_size: no embeddings_project Linear
-    return _bert_like(ElectraConfig, embedding_size=hidden, classifier_dropout=0.0)(
-        num_layers, hidden
-    )
+    make = _bert_like(ElectraConfig, embedding_size=hidden, classifier_dropout=0.0,
+                      summary_last_dropout=0.0)
+    return make(num_layers, hidden)
 
 
 # -- encoder-decoders ----------------------------------------------------------------
@@ -323,7 +292,8 @@ _ENTRIES = [
        ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
        ("shared", "embed_tokens", "embed_positions")),
     # GPT-2 family
-    _e("gpt2", _gpt2_like(GPT2Config), _DEC3, "h", ("c_attn", "c_proj", "c_fc"), ("wte", "wpe")),
+    _e("gpt2", _gpt2_like(GPT2Config, summary_first_dropout=0.0), _DEC3, "h",
+       ("c_attn", "c_proj", "c_fc"), ("wte", "wpe")),
     _e("gpt_bigcode", _gpt2_like(GPTBigCodeConfig), _DEC3, "h", ("c_attn", "c_proj", "c_fc"),
        ("wte", "wpe")),
     _e("gptj", _gpt2_like(GPTJConfig, rotary_dim=16), ("CAUSAL_LM", "SEQ_CLS"), "h",
