@@ -47,6 +47,9 @@ class Settings:
     stack: dict[str, str]
     recorder: Recorder = field(default_factory=Recorder)
 
+    def __repr__(self) -> str:  # shown in Hypothesis's falsifying example: keep it short
+        return f"Settings(profile={self.profile_name!r}, level={self.level!r}, device={self.device!r}, seed={self.seed})"
+
     def wants(self, level: str) -> bool:
         return self.level in (level, "all")
 
@@ -124,6 +127,9 @@ def pytest_configure(config: pytest.Config) -> None:
         seed=int(seed) if seed is not None else 0,
         stack=stack,
     )
+    from conformance import checks
+
+    checks.configure(config.stash[_KEY])
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "conformance-xdist")
 

@@ -6,14 +6,14 @@ Run with ``python -m pytest conformance``; options are ``--conformance-*``.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given
 
 from conformance import checks
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies import cases
 
-SEED_SCENARIO = [
+# The seed scenario: nf4 QLoRA of a Llama-style model, bf16 compute, r=8, rsLoRA off and on.
+SEED_SCENARIO = tuple(
     Case(
         model=ModelSpec("llama", "CAUSAL_LM", num_layers=2, load_dtype="bfloat16"),
         quant=QuantSpec(kind="4bit", quant_type="nf4", double_quant=True, compute_dtype="bfloat16"),
@@ -28,16 +28,16 @@ SEED_SCENARIO = [
         training=TrainingSpec(level="peft", prepare_kbit=True, gradient_checkpointing=True),
     )
     for rslora in (False, True)
-]
+)
 
 
-@settings(checks.hypothesis_settings())
-@given(data=st.data())
-@example(data=checks.Fixed(SEED_SCENARIO[0]))
-@example(data=checks.Fixed(SEED_SCENARIO[1]))
-def test_peft_level(data, conformance_settings, request):
+@checks.hypothesis_settings()
+@given(case=cases(level="peft"))
+@example(case=SEED_SCENARIO[0])
+@example(case=SEED_SCENARIO[1])
+def test_peft_level(case, request):
     """peft level: prepare_model_for_kbit_training + get_peft_model agree with the reference."""
-    if not conformance_settings.wants("peft"):
+    conf = checks.current()
+    if not conf.wants("peft"):
         pytest.skip("--conformance-level excludes peft")
-    case = data.draw(cases(level="peft", quant_kinds=checks.quant_kinds(conformance_settings)), label="case")
-    checks.check_case(case, conformance_settings, request.node.nodeid)
+    checks.check_case(case, conf, request.node.nodeid)

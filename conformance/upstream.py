@@ -89,6 +89,6 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     """(builtin class, kind) of an upstream exception; unknown messages get kind ``other``."""
     message = str(exc)
     for kind, pattern in _ERROR_KINDS:
-        if re.search(pattern, message):
+        if re.search(pattern, message, re.DOTALL):
             return builtin_class(exc), kind
     return builtin_class(exc), "other"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reference.errors import InvalidConfig, InvalidRank
+from reference.errors import InvalidConfig
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec
 
@@ -60,9 +60,9 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         value = getattr(spec, name)
         return d.get(name, default) if value is ABSENT else value
 
+    # `r` is checked when each layer is created (reference.layers), not here:
+    # upstream accepts r <= 0 in its config and fails on the first targeted module.
     r = get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise InvalidRank(f"`r` should be a positive integer value but the value passed is {r!r}")
     target_modules = _names(get("target_modules"))
     layers = get("layers_to_transform")
     pattern = get("layers_pattern")

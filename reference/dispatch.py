@@ -33,19 +33,21 @@ def _is_bnb(module: nn.Module, name: str) -> bool:
 def _bnb_8bit(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
     if not _is_bnb(module, "Linear8bitLt"):
         return None
-    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=False)
+    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=fan_in_fan_out)
 
 
 def _bnb_4bit(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
     if not _is_bnb(module, "Linear4bit"):
         return None
-    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=False)
+    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=fan_in_fan_out)
 
 
 def _embedding(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
     if not isinstance(module, nn.Embedding):
         return None
-    return LoraEmbedding(module)
+    layer = LoraEmbedding(module)
+    layer.fan_in_fan_out = fan_in_fan_out
+    return layer
 
 
 def _linear(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
@@ -85,12 +87,20 @@ DISPATCH_ORDER: tuple[tuple[str, Dispatcher], ...] = (
 SUPPORTED_KINDS = tuple(kind for kind, _ in DISPATCH_ORDER)
 
 
-def wrap(name: str, module: nn.Module, fan_in_fan_out: bool) -> nn.Module:
-    """The LoRA layer for ``module``; raises :class:`UnsupportedModule` when none fits."""
+def wrap(name: str, module: nn.Module, fan_in_fan_out: bool) -> tuple[nn.Module, bool]:
+    """The LoRA layer for ``module`` and the ``fan_in_fan_out`` flag the next module sees.
+
+    Upstream keeps one flag for the whole model and rewrites it as it goes (peft
+    0.21: a Linear sets it False, a Conv1D True, in ``named_modules`` order), and
+    layers that do not use it (Embedding, bitsandbytes) record whatever it is at
+    their turn.  The reference threads the flag the same way, so each layer's
+    recorded value is reproducible.  Raises :class:`UnsupportedModule` when no
+    layer fits.
+    """
     for _, dispatch in DISPATCH_ORDER:
         layer = dispatch(module, fan_in_fan_out)
         if layer is not None:
-            return layer
+            return layer, bool(layer.fan_in_fan_out)
     raise UnsupportedModule(
         f"Target module {name!r} ({type(module).__name__}) is not supported; "
         f"LoRA wraps: {', '.join(SUPPORTED_KINDS)}"

@@ -82,7 +82,7 @@ def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, prof
     names = _saved_names(settings)
     fan_in_fan_out = settings.fan_in_fan_out
     for target in iter_targets(model, settings, profile, names):
-        layer = wrap(target.name, target.module, fan_in_fan_out)
+        layer, fan_in_fan_out = wrap(target.name, target.module, fan_in_fan_out)
         layer.add_adapter(
             ADAPTER,
             AdapterParams(
