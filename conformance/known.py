@@ -40,9 +40,11 @@ class Entry:
     versions: tuple[tuple[str, str], ...]
     """(package, PEP 440 specifier) pairs that must all hold."""
     when: tuple[tuple[str, tuple[Any, ...]], ...]
-    """(dotted case field, allowed values) pairs, e.g. ``("quant.kind", ("4bit",))``."""
-    path: str
-    field: str
+    """(dotted case field, allowed values) pairs, e.g. ``("quant.kind", ("4bit",))``.
+
+    A field left out of the case reads as ``"<absent>"``, a JSON null as ``"<none>"``."""
+    matches: tuple[tuple[str, str], ...]
+    """(path regex, field regex) pairs; a divergence matching any pair is explained."""
     reference: Any = _MISSING
     """Optional full-match regex on ``str()`` of the reference value."""
     upstream: Any = _MISSING
@@ -61,12 +63,16 @@ class Entry:
             value: Any = data
             for part in dotted.split("."):
                 value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
-            if value is _MISSING or (value if not isinstance(value, list) else tuple(value)) not in allowed:
+            if value is _MISSING:
+                value = "<absent>"
+            elif value is None:
+                value = "<none>"
+            if (value if not isinstance(value, list) else tuple(value)) not in allowed:
                 return False
         return True
 
     def explains(self, d: Divergence) -> bool:
-        if not re.fullmatch(self.path, d.path) or not re.fullmatch(self.field, d.field):
+        if not any(re.fullmatch(path, d.path) and re.fullmatch(field, d.field) for path, field in self.matches):
             return False
         if self.reference is not _MISSING and not re.fullmatch(self.reference, str(d.reference)):
             return False
@@ -104,7 +110,12 @@ class Registry:
 
 
 def _entry(raw: dict[str, Any], source: Path) -> Entry:
-    missing = {"id", "explanation", "link", "path", "field"} - raw.keys()
+    missing = {"id", "explanation", "link"} - raw.keys()
+    pairs = [(m["path"], m["field"]) for m in raw.get("match", [])]
+    if "path" in raw or "field" in raw:
+        pairs.append((raw.get("path", ".*"), raw.get("field", ".*")))
+    if not pairs:
+        missing.add("path/field or match")
     if missing:
         raise ValueError(f"{source}: entry {raw.get('id', '?')!r} lacks {sorted(missing)}")
     when = tuple(
@@ -117,8 +128,7 @@ def _entry(raw: dict[str, Any], source: Path) -> Entry:
         link=raw["link"],
         versions=tuple(sorted(raw.get("versions", {}).items())),
         when=when,
-        path=raw["path"],
-        field=raw["field"],
+        matches=tuple(pairs),
         reference=raw.get("reference", _MISSING),
         upstream=raw.get("upstream", _MISSING),
     )

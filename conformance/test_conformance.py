@@ -1,6 +1,10 @@
 """The conformance tests: each Hypothesis example prepares a case twice and diffs.
 
 Run with ``python -m pytest conformance``; options are ``--conformance-*``.
+
+There is one test per quantization kind: each gets ``--conformance-examples``
+examples, so every kind is exercised equally, and Hypothesis's mutation of
+previous examples (which keeps the model type) cannot crowd out model types.
 """
 
 from __future__ import annotations
@@ -31,13 +35,31 @@ SEED_SCENARIO = tuple(
 )
 
 
-@checks.hypothesis_settings()
-@given(case=cases(level="peft"))
-@example(case=SEED_SCENARIO[0])
-@example(case=SEED_SCENARIO[1])
-def test_peft_level(case, request):
-    """peft level: prepare_model_for_kbit_training + get_peft_model agree with the reference."""
+def _peft_level(case: Case, request: pytest.FixtureRequest) -> None:
     conf = checks.current()
     if not conf.wants("peft"):
         pytest.skip("--conformance-level excludes peft")
     checks.check_case(case, conf, request.node.nodeid)
+
+
+@checks.hypothesis_settings()
+@given(case=cases(level="peft", quant_kinds=("none",)))
+def test_peft_level_unquantized(case, request):
+    """peft level, full-precision models: get_peft_model (and sometimes the k-bit step) agree."""
+    _peft_level(case, request)
+
+
+@checks.hypothesis_settings()
+@given(case=cases(level="peft", quant_kinds=("8bit",)))
+def test_peft_level_8bit(case, request):
+    """peft level, bitsandbytes 8-bit: prepare_model_for_kbit_training + get_peft_model agree."""
+    _peft_level(case, request)
+
+
+@checks.hypothesis_settings()
+@given(case=cases(level="peft", quant_kinds=("4bit",)))
+@example(case=SEED_SCENARIO[0])
+@example(case=SEED_SCENARIO[1])
+def test_peft_level_4bit(case, request):
+    """peft level, bitsandbytes 4-bit (QLoRA): prepare_model_for_kbit_training + get_peft_model agree."""
+    _peft_level(case, request)

@@ -33,13 +33,13 @@ def _is_bnb(module: nn.Module, name: str) -> bool:
 def _bnb_8bit(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
     if not _is_bnb(module, "Linear8bitLt"):
         return None
-    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=fan_in_fan_out)
+    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=False)
 
 
 def _bnb_4bit(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
     if not _is_bnb(module, "Linear4bit"):
         return None
-    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=fan_in_fan_out)
+    return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=False)
 
 
 def _embedding(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
@@ -97,10 +97,12 @@ def wrap(name: str, module: nn.Module, fan_in_fan_out: bool) -> tuple[nn.Module,
     recorded value is reproducible.  Raises :class:`UnsupportedModule` when no
     layer fits.
     """
-    for _, dispatch in DISPATCH_ORDER:
+    for kind, dispatch in DISPATCH_ORDER:
         layer = dispatch(module, fan_in_fan_out)
         if layer is not None:
-            return layer, bool(layer.fan_in_fan_out)
+            # bitsandbytes layers never transpose and leave the shared flag alone.
+            passes = kind in ("bnb8bit", "bnb4bit", "embedding")
+            return layer, fan_in_fan_out if passes else bool(layer.fan_in_fan_out)
     raise UnsupportedModule(
         f"Target module {name!r} ({type(module).__name__}) is not supported; "
         f"LoRA wraps: {', '.join(SUPPORTED_KINDS)}"

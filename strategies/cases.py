@@ -120,7 +120,7 @@ def _targets(draw, entry: ZooEntry, invalid: str | None) -> tuple[Any, tuple[str
         return (entry.layer_container,), ()
     if invalid == "no_default_targets":
         return draw(st.sampled_from((ABSENT, None))), ()
-    kind = draw(st.sampled_from(("default", "list", "list", "regex", "all-linear")), label="targets_kind")
+    kind = draw(st.sampled_from(("list", "default", "list", "regex", "all-linear")), label="targets_kind")
     if kind == "default":
         return draw(st.sampled_from((ABSENT, None))), ()
     if kind == "all-linear":
@@ -150,12 +150,12 @@ def adapter_specs(
     if invalid == "no_default_targets" and has_defaults:
         targets, reached = (entry.layer_container,), ()  # fall back to another invalid input
     names = reached or entry.linear_names
-    regex_targets = isinstance(targets, str) and targets != "all-linear"
+    str_targets = isinstance(targets, str)  # a regex or "all-linear": no layer filter allowed
 
     layers = _absent_or(
         st.one_of(st.integers(0, model.num_layers - 1), st.lists(st.integers(0, model.num_layers), min_size=1, max_size=3, unique=True).map(tuple))
     )
-    layers_to_transform = ABSENT if regex_targets else draw(layers, label="layers_to_transform")
+    layers_to_transform = ABSENT if str_targets else draw(layers, label="layers_to_transform")
     layers_pattern = ABSENT
     if layers_to_transform is not ABSENT:
         layers_pattern = draw(_absent_or(st.sampled_from((entry.layer_container, (entry.layer_container,), "blocks"))))
