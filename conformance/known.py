@@ -43,12 +43,10 @@ class Entry:
     """(dotted case field, allowed values) pairs, e.g. ``("quant.kind", ("4bit",))``.
 
     A field left out of the case reads as ``"<absent>"``, a JSON null as ``"<none>"``."""
-    matches: tuple[tuple[str, str], ...]
-    """(path regex, field regex) pairs; a divergence matching any pair is explained."""
-    reference: Any = _MISSING
-    """Optional full-match regex on ``str()`` of the reference value."""
-    upstream: Any = _MISSING
-    """Optional full-match regex on ``str()`` of the upstream value."""
+    matches: tuple[tuple[str, str, Any, Any], ...]
+    """(path, field, reference value, upstream value) full-match regexes; the values
+    are matched against ``str()`` and may be ``_MISSING`` (anything).  A divergence
+    matching any one of them is explained."""
 
     def applies_to(self, versions: Mapping[str, str]) -> bool:
         for package, spec in self.versions:
@@ -72,13 +70,13 @@ class Entry:
         return True
 
     def explains(self, d: Divergence) -> bool:
-        if not any(re.fullmatch(path, d.path) and re.fullmatch(field, d.field) for path, field in self.matches):
-            return False
-        if self.reference is not _MISSING and not re.fullmatch(self.reference, str(d.reference)):
-            return False
-        if self.upstream is not _MISSING and not re.fullmatch(self.upstream, str(d.upstream)):
-            return False
-        return True
+        return any(
+            re.fullmatch(path, d.path)
+            and re.fullmatch(field, d.field)
+            and (ref is _MISSING or re.fullmatch(ref, str(d.reference)))
+            and (up is _MISSING or re.fullmatch(up, str(d.upstream)))
+            for path, field, ref, up in self.matches
+        )
 
 
 def _norm(value: Any) -> Any:
@@ -111,9 +109,14 @@ class Registry:
 
 def _entry(raw: dict[str, Any], source: Path) -> Entry:
     missing = {"id", "explanation", "link"} - raw.keys()
-    pairs = [(m["path"], m["field"]) for m in raw.get("match", [])]
+    pairs = [
+        (m.get("path", ".*"), m.get("field", ".*"), m.get("reference", _MISSING), m.get("upstream", _MISSING))
+        for m in raw.get("match", [])
+    ]
     if "path" in raw or "field" in raw:
-        pairs.append((raw.get("path", ".*"), raw.get("field", ".*")))
+        pairs.append(
+            (raw.get("path", ".*"), raw.get("field", ".*"), raw.get("reference", _MISSING), raw.get("upstream", _MISSING))
+        )
     if not pairs:
         missing.add("path/field or match")
     if missing:
@@ -129,8 +132,6 @@ def _entry(raw: dict[str, Any], source: Path) -> Entry:
         versions=tuple(sorted(raw.get("versions", {}).items())),
         when=when,
         matches=tuple(pairs),
-        reference=raw.get("reference", _MISSING),
-        upstream=raw.get("upstream", _MISSING),
     )
 
 

@@ -1,0 +1,148 @@
+"""``python -m conformance``: replay and inspect cases from the command line.
+
+Subcommands:
+
+* ``explain --case JSON`` prepares one case on both sides and prints the diff
+  (the command every divergence message prints);
+* ``cases --sample N`` prints generated cases as JSON lines;
+* ``profiles`` lists the reference profiles and the one the installed stack selects.
+
+Errors are one line naming the bad argument; the exit status is 2 for bad input,
+1 when ``explain`` finds an unexpected divergence, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _case_arg(text: str):
+    from reference.spec import Case
+
+    try:
+        if text.startswith("@"):
+            with open(text[1:]) as fh:
+                text = fh.read()
+        return Case.from_json(json.loads(text))
+    except (OSError, ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"--case: not a valid case ({exc})") from None
+
+
+def _profile_arg(text: str) -> str:
+    from reference.profiles import PROFILES
+
+    if text not in PROFILES:
+        raise argparse.ArgumentTypeError(f"--profile={text!r} is not one of {', '.join(PROFILES)}")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from conformance.diff import format_table
+    from conformance.runner import run_case
+    from reference import select_profile
+
+    profile = select_profile(args.profile)
+    outcome = run_case(args.case, profile)
+    print(f"profile: {profile.name}")
+    print(f"case: {args.case.dumps()}")
+    print(f"outcome: {outcome.status}" + (f" (known: {', '.join(outcome.known)})" if outcome.known else ""))
+    for side, snap in (("reference", outcome.reference), ("upstream", outcome.upstream)):
+        if snap is None:
+            continue
+        if snap.error is not None:
+            print(f"{side}: raised {snap.error.cls}[{snap.error.kind}]: {snap.error.message[:400]}")
+        else:
+            m = snap.model
+            print(
+                f"{side}: {len(snap.params)} params, {len(snap.lora)} LoRA modules, {len(snap.saved)} saved; "
+                f"trainable {m.trainable_params}/{m.total_params}, checkpointing={m.gradient_checkpointing}, "
+                f"input grads={m.input_grads}"
+            )
+    if outcome.divergences:
+        print()
+        print(format_table(outcome.divergences, limit=args.limit))
+    if args.json:
+        payload = {
+            "outcome": outcome.to_json(),
+            "reference": outcome.reference.to_json() if outcome.reference else None,
+            "upstream": outcome.upstream.to_json() if outcome.upstream else None,
+        }
+        with open(args.json, "w") as fh:
+            json.dump(payload, fh, indent=1, default=str)
+    return 1 if outcome.status == "diverge" else 0
+
+
+def _cases(args: argparse.Namespace) -> int:
+    from hypothesis import HealthCheck, given, seed, settings
+
+    from strategies import cases
+
+    out: list[str] = []
+
+    @seed(args.seed)
+    @settings(max_examples=args.sample, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(cases(level=args.level))
+    def collect(case) -> None:
+        out.append(case.dumps())
+
+    collect()
+    print("\n".join(out[: args.sample]))
+    return 0
+
+
+def _profiles(args: argparse.Namespace) -> int:
+    from reference.profiles import PROFILES, installed_versions, select_profile
+
+    versions = installed_versions()
+    chosen = select_profile(None, versions)
+    print(f"installed: {', '.join(f'{k} {v}' for k, v in versions.items())}")
+    for name, profile in PROFILES.items():
+        mark = "*" if name == chosen.name else " "
+        print(f"{mark} {name:<10} peft {profile.peft:<14} {profile.description}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m conformance", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    explain = sub.add_parser("explain", help="prepare one case on both sides and print the diff")
+    explain.add_argument("--case", required=True, type=_case_arg, help="the case as JSON, or @FILE")
+    explain.add_argument("--profile", type=_profile_arg, default=None, help="force a reference profile")
+    explain.add_argument("--limit", type=_positive, default=60, help="rows of the diff table to print")
+    explain.add_argument("--json", metavar="PATH", help="also write both snapshots and the outcome to PATH")
+    explain.set_defaults(run=_explain)
+
+    cases = sub.add_parser("cases", help="print generated cases, one JSON object a line")
+    cases.add_argument("--sample", type=_positive, default=10, help="how many cases")
+    cases.add_argument("--seed", type=int, default=0, help="Hypothesis seed")
+    cases.add_argument("--level", choices=("peft", "trl"), default="peft")
+    cases.set_defaults(run=_cases)
+
+    profiles = sub.add_parser("profiles", help="list the profiles and the one the installed stack selects")
+    profiles.set_defaults(run=_profiles)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
