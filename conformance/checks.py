@@ -6,6 +6,7 @@ divergent fields, and the command that replays exactly that case.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Any
 
@@ -97,6 +98,7 @@ def _message(outcome: Outcome, profile_name: str, seed: int) -> str:
 
 def check_case(case: Case, conf: Any, test_id: str) -> Outcome:
     """Run one differential example, record it, and fail on an unexpected result."""
+    case = dataclasses.replace(case, training=dataclasses.replace(case.training, device=conf.device))
     _events(case)
     final = bool(getattr(current_build_context(), "is_final", False))
     reason = skip_reason(case)

@@ -193,22 +193,26 @@ def checkpoint_path(spec: ModelSpec, cache_dir: pathlib.Path) -> pathlib.Path:
     return final
 
 
-def load_model(spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path) -> torch.nn.Module:
-    """``build_model(spec)``, quantized at load time as ``quant`` says, in eval mode.
+def load_model(
+    spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path, device: str = "cpu"
+) -> torch.nn.Module:
+    """``build_model(spec)``, quantized at load time as ``quant`` says, in eval mode, on ``device``.
 
-    For ``quant.kind == "none"`` this is :func:`build_model` itself; otherwise
-    the model is saved under ``cache_dir`` (once) and reloaded on the CPU with
-    ``from_pretrained(..., quantization_config=..., dtype=spec.load_dtype)``.
+    For ``quant.kind == "none"`` this is :func:`build_model` itself (moved to
+    ``device``); otherwise the model is saved under ``cache_dir`` (once) and
+    reloaded with ``from_pretrained(..., quantization_config=..., dtype=spec.load_dtype)``
+    and ``device_map`` on ``device`` (bitsandbytes quantizes as weights land there).
     """
     bnb = quantization_config(quant)
     if bnb is None:
-        return build_model(spec)
+        model = build_model(spec)
+        return model if device == "cpu" else model.to(device)
     path = checkpoint_path(spec, cache_dir)
     auto = AUTO_CLASSES[spec.task]
     model = auto.from_pretrained(
         path,
         quantization_config=bnb,
         dtype=_dtype(spec.load_dtype),
-        device_map="cpu",
+        device_map=device,
     )
     return model.eval()

@@ -25,8 +25,10 @@ LEVEL = "--conformance-level"
 DEVICE = "--conformance-device"
 REPORT = "--conformance-report"
 PROFILE = "--conformance-profile"
+QUANT = "--conformance-quant"
 
 LEVELS = ("peft", "trl", "all")
+QUANT_KINDS = ("none", "8bit", "4bit")
 DEVICES = ("auto", "cpu", "cuda")
 _KEY = pytest.StashKey["Settings"]()
 
@@ -43,6 +45,8 @@ class Settings:
     report: Path | None
     profile_name: str
     profile_forced: bool
+    quant_kinds: tuple[str, ...]
+    """Which quantization kinds to check (``--conformance-quant``)."""
     seed: int
     stack: dict[str, str]
     recorder: Recorder = field(default_factory=Recorder)
@@ -73,6 +77,16 @@ def _choice(option: str, allowed: tuple[str, ...]):
     return check
 
 
+def _quant(value: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    bad = [k for k in kinds if k not in QUANT_KINDS]
+    if not kinds or bad:
+        raise argparse.ArgumentTypeError(
+            f"{QUANT}={value!r}: expected a comma-separated subset of {', '.join(QUANT_KINDS)}"
+        )
+    return kinds
+
+
 def _profile(value: str) -> str:
     from reference.profiles import PROFILES
 
@@ -92,6 +106,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(REPORT, default=None, metavar="PATH", help="write the JSON report to PATH")
     group.addoption(PROFILE, type=_profile, default=None, metavar="NAME",
                     help="force a reference profile instead of the one the installed versions select")
+    group.addoption(QUANT, type=_quant, default=None, metavar="KINDS",
+                    help="comma-separated quantization kinds to check: none,8bit,4bit (default: all); "
+                    "asking for 8bit or 4bit explicitly makes a missing bitsandbytes an error")
 
 
 def _resolve_device(requested: str) -> str:
@@ -116,6 +133,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.hypothesis_seed = seed
     forced = config.getoption(PROFILE)
     stack = installed_versions()
+    quant = config.getoption(QUANT)
+    if quant is not None and stack["bitsandbytes"] == "absent" and set(quant) - {"none"}:
+        raise pytest.UsageError(f"{QUANT}={','.join(quant)} asks for quantized cases, but bitsandbytes is not installed")
     config.stash[_KEY] = Settings(
         examples=config.getoption(EXAMPLES) or int(os.environ.get("CONFORMANCE_EXAMPLES", 60)),
         level=config.getoption(LEVEL),
@@ -124,6 +144,7 @@ def pytest_configure(config: pytest.Config) -> None:
         report=Path(config.getoption(REPORT)) if config.getoption(REPORT) else None,
         profile_name=select_profile(forced, stack).name,
         profile_forced=forced is not None,
+        quant_kinds=quant or QUANT_KINDS,
         seed=int(seed) if seed is not None else 0,
         stack=stack,
     )
@@ -144,7 +165,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     forced = " (forced)" if s.profile_forced else ""
     return [
         f"conformance: profile={s.profile_name}{forced} level={s.level} device={s.device} "
-        f"examples={s.examples} seed={s.seed} (replay: --hypothesis-seed={s.seed})",
+        f"quant={','.join(s.quant_kinds)} examples={s.examples} seed={s.seed} (replay: --hypothesis-seed={s.seed})",
         f"conformance stack: {stack}",
     ]
 

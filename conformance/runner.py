@@ -54,6 +54,9 @@ class Outcome:
             "outcome": self.status,
             "case": self.case.to_json(),
         }
+        for side, snap in (("reference", self.reference), ("upstream", self.upstream)):
+            if snap is not None and snap.error is not None:
+                out[f"{side}_error"] = f"{snap.error.cls}[{snap.error.kind}]"
         if self.divergences:
             out["divergences"] = [d.to_json() for d in self.divergences]
         if self.known:
@@ -71,7 +74,7 @@ def cache_dir() -> Path:
 
 
 def _reference_side(case: Case, profile: Profile) -> Snapshot:
-    model = load_model(case.model, case.quant, cache_dir())
+    model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -82,7 +85,7 @@ def _reference_side(case: Case, profile: Profile) -> Snapshot:
 
 
 def _upstream_side(case: Case) -> Snapshot:
-    model = load_model(case.model, case.quant, cache_dir())
+    model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
     try:
         prepared = upstream.prepare_peft(model, case)
     except Exception as exc:  # noqa: BLE001 - every upstream rejection is an outcome to compare

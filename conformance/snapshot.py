@@ -90,8 +90,8 @@ class ModelFacts:
     """Model-level facts of the prepared transformers model."""
 
     gradient_checkpointing: bool
-    input_grads: bool
-    """Input embeddings produce outputs that require grad."""
+    input_grads: bool | str
+    """Input embeddings produce outputs that require grad (``error: <class>`` if they fail)."""
     use_cache: Any
     loaded_in_4bit: bool
     loaded_in_8bit: bool
@@ -255,15 +255,20 @@ def _is_saved_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "original_module") and isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict)
 
 
-def _input_grads(model: nn.Module) -> bool:
+def _input_grads(model: nn.Module) -> bool | str:
+    """Whether the input embeddings' output requires grad (``error: ...`` if the forward fails,
+    which then shows up as a divergence rather than crashing the harness)."""
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if get is not None else None
     if emb is None:
         return False
     weight = next((p for p in emb.parameters()), None)
     device = weight.device if weight is not None else "cpu"
-    with torch.enable_grad():
-        out = emb(torch.tensor([[1, 2]], device=device))
+    try:
+        with torch.enable_grad():
+            out = emb(torch.tensor([[1, 2]], device=device))
+    except Exception as exc:  # noqa: BLE001 - a broken embedding is a fact to compare
+        return f"error: {type(exc).__name__}"
     return bool(out.requires_grad)
 
 
