@@ -1,0 +1,64 @@
+"""Each real upstream divergence in the registry, reproduced by a minimal case.
+
+These tests run both sides: they pin down that the registry entry still matches
+the installed stack (so it is not stale) and explains *all* of the case's
+divergences, no more and no less.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conformance.known import default_registry
+from conformance.runner import run_case
+from reference import select_profile
+from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
+
+KBIT = TrainingSpec(prepare_kbit=True)
+
+MINIMAL = {
+    # transformers 5 quantizes BERT's biased classifier; peft's modules_to_save copy cannot train int8.
+    "quantized-classification-head": Case(
+        ModelSpec("bert", "SEQ_CLS", num_layers=1),
+        QuantSpec(kind="8bit"),
+        AdapterSpec(target_modules=("query",), task_type="SEQ_CLS"),
+        KBIT,
+    ),
+    # TOKEN_CLS heads are added to modules_to_save only after injection: "all-linear" reaches them.
+    "token-classification-head-targeted": Case(
+        ModelSpec("llama", "TOKEN_CLS", num_layers=1),
+        adapter=AdapterSpec(target_modules="all-linear", task_type="TOKEN_CLS"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # peft's MoE config conversion empties target_modules=None before the default table is read.
+    "moe-default-targets-lost": Case(
+        ModelSpec("mixtral", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # "all-linear" on a fused-expert MoE becomes parameter targeting, which the reference lacks.
+    "moe-experts-as-parameters": Case(
+        ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+}
+
+
+def test_every_active_entry_has_a_minimal_case():
+    active = {e.id for e in default_registry().active}
+    assert active <= MINIMAL.keys(), f"registry entries without a reproduction: {sorted(active - MINIMAL.keys())}"
+
+
+@pytest.mark.parametrize("entry_id", sorted(MINIMAL))
+def test_minimal_case_is_explained_by_its_entry(entry_id):
+    outcome = run_case(MINIMAL[entry_id], select_profile())
+    assert outcome.status == "known", (outcome.status, outcome.divergences)
+    assert outcome.known == [entry_id]
+
+
+def test_entries_do_not_hide_a_different_divergence():
+    """The same case with the fix applied (head kept unquantized) agrees: the entry is specific."""
+    case = MINIMAL["quantized-classification-head"]
+    fixed = Case(case.model, QuantSpec(kind="8bit", skip_modules=("classifier",)), case.adapter, case.training)
+    assert run_case(fixed, select_profile()).status == "agree"
