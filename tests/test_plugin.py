@@ -1,0 +1,125 @@
+"""The pytest plugin and the CLI, driven as a user would (pytester, subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conformance.report import Recorder
+
+pytest_plugins = ["pytester"]
+
+SUITE = Path(__file__).parents[1] / "conformance" / "test_conformance.py"
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(test_conformance=SUITE.read_text())
+    return pytester
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--conformance-level", "x"], "--conformance-level='x' is not one of peft, trl, all"),
+        (["--conformance-device", "tpu"], "--conformance-device='tpu' is not one of auto, cpu, cuda"),
+        (["--conformance-examples", "0"], "--conformance-examples='0' must be a positive integer"),
+        (["--conformance-profile", "nope"], "--conformance-profile='nope' is not one of seed, current"),
+        (["--conformance-quant", "2bit"], "--conformance-quant='2bit': expected a comma-separated subset of none, 8bit, 4bit"),
+    ],
+)
+def test_bad_option_values_give_one_line_naming_the_option(suite, args, message):
+    result = suite.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+
+
+def test_cuda_without_cuda_is_an_error(suite):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = suite.runpytest_subprocess("--conformance-device", "cuda")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--conformance-device=cuda was asked for" in result.stderr.str()
+
+
+def _run(suite: pytest.Pytester, tmp_path: Path, seed: int, *extra: str) -> tuple[pytest.RunResult, dict]:
+    report = tmp_path / f"report-{seed}.json"
+    result = suite.runpytest_subprocess(
+        "--conformance-examples", "4", "--conformance-quant", "none", "--hypothesis-seed", str(seed),
+        "--conformance-report", str(report), "-p", "no:warnings", *extra,
+    )
+    return result, json.loads(report.read_text())
+
+
+def test_a_run_writes_the_report_header_and_summary(suite, tmp_path):
+    result, report = _run(suite, tmp_path, 3)
+    result.assert_outcomes(passed=1, skipped=2)  # the 8-bit and 4-bit tests are excluded by --conformance-quant
+    out = result.stdout.str()
+    assert "conformance: profile=current" in out and "seed=3 (replay: --hypothesis-seed=3)" in out
+    assert "conformance stack: torch" in out and "peft 0.21.2" in out
+    assert "LoRA conformance summary" in out and "(cells: agree/diverge/known/skip)" in out
+    assert {"stack", "profile", "device", "examples", "summary"} <= report.keys()
+    assert report["profile"] == "current" and report["device"] == "cpu"
+    assert len(report["examples"]) == 4
+    for entry in report["examples"]:
+        assert {"model_type", "quantization", "load_dtype", "level", "invalid", "outcome"} <= entry.keys()
+        assert entry["quantization"] == "none" and entry["outcome"] in ("agree", "known")
+    counted = sum(n for per_q in report["summary"].values() for c in per_q.values() for n in c.values())
+    assert counted == len(report["examples"])
+
+
+def test_a_seed_replays_the_same_run(suite, tmp_path):
+    _, first = _run(suite, tmp_path, 11)
+    _, second = _run(suite, tmp_path, 11)  # the report file is rewritten; `first` is already read
+    assert [e["case"] for e in first["examples"]] == [e["case"] for e in second["examples"]]
+
+
+def test_without_a_seed_one_is_drawn_and_printed(suite):
+    result = suite.runpytest_subprocess("--conformance-examples", "1", "--conformance-quant", "none", "-p", "no:warnings")
+    line = next(l for l in result.stdout.lines if l.startswith("conformance: profile="))
+    seed = line.split(" seed=")[1].split()[0]
+    assert seed.isdigit() and f"--hypothesis-seed={seed}" in line
+
+
+def test_the_recorder_keeps_generation_and_the_final_replay_only():
+    rec = Recorder()
+    rec.record("t", {"n": 1}, failed=False, final=False)
+    rec.record("t", {"n": 2}, failed=True, final=False)  # first failure: shrinking starts
+    rec.record("t", {"n": 3}, failed=True, final=False)  # a shrink replay
+    rec.record("t", {"n": 4}, failed=False, final=False)  # a shrink replay that passed
+    rec.record("t", {"n": 5}, failed=True, final=True)  # the minimal example, reported
+    rec.record("u", {"n": 6}, failed=True, final=False)  # an explicit example that failed: no final replay
+    rec.flush()
+    assert [e["n"] for e in rec.entries] == [1, 5, 6]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "conformance", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_errors_are_one_line_naming_the_argument():
+    result = _cli("explain", "--case", "{not json")
+    assert result.returncode == 2
+    assert "--case: not a valid case" in result.stderr.strip().splitlines()[-1]
+
+
+def test_cli_explain_replays_a_case_and_exits_by_outcome():
+    case = '{"model":{"model_type":"gpt2"},"adapter":{"target_modules":["c_attn"],"r":4}}'
+    result = _cli("explain", "--case", case)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "outcome: agree" in result.stdout and "LoRA modules" in result.stdout
+
+
+def test_cli_cases_and_profiles():
+    cases = _cli("cases", "--sample", "3", "--seed", "1")
+    assert cases.returncode == 0 and len(cases.stdout.strip().splitlines()) == 3
+    for line in cases.stdout.splitlines():
+        assert "model_type" in json.loads(line)["model"]
+    profiles = _cli("profiles")
+    assert profiles.returncode == 0 and "* current" in profiles.stdout
