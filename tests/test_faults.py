@@ -250,7 +250,7 @@ def wrap_bias_marking(monkeypatch: pytest.MonkeyPatch, remap: Callable[[Any], An
                 c.bias = remap(c.bias)
             return original(self, model)
         finally:
-            for c, bias in zip(configs, saved):
+            for c, bias in zip(configs, saved, strict=True):
                 c.bias = bias
 
     monkeypatch.setattr(BaseTuner, "_mark_only_adapters_as_trainable", faulty)
@@ -640,7 +640,7 @@ def test_clean_baseline_has_no_unexpected_divergence():
         for o in diverged
     )
     # the scenarios each reach what they are meant to: valid ones prepare, invalid ones are rejected
-    for case, outcome in zip(SCENARIOS, outcomes[len(corpus()):]):
+    for case, outcome in zip(SCENARIOS, outcomes[len(corpus()):], strict=True):
         assert (outcome.upstream.error is not None) == case.invalid, case.dumps()
 
 

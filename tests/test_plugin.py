@@ -82,7 +82,7 @@ def test_a_seed_replays_the_same_run(suite, tmp_path):
 
 def test_without_a_seed_one_is_drawn_and_printed(suite):
     result = suite.runpytest_subprocess("--conformance-examples", "1", "--conformance-quant", "none", "-p", "no:warnings")
-    line = next(l for l in result.stdout.lines if l.startswith("conformance: profile="))
+    line = next(text for text in result.stdout.lines if text.startswith("conformance: profile="))
     seed = line.split(" seed=")[1].split()[0]
     assert seed.isdigit() and f"--hypothesis-seed={seed}" in line
 
