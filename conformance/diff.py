@@ -89,6 +89,8 @@ def diff(reference: Snapshot, upstream: Snapshot) -> list[Divergence]:
     _compare_keyed("param", reference.params, upstream.params, out)
     _compare_keyed("lora", reference.lora, upstream.lora, out)
     _compare_keyed("saved", reference.saved, upstream.saved, out)
+    if reference.warnings != upstream.warnings:
+        out.append(Divergence(MODEL, "warnings", reference.warnings, upstream.warnings))
     if reference.model is not None and upstream.model is not None:
         for name, value in _fields(reference.model, skip=()).items():
             other = getattr(upstream.model, name)

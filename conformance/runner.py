@@ -21,6 +21,7 @@ from conformance.known import Registry, default_registry
 from conformance.models import load_model
 from conformance.snapshot import Snapshot, error_snapshot, snapshot_of
 from reference import PreparationError, Profile, builtin_class, prepare
+from reference.notices import PreparationWarning
 from reference.spec import Case
 
 __all__ = ["Outcome", "cache_dir", "replay_command", "run_case"]
@@ -75,23 +76,27 @@ def cache_dir() -> Path:
 
 def _reference_side(case: Case, profile: Profile) -> Snapshot:
     model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             prepared = prepare(model, case.adapter, case.training, profile)
-    except PreparationError as exc:
-        return error_snapshot(builtin_class(exc), exc.kind, str(exc))
-    return snapshot_of(prepared)
+        except PreparationError as exc:
+            return error_snapshot(builtin_class(exc), exc.kind, str(exc))
+    kinds = [w.message.kind for w in caught if isinstance(w.message, PreparationWarning)]
+    return snapshot_of(prepared, kinds)
 
 
 def _upstream_side(case: Case) -> Snapshot:
     model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
-    try:
-        prepared = upstream.prepare_peft(model, case)
-    except Exception as exc:  # noqa: BLE001 - every upstream rejection is an outcome to compare
-        cls, kind = upstream.classify_error(exc)
-        return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}")
-    return snapshot_of(prepared)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            prepared = upstream.prepare_peft(model, case)
+        except Exception as exc:  # noqa: BLE001 - every upstream rejection is an outcome to compare
+            cls, kind = upstream.classify_error(exc)
+            return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}")
+    kinds = [k for w in caught if (k := upstream.classify_warning(str(w.message))) is not None]
+    return snapshot_of(prepared, kinds)
 
 
 def run_case(case: Case, profile: Profile, registry: Registry | None = None) -> Outcome:

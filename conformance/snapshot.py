@@ -119,6 +119,8 @@ class Snapshot:
     saved: tuple[SavedModuleFacts, ...] = ()
     model: ModelFacts | None = None
     error: ErrorFacts | None = None
+    warnings: tuple[str, ...] = ()
+    """Kinds of the warnings the preparation emitted (sorted, unique), e.g. ``conv1d_fan_in_fan_out``."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,6 +142,7 @@ class Snapshot:
             saved=tuple(SavedModuleFacts(**{k: tup(v) for k, v in s.items()}) for s in data.get("saved", ())),
             model=ModelFacts(**data["model"]) if data.get("model") else None,
             error=ErrorFacts(**data["error"]) if data.get("error") else None,
+            warnings=tuple(data.get("warnings", ())),
         )
 
 
@@ -285,8 +288,9 @@ def _model_facts(model: nn.Module, params: Iterable[ParamFacts], numels: dict[st
     )
 
 
-def snapshot_of(model: nn.Module) -> Snapshot:
-    """Describe a prepared transformers model (the model *inside* any PEFT wrapper)."""
+def snapshot_of(model: nn.Module, warning_kinds: Iterable[str] = ()) -> Snapshot:
+    """Describe a prepared transformers model (the model *inside* any PEFT wrapper),
+    with the kinds of the warnings its preparation emitted."""
     params = []
     numels: dict[str, int] = {}
     for path, param in model.named_parameters(remove_duplicate=True):
@@ -318,6 +322,7 @@ def snapshot_of(model: nn.Module) -> Snapshot:
         lora=tuple(lora),
         saved=tuple(saved),
         model=_model_facts(model, params, numels),
+        warnings=tuple(sorted(set(warning_kinds))),
     )
 
 

@@ -8,7 +8,6 @@ fork, install it in the environment; nothing here names a version.
 from __future__ import annotations
 
 import re
-import warnings
 from typing import Any
 
 from torch import nn
@@ -16,7 +15,7 @@ from torch import nn
 from reference.errors import builtin_class
 from reference.spec import ABSENT, Case
 
-__all__ = ["classify_error", "prepare_peft", "versions"]
+__all__ = ["classify_error", "classify_warning", "prepare_peft", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -57,9 +56,7 @@ def prepare_peft(model: nn.Module, case: Case) -> nn.Module:
     kwargs = {}
     if t.autocast_adapter_dtype is not ABSENT:
         kwargs["autocast_adapter_dtype"] = t.autocast_adapter_dtype
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(model, config, **kwargs)
+    peft_model = get_peft_model(model, config, **kwargs)
     return peft_model.base_model.model
 
 
@@ -83,6 +80,26 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ),
     ("invalid_bias", r"Requested bias: .*, is not implemented"),
 )
+
+
+# Upstream warnings -> the reference's warning kinds (reference.notices.KINDS).
+# Warnings not listed here (deprecations, bitsandbytes notices) are not compared.
+_WARNING_KINDS: tuple[tuple[str, str], ...] = (
+    ("conv1d_fan_in_fan_out", r"fan_in_fan_out is set to False but the target module is `Conv1D`"),
+    ("linear_fan_in_fan_out", r"fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"),
+    ("exclude_unused", r"You have passed exclude_modules=.* but no modules were excluded"),
+    ("rank_pattern_unused", r"rank_pattern keys did not match any targeted module"),
+    ("alpha_pattern_unused", r"alpha_pattern keys did not match any targeted module"),
+    ("lora_bias_without_base_bias", r"`lora_bias=True` was passed but the targeted layer of type .* has no bias"),
+)
+
+
+def classify_warning(message: str) -> str | None:
+    """The reference's kind for an upstream warning message, or None if it is not compared."""
+    for kind, pattern in _WARNING_KINDS:
+        if re.search(pattern, message, re.DOTALL):
+            return kind
+    return None
 
 
 def classify_error(exc: BaseException) -> tuple[str, str]:

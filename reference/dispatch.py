@@ -6,13 +6,13 @@ simply means its dispatchers never match.
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 from torch import nn
 
 from reference.errors import UnsupportedModule
 from reference.layers import LoraEmbedding, LoraLinear
+from reference.notices import warn
 
 __all__ = ["DISPATCH_ORDER", "SUPPORTED_KINDS", "wrap"]
 
@@ -54,11 +54,7 @@ def _linear(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
     if not isinstance(module, nn.Linear):
         return None
     if fan_in_fan_out:
-        warnings.warn(
-            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-            "Setting fan_in_fan_out to False.",
-            stacklevel=3,
-        )
+        warn("linear_fan_in_fan_out", "fan_in_fan_out=True but the target is an nn.Linear: setting it to False")
     return LoraLinear(module, module.in_features, module.out_features, fan_in_fan_out=False)
 
 
@@ -66,10 +62,7 @@ def _conv1d(module: nn.Module, fan_in_fan_out: bool) -> nn.Module | None:
     if not (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")):
         return None
     if not fan_in_fan_out:
-        warnings.warn(
-            "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
-            stacklevel=3,
-        )
+        warn("conv1d_fan_in_fan_out", "fan_in_fan_out=False but the target is a Conv1D: setting it to True")
     in_features, out_features = module.weight.shape
     return LoraLinear(module, int(in_features), int(out_features), fan_in_fan_out=True)
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from reference.errors import InvalidConfig, InvalidRank, LoraBiasUnsupported
+from reference.notices import warn
 from reference.rules import adapter_dtype, scaling
 
 __all__ = ["AdapterParams", "LoraEmbedding", "LoraLinear", "SavedModule"]
@@ -98,6 +99,11 @@ class LoraLinear(_LoraBase):
         if p.init not in (True, False, "gaussian"):
             raise InvalidConfig("unknown_init", f"Unknown initialization init_lora_weights={p.init!r}")
         self._common(name, p)
+        if p.lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warn(
+                "lora_bias_without_base_bias",
+                f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: merging is impossible",
+            )
         a = nn.Linear(self.in_features, p.r, bias=False)
         b = nn.Linear(p.r, self.out_features, bias=p.lora_bias)
         self.lora_A[name] = a

@@ -24,6 +24,7 @@ from torch import nn
 
 from reference.config import LoraSettings
 from reference.errors import NoDefaultTargets, NoTargetMatched
+from reference.notices import warn
 from reference.profiles import Profile
 
 __all__ = ["Target", "effective_targets", "is_linear_like", "is_saved", "iter_targets", "match_names", "pattern_value"]
@@ -152,8 +153,13 @@ def iter_targets(
     targets = effective_targets(model, settings, profile)
     saved_names = tuple(saved_names)
     found = False
+    excluded = 0
+    chosen: list[str] = []
     for key, module in list(model.named_modules()):
-        if not key or match_names(key, settings.exclude_modules) or is_saved(key, saved_names):
+        if not key:
+            continue
+        if match_names(key, settings.exclude_modules) or is_saved(key, saved_names):
+            excluded += 1
             continue
         how = _match(key, targets)
         if how is None:
@@ -162,6 +168,7 @@ def iter_targets(
         if how == "suffix" and settings.layers_to_transform is not None and not _in_layers(key, settings):
             continue
         found = True
+        chosen.append(key)
         r = pattern_value(key, settings.rank_pattern, settings.r)
         alpha = pattern_value(key, settings.alpha_pattern, settings.lora_alpha)
         yield Target(key, module, r, alpha)
@@ -170,3 +177,14 @@ def iter_targets(
             f"target_modules={settings.target_modules!r} (exclude_modules={settings.exclude_modules!r}, "
             f"layers_to_transform={settings.layers_to_transform!r}) matched no module of the model"
         )
+    _warn_unused(settings, excluded, chosen)
+
+
+def _warn_unused(settings: LoraSettings, excluded: int, chosen: list[str]) -> None:
+    """Options that had no effect are reported, not silently dropped (peft >= 0.15)."""
+    if settings.exclude_modules and not excluded:
+        warn("exclude_unused", f"exclude_modules={settings.exclude_modules!r} excluded nothing")
+    for kind, pattern in (("rank_pattern_unused", settings.rank_pattern), ("alpha_pattern_unused", settings.alpha_pattern)):
+        unused = [name for name, _ in pattern if not any(re.match(rf"(.*\.)?({name})$", key) for key in chosen)]
+        if unused:
+            warn(kind, f"{kind.split('_unused')[0]} keys {unused!r} matched no targeted module")
