@@ -8,6 +8,7 @@ import textwrap
 import tomllib
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 from conformance.diff import Divergence
 from conformance.known import REGISTRY_PATH, Entry, Registry, load_registry
@@ -52,7 +53,7 @@ def test_shipped_registry_parses_and_documents_every_entry():
     ids = [e.id for e in registry.entries]
     assert len(ids) == len(set(ids))
     fields = _case_fields()
-    for item, e in zip(raw, registry.entries):
+    for item, e in zip(raw, registry.entries, strict=True):
         assert item["id"] == e.id and re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", e.id), e.id
         assert len(e.explanation.split()) >= 10, e.id
         assert e.link.startswith("https://"), e.id
@@ -66,7 +67,7 @@ def test_shipped_registry_parses_and_documents_every_entry():
             assert allowed, e.id
         for package, spec in e.versions:
             assert package in ("peft", "transformers", "torch", "trl", "bitsandbytes", "accelerate"), e.id
-            e.applies_to({package: "0.0.1"})  # the specifier parses
+            SpecifierSet(spec)  # parses
 
 
 def test_shipped_entries_are_active_for_the_current_stack_and_not_for_an_old_one():

@@ -8,7 +8,6 @@ import pathlib
 import warnings
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
@@ -16,9 +15,7 @@ from conformance.diff import ERROR, MODEL, Divergence, diff, format_table
 from conformance.models import build_model, load_model
 from conformance.snapshot import (
     AdapterFacts,
-    ErrorFacts,
     LoraModuleFacts,
-    ModelFacts,
     ParamFacts,
     SavedModuleFacts,
     Snapshot,
@@ -183,6 +180,14 @@ def test_snapshot_json_round_trip(name, request):
     assert isinstance(back.params[0].shape, tuple)
 
 
+def test_warning_kinds_are_sorted_unique_and_round_trip():
+    model = _prepare(build_model(ModelSpec("gpt2", num_layers=1)), r=2, target_modules=("c_attn",))
+    snap = snapshot_of(model, ["exclude_unused", "conv1d_fan_in_fan_out", "exclude_unused"])
+    assert snap.warnings == ("conv1d_fan_in_fan_out", "exclude_unused")
+    assert snapshot_of(model).warnings == ()
+    assert _round_trip(snap) == snap
+
+
 def test_error_snapshot_round_trip():
     snap = error_snapshot("ValueError", "no_target_matched", "nothing matched")
     back = _round_trip(snap)
@@ -269,6 +274,12 @@ def test_model_fields(llama_snap):
         Divergence(MODEL, "gradient_checkpointing", False, True),
         Divergence(MODEL, "trainable_params", llama_snap.model.trainable_params, 1),
     ]
+
+
+def test_warning_kinds(llama_snap):
+    up = dataclasses.replace(llama_snap, warnings=("exclude_unused",))
+    assert diff(llama_snap, up) == [Divergence(MODEL, "warnings", (), ("exclude_unused",))]
+    assert diff(up, up) == []
 
 
 def test_error_class_and_kind():

@@ -69,11 +69,22 @@ def sample() -> list[Case]:
 # -- classifying a drawn case ---------------------------------------------------------------------------
 
 
+def _variants(name: str) -> set[str]:
+    """Near misses of one name: partial ("q_pro"), prefixed ("xq_proj"), a non-dotted
+    suffix ("_proj") and another letter case ("Q_PROJ")."""
+    out = {"x" + name, name.upper()}
+    if len(name) > 2:
+        out.add(name[:-1])
+    if "_" in name:
+        out.add(name[name.index("_"):])
+    return out
+
+
 def near_miss(name: str, entry) -> bool:
     """A name that looks like one of the entry's Linear names but is none of them."""
     if name in entry.linear_names or name in entry.embedding_names:
         return False
-    return any(name in (n[:-1], "x" + n, n.upper()) for n in entry.linear_names if n[:-1] != "")
+    return any(name in _variants(n) for n in entry.linear_names)
 
 
 def invalid_kind(case: Case) -> str | None:
@@ -144,7 +155,12 @@ def _prefixed_near_miss(c: Case) -> bool:
 
 def _partial_near_miss(c: Case) -> bool:
     t, entry = c.adapter.target_modules, ZOO[c.model.model_type]
-    return isinstance(t, tuple) and any(n + n_last in entry.linear_names for n in t for n_last in "jnv")
+    return isinstance(t, tuple) and any(len(m) > 2 and n == m[:-1] for n in t for m in entry.linear_names)
+
+
+def _undotted_suffix_near_miss(c: Case) -> bool:
+    t, entry = c.adapter.target_modules, ZOO[c.model.model_type]
+    return isinstance(t, tuple) and any(n.startswith("_") and any(m.endswith(n) for m in entry.linear_names) for n in t)
 
 
 def _rank_pattern(c: Case) -> bool:
@@ -173,6 +189,11 @@ REACHABLE = {
     "near_miss_beside_real_name": _near_miss_beside_real,
     "prefixed_near_miss": _prefixed_near_miss,  # "xq_proj"
     "partial_near_miss": _partial_near_miss,  # "q_pro"
+    "undotted_suffix_near_miss": _undotted_suffix_near_miss,  # "_proj"
+    "uppercase_near_miss": lambda c: isinstance(c.adapter.target_modules, tuple) and any(
+        n != n.lower() and n.lower() in ZOO[c.model.model_type].linear_names for n in c.adapter.target_modules),  # "Q_PROJ"
+    "near_miss_regex": lambda c: _regex(c) and (c.adapter.target_modules.startswith("(")
+                                                or c.adapter.target_modules.endswith(r")\.")),
     "rank_and_alpha_pattern": _rank_pattern,
     "layers_with_pattern": _layers_with_pattern,
     "modules_to_save": lambda c: isinstance(c.adapter.modules_to_save, tuple) and len(c.adapter.modules_to_save) == 2,
@@ -185,7 +206,7 @@ REACHABLE = {
 
 # Conditions about one model family search that family only: that cases() reaches every
 # zoo type is tested separately, and a search over all 38 types would be slow.
-RESTRICT = {"conv1d_c_attn": CONV1D_TYPES}
+RESTRICT = {"conv1d_c_attn": CONV1D_TYPES, "encoder_decoder": ("t5", "mt5", "bart")}
 
 
 @pytest.mark.parametrize("name", sorted(REACHABLE))
@@ -201,7 +222,7 @@ def test_cases_reach_every_invalid_kind(sample):
             continue
         # not in the sample: search for it (no_default_targets needs a type without defaults)
         types = NO_DEFAULTS if kind == "no_default_targets" else None
-        found = find_any(cases(profile=CURRENT, model_types=types), lambda c: invalid_kind(c) == kind)
+        found = find_any(cases(profile=CURRENT, model_types=types), lambda c, kind=kind: invalid_kind(c) == kind)
         assert found.invalid
 
 
@@ -270,7 +291,7 @@ def test_every_zoo_type_is_reachable(sample):
     seen = {c.model.model_type for c in sample}
     assert len(seen) >= len(ZOO) * 3 // 4  # the sample alone covers most of the zoo
     for model_type in sorted(set(ZOO) - seen):
-        found = find_any(cases(profile=CURRENT), lambda c: c.model.model_type == model_type)
+        found = find_any(cases(profile=CURRENT), lambda c, t=model_type: c.model.model_type == t)
         assert found.model.model_type == model_type
 
 
@@ -299,8 +320,10 @@ def test_layers_to_transform_never_with_str_targets_unless_invalid(sample):
     assert len(with_str) >= 50
     for case in with_str:
         a = case.adapter
-        if a.layers_to_transform not in (ABSENT, None) or a.layers_pattern not in (ABSENT, None):
+        if a.layers_to_transform not in (ABSENT, None):
             assert case.invalid and invalid_kind(case) == "layers_with_regex_targets", case
+        if a.layers_pattern not in (ABSENT, None):  # rejected for the pattern as well
+            assert case.invalid, case
     assert any(invalid_kind(c) == "layers_with_regex_targets" for c in sample)
 
 
