@@ -74,6 +74,7 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("unknown_init", r"Unknown initialization init_lora_weights"),
     ("invalid_dropout", r"dropout probability has to be between 0 and 1"),
     ("saved_module_quantized", r"only Tensors of floating point dtype can require gradients"),
+    ("saved_module_is_lora", r"modules_to_save cannot be applied to modules of type"),
     (
         "no_target_matched",
         r"not found in the base model|No modules were targeted|All modules were excluded|No `target_modules` passed",

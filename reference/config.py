@@ -96,7 +96,8 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         exclude_modules=_names(get("exclude_modules")),
         # An empty list means "no layer filter", like None.
         layers_to_transform=(layers,) if isinstance(layers, int) else (tuple(layers) or None if layers is not None else None),
-        layers_pattern=(pattern,) if isinstance(pattern, str) else (tuple(pattern) if pattern else None),
+        # "" and [] mean "no pattern", like None.
+        layers_pattern=(pattern,) if isinstance(pattern, str) and pattern else (tuple(pattern) if pattern and not isinstance(pattern, str) else None),
         rank_pattern=tuple(dict(get("rank_pattern") or ()).items()),
         alpha_pattern=tuple(dict(get("alpha_pattern") or ()).items()),
         modules_to_save=tuple(get("modules_to_save")) if get("modules_to_save") is not None else None,

@@ -17,6 +17,7 @@ __all__ = [
     "NoDefaultTargets",
     "NoTargetMatched",
     "PreparationError",
+    "SavedModuleIsLora",
     "UnsupportedModule",
     "builtin_class",
 ]
@@ -76,6 +77,16 @@ class LoraBiasUnsupported(PreparationError, ValueError):
     """``lora_bias=True`` on a base layer that has no LoRA bias (e.g. Embedding)."""
 
     kind = "lora_bias_unsupported"
+
+
+class SavedModuleIsLora(PreparationError, TypeError):
+    """A modules_to_save entry names a module that already got LoRA (upstream matches
+    modules_to_save by plain string suffix, e.g. ``"_proj"`` reaches ``q_proj``).
+
+    Remedy: name the module to save by its full name or a dotted suffix that no target shares.
+    """
+
+    kind = "saved_module_is_lora"
 
 
 class InvalidBias(PreparationError, NotImplementedError):

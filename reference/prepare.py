@@ -6,7 +6,7 @@ from torch import nn
 
 from reference.config import LoraSettings, resolve
 from reference.dispatch import wrap
-from reference.errors import InvalidBias
+from reference.errors import InvalidBias, SavedModuleIsLora
 from reference.kbit import prepare_for_kbit_training
 from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModule
 from reference.profiles import Profile
@@ -38,7 +38,7 @@ def _wrap_saved(model: nn.Module, names: tuple[str, ...]) -> None:
         if not key or not any(key.endswith(name) for name in names):
             continue
         if isinstance(module, (LoraLinear, LoraEmbedding)):
-            raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)}")
+            raise SavedModuleIsLora(f"modules_to_save entry reaches {key!r}, which already has LoRA")
         model.set_submodule(key, SavedModule(module, ADAPTER))
 
 
