@@ -216,7 +216,7 @@ def cases(
     draw,
     *,
     level: str = "peft",
-    invalid_rate: float = 0.2,
+    invalid_rate: float = 0.25,
     model_types: tuple[str, ...] | None = None,
     quant_kinds: tuple[str, ...] = QUANT_KINDS,
     profile: Profile | None = None,
