@@ -41,7 +41,6 @@ class Settings:
     level: str
     device: str
     """``cpu`` or ``cuda``: ``auto`` is resolved here."""
-    device_explicit: bool
     report: Path | None
     profile_name: str
     profile_forced: bool
@@ -140,7 +139,6 @@ def pytest_configure(config: pytest.Config) -> None:
         examples=config.getoption(EXAMPLES) or int(os.environ.get("CONFORMANCE_EXAMPLES", 60)),
         level=config.getoption(LEVEL),
         device=_resolve_device(config.getoption(DEVICE)),
-        device_explicit=config.getoption(DEVICE) != "auto",
         report=Path(config.getoption(REPORT)) if config.getoption(REPORT) else None,
         profile_name=select_profile(forced, stack).name,
         profile_forced=forced is not None,
@@ -178,6 +176,7 @@ def conformance_settings(request: pytest.FixtureRequest) -> Settings:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     s = settings_of(session.config)
+    s.recorder.flush()
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: hand the examples to the controller
         workeroutput["conformance_examples"] = json.dumps(s.recorder.entries)
@@ -188,6 +187,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     s = settings_of(config)
+    s.recorder.flush()
     if not s.recorder.entries and not s.recorder.touched:
         return
     terminalreporter.section("LoRA conformance summary")

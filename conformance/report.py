@@ -55,8 +55,6 @@ def build_report(settings: Any, entries: list[dict[str, Any]]) -> dict[str, Any]
     """The report object: stack, profile, device, examples and the summary counts."""
     from conformance.known import default_registry
 
-    settings.recorder.flush()
-    entries = settings.recorder.entries if entries is settings.recorder.entries else entries
     summary: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(Counter))
     totals: Counter = Counter()
     hits: Counter = Counter()
