@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from reference.spec import ModelSpec, QuantSpec
-from strategies.zoo import CAUSAL_NEEDS_IS_DECODER, ZOO
+from strategies.zoo import CAUSAL_NEEDS_IS_DECODER, ZOO, tasks_of
 
 __all__ = [
     "AUTO_CLASSES",
@@ -60,6 +60,9 @@ _DTYPES = {
 # Bump when the on-disk layout or the way weights are drawn changes.
 _FORMAT = 1
 
+# transformers 5 renamed `torch_dtype` to `dtype` (4.x only knows the old name).
+_DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
 
 def _dtype(name: str) -> torch.dtype:
     try:
@@ -75,10 +78,10 @@ def make_config(spec: ModelSpec) -> PretrainedConfig:
         raise ValueError(f"model type {spec.model_type!r} is not in the zoo; known: {sorted(ZOO)}")
     if spec.task not in AUTO_CLASSES:
         raise ValueError(f"unknown task {spec.task!r}; known: {sorted(AUTO_CLASSES)}")
-    if spec.task not in entry.tasks:
+    if spec.task not in tasks_of(spec.model_type):
         raise ValueError(
-            f"model type {spec.model_type!r} does not support task {spec.task!r}; "
-            f"it supports {list(entry.tasks)}"
+            f"model type {spec.model_type!r} does not support task {spec.task!r} with transformers "
+            f"{transformers.__version__}; it supports {list(tasks_of(spec.model_type))}"
         )
     if spec.num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {spec.num_layers}")
@@ -101,7 +104,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     dtype = _dtype(spec.load_dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = auto.from_config(config, dtype=dtype)
+        model = auto.from_config(config, **{_DTYPE_KW: dtype})
     return model.eval()
 
 
@@ -212,7 +215,7 @@ def load_model(
     model = auto.from_pretrained(
         path,
         quantization_config=bnb,
-        dtype=_dtype(spec.load_dtype),
+        **{_DTYPE_KW: _dtype(spec.load_dtype)},
         device_map=device,
     )
     return model.eval()

@@ -23,7 +23,8 @@ from hypothesis.strategies import SearchStrategy
 from reference.profiles import Profile, select_profile
 from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies.validation import check_kinds, check_rate
-from strategies.zoo import ZOO, ZooEntry
+from strategies.zoo import ZOO, ZooEntry, tasks_of
+from strategies.zoo import model_types as zoo_types
 
 __all__ = ["INVALID_KINDS", "adapter_specs", "cases", "model_specs", "quant_specs", "training_specs"]
 
@@ -56,9 +57,9 @@ def model_specs(draw, *, model_types: tuple[str, ...] | None = None) -> ModelSpe
 
     Shrinks towards the first zoo type, its first task, 1 layer, width 64, fp32.
     """
-    types = model_types or tuple(ZOO)
+    types = model_types or zoo_types()
     model_type = draw(st.sampled_from(types), label="model_type")
-    task = draw(st.sampled_from(ZOO[model_type].tasks), label="task")
+    task = draw(st.sampled_from(tasks_of(model_type)), label="task")
     return ModelSpec(
         model_type=model_type,
         task=task,

@@ -19,6 +19,7 @@ inside a block of ``layer_container`` (union over the entry's tasks);
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +40,7 @@ __all__ = [
     "ZOO",
     "ZooEntry",
     "model_types",
+    "tasks_of",
 ]
 
 TASKS: tuple[str, ...] = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS")
@@ -386,4 +388,29 @@ ZOO: dict[str, ZooEntry] = {e.model_type: e for e in _ENTRIES}
 
 def model_types(task: str | None = None) -> tuple[str, ...]:
     """The zoo's types, in catalog order; only those supporting ``task`` if given."""
-    return tuple(t for t, e in ZOO.items() if task is None or task in e.tasks)
+    return tuple(t for t in ZOO if tasks_of(t) and (task is None or task in tasks_of(t)))
+
+
+_AUTO_MAPPINGS = {
+    "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "SEQ_2_SEQ_LM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tasks_of(model_type: str) -> tuple[str, ...]:
+    """The entry's tasks that the *installed* transformers maps to an auto class.
+
+    transformers 4.x lacks some heads that 5.x has (e.g. gemma3_text sequence
+    classification), so the catalog's declared tasks are filtered here.
+    """
+    from transformers.models.auto import modeling_auto
+
+    out = []
+    for task in ZOO[model_type].tasks:
+        names = getattr(modeling_auto, _AUTO_MAPPINGS[task], {})
+        if model_type in names:
+            out.append(task)
+    return tuple(out)
