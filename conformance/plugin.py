@@ -2,6 +2,11 @@
 
 Registered through the ``pytest11`` entry point (and ``-p conformance.plugin``).
 Settings are resolved once in ``pytest_configure``; later hooks only read them.
+
+Under pytest-xdist the controller chooses a run directory and a seed and hands
+both to the workers (``workerinput``); each worker streams its finished examples
+to a JSONL file there (``conformance.stream``), and the controller merges the
+files at the end, so a crashed worker loses nothing it finished.
 """
 
 from __future__ import annotations
@@ -10,13 +15,18 @@ import argparse
 import json
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conformance.report import Recorder, build_report, summary_lines, write_report
+from conformance.report import Recorder, build_report, strict_failures, write_report
+from conformance.shard import Shard, parse_shard, shard_seed
+from conformance.stream import ExampleStream, read_streams, stream_files
+from conformance.summary import markdown, summary_lines
 
 __all__ = ["Settings", "settings_of"]
 
@@ -26,6 +36,9 @@ DEVICE = "--conformance-device"
 REPORT = "--conformance-report"
 PROFILE = "--conformance-profile"
 QUANT = "--conformance-quant"
+STRICT = "--conformance-strict"
+MARKDOWN = "--conformance-markdown"
+SHARD = "--conformance-shard"
 
 LEVELS = ("peft", "trl", "all")
 QUANT_KINDS = ("none", "8bit", "4bit")
@@ -47,14 +60,41 @@ class Settings:
     quant_kinds: tuple[str, ...]
     """Which quantization kinds to check (``--conformance-quant``)."""
     seed: int
+    """The run's seed: ``--hypothesis-seed``, or drawn.  A shard draws with ``shard_seed(seed, shard)``."""
     stack: dict[str, str]
+    strict: bool = False
+    """``--conformance-strict``: skips, stale entries, health-check suppressions and an empty run fail."""
+    markdown: Path | None = None
+    shard: Shard | None = None
     recorder: Recorder = field(default_factory=Recorder)
+    stream_dir: Path | None = None
+    """The xdist run directory of the workers' example streams (controller and workers)."""
+    crashed: dict[str, str] = field(default_factory=dict)
+    skipped_tests: dict[str, str] = field(default_factory=dict)
+    lifted_suppressions: dict[str, list[str]] = field(default_factory=dict)
+    report_data: dict[str, Any] | None = None
+    strict_reasons: list[str] | None = None
 
     def __repr__(self) -> str:  # shown in Hypothesis's falsifying example: keep it short
         return f"Settings(profile={self.profile_name!r}, level={self.level!r}, device={self.device!r}, seed={self.seed})"
 
     def wants(self, level: str) -> bool:
         return self.level in (level, "all")
+
+    def shard_model_types(self, quant_kind: str) -> tuple[str, ...] | None:
+        """The model types the tests of ``quant_kind`` draw from: None (all) unless ``--conformance-shard``."""
+        if self.shard is None:
+            return None
+        from strategies.zoo import model_types
+
+        return self.shard.model_types(quant_kind, model_types())
+
+    def in_shard(self, model_type: str, quant_kind: str) -> bool:
+        if self.shard is None:
+            return True
+        from strategies.zoo import model_types
+
+        return self.shard.holds(model_type, quant_kind, model_types())
 
 
 def _examples(value: str) -> int:
@@ -108,6 +148,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(QUANT, type=_quant, default=None, metavar="KINDS",
                     help="comma-separated quantization kinds to check: none,8bit,4bit (default: all); "
                     "asking for 8bit or 4bit explicitly makes a missing bitsandbytes an error")
+    group.addoption(STRICT, action="store_true", default=False,
+                    help="gating mode: skips, stale known-divergence entries, health-check suppressions, "
+                    "crashed workers and an empty run fail the session")
+    group.addoption(MARKDOWN, default=None, metavar="PATH", help="write a short markdown report (for PR comments)")
+    group.addoption(SHARD, type=parse_shard, default=None, metavar="K/N",
+                    help="check only shard K of N of model type x quantization (seed derived per shard)")
 
 
 def _resolve_device(requested: str) -> str:
@@ -120,22 +166,37 @@ def _resolve_device(requested: str) -> str:
     return requested
 
 
+def _seeds(config: pytest.Config, shard: Shard | None) -> int:
+    """The run's seed; forces Hypothesis's to it (or to the shard's) so the run replays.
+
+    Without ``--hypothesis-seed`` one is drawn, before Hypothesis's own plugin
+    reads the option.  xdist workers re-parse the command line, so they take the
+    controller's seed from ``workerinput`` instead of drawing their own.
+    """
+    workerinput = getattr(config, "workerinput", None)
+    seed = config.getoption("hypothesis_seed", default=None)
+    if workerinput is not None and "conformance_seed" in workerinput:
+        seed = workerinput["conformance_seed"]
+    elif seed is None and hasattr(config.option, "hypothesis_seed"):
+        seed = random.SystemRandom().randrange(2**32)
+    if seed is None:
+        return 0
+    if hasattr(config.option, "hypothesis_seed"):
+        config.option.hypothesis_seed = shard_seed(int(seed), shard)
+    return int(seed)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     from reference.profiles import installed_versions, select_profile
 
-    # A run is replayable: without --hypothesis-seed we draw one and force it,
-    # before Hypothesis's own plugin reads the option.
-    seed = config.getoption("hypothesis_seed", default=None)
-    if seed is None and hasattr(config.option, "hypothesis_seed"):
-        seed = random.SystemRandom().randrange(2**32)
-        config.option.hypothesis_seed = seed
     forced = config.getoption(PROFILE)
     stack = installed_versions()
     quant = config.getoption(QUANT)
     if quant is not None and stack["bitsandbytes"] == "absent" and set(quant) - {"none"}:
         raise pytest.UsageError(f"{QUANT}={','.join(quant)} asks for quantized cases, but bitsandbytes is not installed")
-    config.stash[_KEY] = Settings(
+    shard = config.getoption(SHARD)
+    settings = Settings(
         examples=config.getoption(EXAMPLES) or int(os.environ.get("CONFORMANCE_EXAMPLES", 60)),
         level=config.getoption(LEVEL),
         device=_resolve_device(config.getoption(DEVICE)),
@@ -143,12 +204,22 @@ def pytest_configure(config: pytest.Config) -> None:
         profile_name=select_profile(forced, stack).name,
         profile_forced=forced is not None,
         quant_kinds=quant or QUANT_KINDS,
-        seed=int(seed) if seed is not None else 0,
+        seed=_seeds(config, shard),
         stack=stack,
+        strict=config.getoption(STRICT),
+        markdown=Path(config.getoption(MARKDOWN)) if config.getoption(MARKDOWN) else None,
+        shard=shard,
     )
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and workerinput.get("conformance_stream_dir"):
+        settings.stream_dir = Path(workerinput["conformance_stream_dir"])
+        settings.recorder.stream = ExampleStream(settings.stream_dir, workerinput.get("workerid", "worker"))
+    config.stash[_KEY] = settings
+    if workerinput is None:
+        config.pluginmanager.register(_SkipCollector(settings), "conformance-skips")
     from conformance import checks
 
-    checks.configure(config.stash[_KEY])
+    checks.configure(settings)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "conformance-xdist")
 
@@ -161,9 +232,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     s = settings_of(config)
     stack = ", ".join(f"{k} {v}" for k, v in s.stack.items())
     forced = " (forced)" if s.profile_forced else ""
+    shard = f" shard={s.shard} (draws with seed {shard_seed(s.seed, s.shard)})" if s.shard else ""
+    replay = f"--hypothesis-seed={s.seed}" + (f" {SHARD}={s.shard}" if s.shard else "")
     return [
         f"conformance: profile={s.profile_name}{forced} level={s.level} device={s.device} "
-        f"quant={','.join(s.quant_kinds)} examples={s.examples} seed={s.seed} (replay: --hypothesis-seed={s.seed})",
+        f"quant={','.join(s.quant_kinds)} examples={s.examples} seed={s.seed}{shard} (replay: {replay})"
+        + (" strict" if s.strict else ""),
         f"conformance stack: {stack}",
     ]
 
@@ -174,35 +248,128 @@ def conformance_settings(request: pytest.FixtureRequest) -> Settings:
     return settings_of(request.config)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--conformance-strict``, health checks a test suppresses are switched back on.
+
+    Hypothesis reads a test's settings from ``_hypothesis_internal_use_settings``
+    when the test runs (hypothesis 6.x ``core.py``); replacing them with a child
+    that suppresses nothing turns every suppressed health check into a failure.
+    """
+    s = settings_of(config)
+    if not s.strict:
+        return
+    from hypothesis import settings as hypothesis_settings
+
+    for item in items:
+        fn = getattr(item, "obj", None)
+        current = getattr(fn, "_hypothesis_internal_use_settings", None)
+        if current is None or not current.suppress_health_check:
+            continue
+        s.lifted_suppressions[item.nodeid] = sorted(h.name for h in current.suppress_health_check)
+        fn._hypothesis_internal_use_settings = hypothesis_settings(current, suppress_health_check=())
+
+
+class _SkipCollector:
+    """Registered on the controller: skipped tests that no ``--conformance-*`` option asked for."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not report.skipped or hasattr(report, "wasxfail"):
+            return
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if "--conformance-" not in reason:  # excluded on purpose by an option: not a gap
+            self.settings.skipped_tests[report.nodeid] = reason
+
+
+def _run_facts(s: Settings, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    facts: dict[str, Any] = {"strict": s.strict, "shard": str(s.shard) if s.shard else None}
+    if s.shard is not None:
+        facts["hypothesis_seed"] = shard_seed(s.seed, s.shard)
+        # explicit @examples run in every shard; a suite that ignores the shard puts most examples outside it
+        facts["outside_shard"] = sum(not s.in_shard(e["model_type"], e["quantization"]) for e in entries)
+    if s.skipped_tests:
+        facts["skipped_tests"] = dict(s.skipped_tests)
+    if s.crashed:
+        facts["crashed_workers"] = dict(s.crashed)
+    if s.lifted_suppressions:
+        facts["health_checks_enforced"] = dict(s.lifted_suppressions)
+    return facts
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     s = settings_of(session.config)
     s.recorder.flush()
     workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None:  # an xdist worker: hand the examples to the controller
-        workeroutput["conformance_examples"] = json.dumps(s.recorder.entries)
+    if workeroutput is not None:  # an xdist worker: its examples are in its stream file
+        if s.recorder.stream is not None:
+            s.recorder.stream.close()
+        else:
+            workeroutput["conformance_examples"] = json.dumps(s.recorder.entries)
+        workeroutput["conformance_lifted"] = json.dumps(s.lifted_suppressions)
         return
+    entries = s.recorder.entries
+    if s.stream_dir is not None:  # the controller: every worker's stream, finished or crashed
+        entries = entries + read_streams(stream_files(s.stream_dir))
+    s.report_data = build_report(s, entries, run=_run_facts(s, entries))
+    if s.strict:
+        s.strict_reasons = strict_failures(s.report_data, judge_stale=s.shard is None)
+        s.report_data["strict_failures"] = s.strict_reasons
+        if s.strict_reasons and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if s.report is not None:
-        write_report(s.report, build_report(s, s.recorder.entries))
+        write_report(s.report, s.report_data)
+    if s.markdown is not None:
+        s.markdown.parent.mkdir(parents=True, exist_ok=True)
+        s.markdown.write_text(markdown(s.report_data, s.strict_reasons))
+    if s.stream_dir is not None and not s.crashed:
+        shutil.rmtree(s.stream_dir, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     s = settings_of(config)
-    s.recorder.flush()
-    if not s.recorder.entries and not s.recorder.touched:
+    report = s.report_data
+    if report is None or (not report["examples"] and not s.recorder.touched and not s.strict):
         return
     terminalreporter.section("LoRA conformance summary")
-    for line in summary_lines(build_report(s, s.recorder.entries)):
+    for line in summary_lines(report, s.strict_reasons if s.strict else None):
         terminalreporter.write_line(line)
-    if s.report is not None:
-        terminalreporter.write_line(f"report written to {s.report}")
+    if s.lifted_suppressions:
+        terminalreporter.write_line(
+            "strict: health checks re-enabled for " + ", ".join(sorted(s.lifted_suppressions))
+        )
+    for path in (s.report, s.markdown):
+        if path is not None:
+            terminalreporter.write_line(f"report written to {path}")
+    if s.stream_dir is not None and s.crashed:
+        terminalreporter.write_line(f"worker example streams kept in {s.stream_dir}")
 
 
 class _XdistHooks:
-    """Registered only when pytest-xdist is active: collect the workers' examples."""
+    """Registered only when pytest-xdist is active: stream directory, seed, crashes, the workers' examples."""
+
+    @pytest.hookimpl
+    def pytest_configure_node(self, node: Any) -> None:
+        s = settings_of(node.config)
+        if s.stream_dir is None:
+            base = s.report.parent if s.report is not None else None
+            if base is not None:
+                base.mkdir(parents=True, exist_ok=True)
+            s.stream_dir = Path(tempfile.mkdtemp(prefix="conformance-run-", dir=base))
+        node.workerinput["conformance_stream_dir"] = str(s.stream_dir)
+        node.workerinput["conformance_seed"] = s.seed
 
     @pytest.hookimpl
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        config = node.config
-        data = getattr(node, "workeroutput", {}).get("conformance_examples")
-        if data:
-            settings_of(config).recorder.extend(json.loads(data))
+        s = settings_of(node.config)
+        if error is not None:
+            s.crashed[node.gateway.id] = str(error)
+        output = getattr(node, "workeroutput", {}) or {}
+        if output.get("conformance_examples"):  # a worker without a stream (not configured by us)
+            s.recorder.extend(json.loads(output["conformance_examples"]))
+        if output.get("conformance_lifted"):
+            s.lifted_suppressions.update(json.loads(output["conformance_lifted"]))

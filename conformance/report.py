@@ -1,4 +1,4 @@
-"""The JSON report of the contract, and the terminal summary built from it."""
+"""The JSON report of the contract, and the strict-mode judgement of it (rendering: ``conformance.summary``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["OUTCOMES", "Recorder", "build_report", "summary_lines", "write_report"]
+from conformance.stream import ExampleStream
+
+__all__ = ["OUTCOMES", "Recorder", "build_report", "strict_failures", "write_report"]
 
 OUTCOMES = ("agree", "diverge", "known", "skip")
 
@@ -20,9 +22,11 @@ class Recorder:
     Only generation-phase examples and that final replay count.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stream: ExampleStream | None = None) -> None:
         self.entries: list[dict[str, Any]] = []
         self.touched = False
+        self.stream = stream
+        """Under xdist, each worker also streams its examples to disk (see ``conformance.stream``)."""
         self._first_failure: dict[str, dict[str, Any]] = {}
         self._shrinking: set[str] = set()
 
@@ -32,13 +36,20 @@ class Recorder:
             self._first_failure.pop(test_id, None)
             self._shrinking.discard(test_id)
             self.entries.append(entry)
+            self._write(test_id, entry, final=True)
         elif test_id in self._shrinking:
             return
         elif failed:
             self._shrinking.add(test_id)
             self._first_failure[test_id] = entry
+            self._write(test_id, entry, provisional=True)
         else:
             self.entries.append(entry)
+            self._write(test_id, entry)
+
+    def _write(self, test_id: str, entry: dict[str, Any], **flags: bool) -> None:
+        if self.stream is not None:
+            self.stream.write(test_id, entry, **flags)
 
     def flush(self) -> None:
         """A failure whose final replay never came (an explicit example) still counts."""
@@ -51,17 +62,62 @@ class Recorder:
         self.entries.extend(entries)
 
 
-def build_report(settings: Any, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The report object: stack, profile, device, examples and the summary counts."""
-    from conformance.known import default_registry
+def _module_kind(d: dict[str, Any]) -> str:
+    """The kind of module a divergence is on: ``module_kind`` when the runner records it, else from the path."""
+    if d.get("module_kind"):
+        return str(d["module_kind"])
+    path = d["path"]
+    if path.startswith("<"):
+        return path  # <model>, <error>, <warnings>
+    if d["field"].startswith(("adapter[", "lora.")) or ".lora_" in path:
+        return "lora module"
+    if d["field"].startswith("saved."):
+        return "modules_to_save"
+    return "parameter"
 
+
+def _stale(registry: Any, hits: Counter, cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Active entries that explained nothing, each with how many cases its predicate held for."""
+    from reference.spec import Case
+
+    out: dict[str, dict[str, Any]] = {}
+    parsed = None
+    for entry in registry.stale(set(hits)):
+        if parsed is None:
+            parsed = []
+            for c in cases:
+                try:
+                    parsed.append(Case.from_json(c))
+                except (ValueError, TypeError):
+                    continue
+        held = sum(entry.holds_for(c) for c in parsed)
+        out[entry.id] = {"cases_in_scope": held, "link": entry.link}
+    return out
+
+
+def build_report(
+    settings: Any, entries: list[dict[str, Any]], *, registry: Any = None, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The report object: stack, profile, device, examples, the summary counts and the run's facts.
+
+    ``registry`` is the known-divergence registry to judge staleness by (the one of
+    the installed stack by default); ``run`` adds run facts (shard, crashed workers,
+    skipped tests, health-check suppressions) verbatim.
+    """
+    if registry is None:
+        from conformance.known import default_registry
+
+        registry = default_registry()
     summary: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(Counter))
+    invalid: dict[str, Counter] = defaultdict(Counter)
     totals: Counter = Counter()
     hits: Counter = Counter()
     skips: Counter = Counter()
     fields: Counter = Counter()
-    for e in entries:
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for index, e in enumerate(entries):
         summary[e["model_type"]][e["quantization"]][e["outcome"]] += 1
+        invalid[e["model_type"]][e["quantization"]] += bool(e.get("invalid"))
         totals[e["outcome"]] += 1
         totals["invalid"] += bool(e.get("invalid"))
         totals["rejected"] += bool(e.get("rejected"))
@@ -70,8 +126,13 @@ def build_report(settings: Any, entries: list[dict[str, Any]]) -> dict[str, Any]
             skips[e.get("reason", "?")] += 1
         for d in e.get("divergences", ()):
             fields[d["field"]] += 1
-    stale = [entry.id for entry in default_registry().stale(set(hits))] if entries else []
-    return {
+            key = (d["field"], _module_kind(d))
+            group = groups.setdefault(key, {"field": key[0], "module_kind": key[1], "count": 0, "examples": []})
+            group["count"] += 1
+            if index not in group["examples"]:
+                group["examples"].append(index)
+    stale = _stale(registry, hits, [e["case"] for e in entries if "case" in e]) if entries else {}
+    report = {
         "stack": settings.stack,
         "profile": settings.profile_name,
         "device": settings.device,
@@ -79,12 +140,17 @@ def build_report(settings: Any, entries: list[dict[str, Any]]) -> dict[str, Any]
         "level": settings.level,
         "examples": entries,
         "summary": {m: {q: dict(c) for q, c in qs.items()} for m, qs in sorted(summary.items())},
+        "invalid_summary": {m: dict(c) for m, c in sorted(invalid.items())},
         "totals": {"examples": len(entries), **{k: totals[k] for k in (*OUTCOMES, "invalid", "rejected")}},
         "known": dict(hits),
-        "stale_known": stale,
+        "stale_known": list(stale),
+        "stale_detail": stale,
         "skips": dict(skips),
         "divergent_fields": dict(fields.most_common()),
+        "divergence_groups": sorted(groups.values(), key=lambda g: (-g["count"], g["field"], g["module_kind"])),
     }
+    report.update(run or {})
+    return report
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
@@ -94,30 +160,41 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def summary_lines(report: dict[str, Any]) -> list[str]:
-    """The terminal summary: a model type x quantization table of outcomes, then totals."""
+def strict_failures(report: dict[str, Any], *, judge_stale: bool = True) -> list[str]:
+    """Why a gating (``--conformance-strict``) run fails even though no test did; empty when it passes.
+
+    A gate must never pass by checking nothing: an empty run, skipped examples or
+    tests, stale registry entries, suppressed health checks, crashed workers and
+    examples outside the requested shard are all failures.  Unexplained
+    divergences are listed too (they fail their test already, but a merged
+    report has no test to fail).
+    """
     t = report["totals"]
-    lines = [
-        f"profile {report['profile']} on {report['device']}, seed {report['seed']}: {t['examples']} examples: "
-        + ", ".join(f"{t[k]} {k}" for k in OUTCOMES)
-        + f"; {t['invalid']} invalid inputs, {t['rejected']} rejected by upstream",
-    ]
-    kinds = ("none", "8bit", "4bit")
-    header = f"{'model type':<14}" + "".join(f"{k:>22}" for k in kinds)
-    lines += ["", header, "-" * len(header)]
-    for model_type, per_quant in report["summary"].items():
-        cells = []
-        for k in kinds:
-            c = per_quant.get(k, {})
-            cells.append("/".join(str(c.get(o, 0)) for o in OUTCOMES) if c else "-")
-        lines.append(f"{model_type:<14}" + "".join(f"{cell:>22}" for cell in cells))
-    lines.append(f"(cells: {'/'.join(OUTCOMES)})")
-    if report["divergent_fields"]:
-        lines.append("divergent fields: " + ", ".join(f"{k} x{v}" for k, v in report["divergent_fields"].items()))
-    if report["known"]:
-        lines.append("known divergences matched: " + ", ".join(f"{k} x{v}" for k, v in report["known"].items()))
-    if report["stale_known"]:
-        lines.append("stale known-divergence entries (matched nothing): " + ", ".join(report["stale_known"]))
-    for reason, n in report["skips"].items():
-        lines.append(f"skipped x{n}: {reason}")
-    return lines
+    out: list[str] = []
+    if t["examples"] == 0:
+        out.append("empty run: no example was executed (check -k, --conformance-quant and --conformance-level)")
+    if t.get("diverge"):
+        out.append(f"{t['diverge']} examples diverge from the reference")
+    for reason, n in report.get("skips", {}).items():
+        out.append(f"{n} examples skipped: {reason}")
+    for test, reason in report.get("skipped_tests", {}).items():
+        out.append(f"test skipped: {test}: {reason}")
+    if judge_stale:
+        for entry_id, detail in report.get("stale_detail", {}).items():
+            scope = detail.get("cases_in_scope", 0)
+            why = f"{scope} cases in its scope, none explained" if scope else "no case in its scope was generated"
+            out.append(f"stale known-divergence entry {entry_id}: {why}")
+    for test, checks in report.get("health_checks_suppressed", {}).items():
+        out.append(f"health checks suppressed by {test}: {', '.join(checks)}")
+    for worker, error in report.get("crashed_workers", {}).items():
+        last = str(error).strip().splitlines()[-1] if str(error).strip() else "?"
+        out.append(f"worker {worker} crashed: {last}")
+    # explicit @examples run in every shard; a suite that ignores the shard puts most examples outside it
+    if report.get("outside_shard", 0) > max(2, t["examples"] // 10):
+        out.append(
+            f"{report['outside_shard']} examples fall outside shard {report.get('shard')}: "
+            "the suite does not draw from the shard's model types"
+        )
+    for shard in report.get("missing_shards", ()):
+        out.append(f"shard {shard} has no report")
+    return out

@@ -1,0 +1,135 @@
+"""Rendering a report: the terminal summary, and the short markdown for pull-request comments.
+
+Both read only the report object (``conformance.report.build_report``), so a
+merged report renders exactly like a single run's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from conformance.report import OUTCOMES
+
+__all__ = ["CELL_COLUMNS", "markdown", "replay_command", "summary_lines"]
+
+CELL_COLUMNS = (*OUTCOMES, "invalid")
+QUANT_KINDS = ("none", "8bit", "4bit")
+
+
+def replay_command(report: dict[str, Any], entry: dict[str, Any]) -> str:
+    """The command that replays one example of ``report`` (as ``conformance.runner.replay_command``)."""
+    payload = json.dumps(entry["case"], sort_keys=True, separators=(",", ":")).replace("'", "'\"'\"'")
+    return f"python -m conformance explain --profile {report['profile']} --case '{payload}'"
+
+
+def _cell(report: dict[str, Any], model_type: str, kind: str) -> str:
+    counts = report["summary"].get(model_type, {}).get(kind)
+    if not counts:
+        return "-"
+    invalid = report.get("invalid_summary", {}).get(model_type, {}).get(kind, 0)
+    return "/".join(str(counts.get(o, 0)) for o in OUTCOMES) + f"/{invalid}"
+
+
+def _headline(report: dict[str, Any]) -> str:
+    t = report["totals"]
+    shard = f", shard {report['shard']}" if report.get("shard") else ""
+    return (
+        f"profile {report['profile']} on {report['device']}, seed {report['seed']}{shard}: {t['examples']} examples: "
+        + ", ".join(f"{t[k]} {k}" for k in OUTCOMES)
+        + f"; {t['invalid']} invalid inputs, {t['rejected']} rejected by upstream"
+    )
+
+
+def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> list[str]:
+    """The terminal summary: the coverage table, divergences by field and module kind, registry, skips.
+
+    ``strict`` is the list of strict-mode failures (None when the run is not strict).
+    """
+    lines = [_headline(report)]
+    header = f"{'model type':<14}" + "".join(f"{k:>20}" for k in QUANT_KINDS)
+    lines += ["", header, "-" * len(header)]
+    for model_type in report["summary"]:
+        lines.append(f"{model_type:<14}" + "".join(f"{_cell(report, model_type, k):>20}" for k in QUANT_KINDS))
+    lines.append(f"(cells: {'/'.join(CELL_COLUMNS)}; invalid inputs are also counted under their outcome)")
+    groups = report.get("divergence_groups", [])
+    if groups:
+        lines += ["", "divergences by field and module kind:"]
+        for g in groups:
+            shown = ", ".join(f"#{i}" for i in g["examples"][:5])
+            lines.append(f"  {g['field']} on {g['module_kind']}: x{g['count']} (examples {shown})")
+    if report["known"]:
+        lines.append("known divergences matched: " + ", ".join(f"{k} x{v}" for k, v in report["known"].items()))
+    if report["stale_known"]:
+        detail = report.get("stale_detail", {})
+        lines.append(
+            "stale known-divergence entries (matched nothing): "
+            + ", ".join(f"{k} ({detail.get(k, {}).get('cases_in_scope', '?')} cases in scope)" for k in report["stale_known"])
+        )
+    for reason, n in report["skips"].items():
+        lines.append(f"skipped x{n}: {reason}")
+    for test, reason in report.get("skipped_tests", {}).items():
+        lines.append(f"skipped test {test}: {reason}")
+    for worker, error in report.get("crashed_workers", {}).items():
+        last = str(error).strip().splitlines()[-1] if error else "?"
+        lines.append(f"worker {worker} CRASHED ({last}); the examples it finished are included")
+    if strict is not None:
+        if strict:
+            lines += ["", f"STRICT MODE FAILED ({len(strict)} reason{"s" if len(strict) > 1 else ""}):"] + [f"  - {why}" for why in strict]
+        else:
+            lines.append("strict mode: passed (examples ran, nothing skipped, no stale entry, health checks on)")
+    return lines
+
+
+def _escape(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report: dict[str, Any], strict: list[str] | None = None, *, max_divergences: int = 8) -> str:
+    """A short markdown report for a pull-request comment."""
+    t = report["totals"]
+    failed = bool(t.get("diverge")) or bool(strict)
+    verdict = "❌ failed" if failed else "✅ passed"
+    stack = ", ".join(f"{k} {v}" for k, v in report["stack"].items())
+    shard = f" · shard {report['shard']}" if report.get("shard") else ""
+    out = [
+        f"## LoRA conformance: {verdict}",
+        "",
+        f"**stack** {stack} · **profile** `{report['profile']}` · **device** {report['device']} · "
+        f"**seed** {report['seed']}{shard}",
+        "",
+        "| examples | " + " | ".join(CELL_COLUMNS) + " | rejected |",
+        "| ---: | " + " | ".join("---:" for _ in CELL_COLUMNS) + " | ---: |",
+        f"| {t['examples']} | " + " | ".join(str(t.get(k, 0)) for k in CELL_COLUMNS) + f" | {t['rejected']} |",
+    ]
+    if strict:
+        out += ["", "**Strict mode failed:**"] + [f"- {why}" for why in strict]
+    groups = report.get("divergence_groups", [])
+    if groups:
+        out += ["", "### Divergences", "", "| field | module kind | count |", "| --- | --- | ---: |"]
+        out += [f"| `{g['field']}` | {g['module_kind']} | {g['count']} |" for g in groups]
+        diverging = [(i, e) for i, e in enumerate(report["examples"]) if e.get("outcome") == "diverge"]
+        for i, e in diverging[:max_divergences]:
+            out += [
+                "",
+                f"**#{i}** {e['model_type']} {e.get('task', '')} {e['quantization']} {e['load_dtype']}",
+                "",
+                "| path | field | reference | upstream |",
+                "| --- | --- | --- | --- |",
+            ]
+            out += [
+                f"| `{_escape(d['path'])}` | `{d['field']}` | {_escape(d['reference'])} | {_escape(d['upstream'])} |"
+                for d in e.get("divergences", [])[:6]
+            ]
+            out += ["", "```bash", replay_command(report, e), "```"]
+        if len(diverging) > max_divergences:
+            out.append(f"\n… and {len(diverging) - max_divergences} more diverging examples in the JSON report.")
+    if report["known"]:
+        out += ["", "Known divergences matched: " + ", ".join(f"`{k}` ×{v}" for k, v in report["known"].items())]
+    if report["stale_known"]:
+        out += ["", "Stale registry entries (matched nothing): " + ", ".join(f"`{k}`" for k in report["stale_known"])]
+    if report.get("crashed_workers"):
+        out += ["", "Crashed workers: " + ", ".join(report["crashed_workers"])]
+    return "\n".join(out) + "\n"
