@@ -75,7 +75,7 @@ def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> li
         lines.append(f"worker {worker} CRASHED ({last}); the examples it finished are included")
     if strict is not None:
         if strict:
-            lines += ["", f"STRICT MODE FAILED ({len(strict)} reason{"s" if len(strict) > 1 else ""}):"] + [f"  - {why}" for why in strict]
+            lines += ["", f"STRICT MODE FAILED ({len(strict)} reason{'s' if len(strict) > 1 else ''}):"] + [f"  - {why}" for why in strict]
         else:
             lines.append("strict mode: passed (examples ran, nothing skipped, no stale entry, health checks on)")
     return lines
