@@ -5,10 +5,12 @@ Subcommands:
 * ``explain --case JSON`` prepares one case on both sides and prints the diff
   (the command every divergence message prints);
 * ``cases --sample N`` prints generated cases as JSON lines;
-* ``profiles`` lists the reference profiles and the one the installed stack selects.
+* ``profiles`` lists the reference profiles and the one the installed stack selects;
+* ``merge REPORT... --out PATH`` combines shard reports into one report and summary.
 
 Errors are one line naming the bad argument; the exit status is 2 for bad input,
-1 when ``explain`` finds an unexpected divergence, 0 otherwise.
+1 when ``explain`` finds an unexpected divergence or ``merge`` finds a divergence
+(or, with ``--strict``, any strict-mode failure), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -117,6 +119,32 @@ def _profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from conformance.merge import MergeError, load_reports, merge_reports
+    from conformance.report import strict_failures, write_report
+    from conformance.summary import markdown, summary_lines
+
+    try:
+        report = merge_reports(load_reports([Path(p) for p in args.reports]))
+    except MergeError as exc:
+        print(f"merge: {exc}", file=sys.stderr)
+        return 2
+    failures = strict_failures(report)
+    strict = failures if args.strict else None
+    if args.strict:
+        report["strict"] = True
+        report["strict_failures"] = failures
+    write_report(Path(args.out), report)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown(report, strict))
+    print("\n".join(summary_lines(report, strict)))
+    print(f"merged {len(args.reports)} reports into {args.out}")
+    return 1 if report["totals"]["diverge"] or (args.strict and failures) else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m conformance", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -136,6 +164,14 @@ def _parser() -> argparse.ArgumentParser:
 
     profiles = sub.add_parser("profiles", help="list the profiles and the one the installed stack selects")
     profiles.set_defaults(run=_profiles)
+
+    merge = sub.add_parser("merge", help="combine the JSON reports of shards into one report and summary")
+    merge.add_argument("reports", nargs="+", metavar="REPORT", help="JSON reports written by --conformance-report")
+    merge.add_argument("--out", required=True, metavar="PATH", help="where to write the merged JSON report")
+    merge.add_argument("--markdown", metavar="PATH", help="also write the short markdown report")
+    merge.add_argument("--strict", action="store_true",
+                       help="fail on skips, stale entries, crashed workers, missing shards or an empty result")
+    merge.set_defaults(run=_merge)
     return parser
 
 
