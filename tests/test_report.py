@@ -1,0 +1,123 @@
+"""Reports: crash-safe example streams, strict judgement, markdown, and merging shard reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conformance.merge import MergeError, load_reports, merge_reports
+from conformance.report import Recorder, build_report, strict_failures, write_report
+from conformance.stream import ExampleStream, read_stream, read_streams, stream_files
+from conformance.summary import markdown, summary_lines
+from reference.profiles import installed_versions
+
+STACK = installed_versions()
+GPT2 = {"model": {"model_type": "gpt2"}, "adapter": {"r": 4, "target_modules": ["c_attn"]}}
+BERT = {"model": {"model_type": "bert", "task": "SEQ_CLS"}, "adapter": {"r": 2}}
+
+
+def _entry(case: dict, outcome: str = "agree", **extra) -> dict:
+    return {
+        "model_type": case["model"]["model_type"], "task": "CAUSAL_LM", "quantization": "none",
+        "load_dtype": "float32", "level": "peft", "invalid": False, "rejected": False,
+        "outcome": outcome, "case": case, **extra,
+    }
+
+
+DIVERGENCE = {"path": "transformer.h.0.attn.c_attn", "field": "adapter[default].scaling", "reference": 4.0, "upstream": 2.0}
+DIVERGING = _entry(GPT2, "diverge", divergences=[DIVERGENCE])
+
+
+def _settings(**kw) -> SimpleNamespace:
+    base = {"stack": STACK, "profile_name": "current", "device": "cpu", "seed": 7, "level": "all"}
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_a_worker_stream_survives_a_crash_mid_write(tmp_path):
+    rec = Recorder(ExampleStream(tmp_path, "gw0"))
+    rec.record("t", {"n": 1}, failed=False, final=False)
+    rec.record("t", {"n": 2}, failed=True, final=False)  # shrinking starts: provisional
+    rec.record("t", {"n": 3}, failed=True, final=False)  # a shrink replay: not written
+    rec.record("t", {"n": 4}, failed=True, final=True)  # the minimal example replaces n=2
+    rec.record("u", {"n": 5}, failed=True, final=False)  # the worker "dies" while shrinking u
+    path = rec.stream.path
+    with open(path, "a") as fh:
+        fh.write('{"test": "u", "entry": {"n": ')  # torn last line
+    assert [e["n"] for e in read_stream(path)] == [1, 4, 5]
+    ExampleStream(tmp_path, "gw1").write("v", {"n": 6})
+    assert [e["n"] for e in read_streams(stream_files(tmp_path))] == [1, 4, 5, 6]
+
+
+def test_the_summary_groups_divergences_and_counts_invalid_inputs():
+    invalid = _entry(GPT2, invalid=True, rejected=True)
+    report = build_report(_settings(), [DIVERGING, invalid, _entry(GPT2)])
+    assert report["summary"]["gpt2"]["none"] == {"diverge": 1, "agree": 2}
+    assert report["invalid_summary"]["gpt2"]["none"] == 1
+    assert report["divergence_groups"] == [
+        {"field": "adapter[default].scaling", "module_kind": "lora module", "count": 1, "examples": [0]}
+    ]
+    text = "\n".join(summary_lines(report, strict=[]))
+    assert "gpt22/1/0/0/1" in text.replace(" ", "") and "agree/diverge/known/skip/invalid" in text
+    assert "adapter[default].scaling on lora module: x1 (examples #0)" in text
+
+
+def test_strict_fails_an_empty_run_skips_stale_entries_and_crashes():
+    assert "empty run" in strict_failures(build_report(_settings(), []))[0]
+    skipped = _entry(GPT2, "skip", reason="bitsandbytes is not installed")
+    report = build_report(_settings(), [skipped], run={"crashed_workers": {"gw1": "Not properly terminated"}})
+    reasons = "\n".join(strict_failures(report))
+    assert "1 examples skipped: bitsandbytes is not installed" in reasons
+    assert "worker gw1 crashed: Not properly terminated" in reasons
+    assert "stale known-divergence entry" in reasons  # nothing in one example explains the registry
+    assert "stale" not in "\n".join(strict_failures(report, judge_stale=False))
+
+
+def test_markdown_is_short_and_replays_each_divergence():
+    report = build_report(_settings(), [DIVERGING, _entry(GPT2)])
+    text = markdown(report, strict=["2 examples diverge"])
+    assert text.startswith("## LoRA conformance: ❌ failed")
+    assert "**profile** `current`" in text and "torch " in text
+    assert "| 2 | 1 | 1 | 0 | 0 | 0 | 0 |" in text  # examples, agree, diverge, known, skip, invalid, rejected
+    assert "| `adapter[default].scaling` | lora module | 1 |" in text
+    assert "python -m conformance explain --profile current --case '" + json.dumps(GPT2, sort_keys=True, separators=(",", ":")) in text
+    assert len(text.splitlines()) < 40
+    assert markdown(build_report(_settings(), [_entry(GPT2)])).startswith("## LoRA conformance: ✅ passed")
+
+
+def _write(path: Path, entries: list, **run) -> Path:
+    write_report(path, build_report(_settings(), entries, run=run))
+    return path
+
+
+def test_merge_combines_shards_counts_explicit_examples_once_and_names_missing_shards(tmp_path):
+    seed_example = _entry(GPT2)
+    a = _write(tmp_path / "a.json", [seed_example, DIVERGING], shard="1/3")
+    b = _write(tmp_path / "b.json", [seed_example, _entry(BERT)], shard="2/3")
+    merged = merge_reports(load_reports([a, b]))
+    assert merged["totals"]["examples"] == 3 and merged["totals"]["diverge"] == 1
+    assert merged["summary"]["bert"]["none"] == {"agree": 1}
+    assert merged["missing_shards"] == ["3/3"] and merged["merged_from"] == [str(a), str(b)]
+    assert any("shard 3/3 has no report" in r for r in strict_failures(merged))
+    other = tmp_path / "c.json"
+    write_report(other, build_report(_settings(profile_name="seed"), [_entry(BERT)]))
+    with pytest.raises(MergeError, match="differ in profile"):
+        merge_reports(load_reports([a, other]))
+
+
+def test_merge_cli_exit_status_and_outputs(tmp_path):
+    a = _write(tmp_path / "a.json", [_entry(GPT2)])
+    b = _write(tmp_path / "b.json", [DIVERGING])
+    out, md = tmp_path / "m.json", tmp_path / "m.md"
+    cmd = [sys.executable, "-m", "conformance", "merge", str(a), str(b), "--out", str(out), "--markdown", str(md)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr  # a divergence fails the merge
+    assert json.loads(out.read_text())["totals"]["examples"] == 2 and "### Divergences" in md.read_text()
+    strict = subprocess.run(cmd[:5] + ["--out", str(out), "--strict"], capture_output=True, text=True, timeout=120)
+    assert strict.returncode == 1 and "STRICT MODE FAILED" in strict.stdout and "stale known-divergence" in strict.stdout
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "none.json"), "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("merge: ") and len(bad.stderr.strip().splitlines()) == 1
