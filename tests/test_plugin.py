@@ -123,3 +123,63 @@ def test_cli_cases_and_profiles():
         assert "model_type" in json.loads(line)["model"]
     profiles = _cli("profiles")
     assert profiles.returncode == 0 and "* current" in profiles.stdout
+
+
+def test_strict_fails_an_empty_run_with_a_clear_reason(suite):
+    result = suite.runpytest_subprocess("--conformance-strict", "-k", "nothing_matches_this", "-p", "no:warnings")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    assert "STRICT MODE FAILED" in out and "empty run: no example was executed" in out
+
+
+def test_strict_fails_a_run_with_stale_entries_and_writes_the_markdown(suite, tmp_path):
+    md = tmp_path / "run.md"
+    result, report = _run(suite, tmp_path, 5, "--conformance-strict", "--conformance-markdown", str(md))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # the tests passed; strict mode fails the session
+    result.assert_outcomes(passed=1, skipped=2)  # the quant-excluded tests were skipped on purpose: not a failure
+    out = result.stdout.str()
+    assert "STRICT MODE FAILED" in out and "stale known-divergence entry moe-default-targets-lost" in out
+    assert "test skipped" not in out
+    assert report["strict"] is True and any("stale" in why for why in report["strict_failures"])
+    assert md.read_text().startswith("## LoRA conformance: ❌ failed") and "Strict mode failed" in md.read_text()
+
+
+def test_a_shard_draws_only_its_model_types_and_replays(suite, tmp_path):
+    result, report = _run(suite, tmp_path, 5, "--conformance-shard", "2/4")
+    assert "shard=2/4" in result.stdout.str() and "--conformance-shard=2/4" in result.stdout.str()
+    assert report["shard"] == "2/4" and report["hypothesis_seed"] == 7
+
+
+CRASHING_WORKER = """
+import os, signal
+from conformance import checks
+
+_check = checks.check_case
+_done = []
+
+def check_case(case, conf, test_id):
+    outcome = _check(case, conf, test_id)
+    _done.append(outcome)
+    if os.environ.get("PYTEST_XDIST_WORKER") == "gw1" and len(_done) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker dies after finishing two examples
+    return outcome
+
+checks.check_case = check_case
+"""
+
+
+def test_a_crashed_worker_keeps_its_examples_and_is_named(suite, tmp_path):
+    pytest.importorskip("xdist")
+    suite.makeconftest(CRASHING_WORKER)
+    report_path = tmp_path / "crash" / "report.json"
+    result = suite.runpytest_subprocess(
+        "-n", "2", "--conformance-examples", "3", "--hypothesis-seed", "2", "--conformance-strict",
+        "--conformance-report", str(report_path), "-p", "no:warnings",
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    assert "worker gw1 CRASHED" in out and "worker gw1 crashed" in out
+    report = json.loads(report_path.read_text())
+    assert "gw1" in report["crashed_workers"]
+    # the examples gw1 finished before it died are in the report, beside gw0's
+    assert report["totals"]["examples"] >= 2
