@@ -9,6 +9,7 @@ spec under a cache directory shared by concurrent processes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,8 @@ __all__ = [
     "AUTO_CLASSES",
     "build_model",
     "checkpoint_path",
+    "clear_model_cache",
+    "load_fresh",
     "load_model",
     "make_config",
     "quantization_config",
@@ -196,7 +199,45 @@ def checkpoint_path(spec: ModelSpec, cache_dir: pathlib.Path) -> pathlib.Path:
     return final
 
 
+_PRISTINE_SIZE = 32
+_pristine: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
+
+
+def _cache_enabled() -> bool:
+    return os.environ.get("CONFORMANCE_MODEL_CACHE", "1") not in ("0", "false", "no", "")
+
+
+def clear_model_cache() -> None:
+    """Forget the pristine models kept by :func:`load_model`."""
+    with _lock:
+        _pristine.clear()
+
+
 def load_model(
+    spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path, device: str = "cpu"
+) -> torch.nn.Module:
+    """A fresh, private copy of ``load_fresh(spec, quant, cache_dir, device)``.
+
+    The first call per (spec, quant, device) loads and keeps the model pristine;
+    every call returns a deep copy, so callers may prepare (mutate) it freely.
+    """
+    if not _cache_enabled():
+        return load_fresh(spec, quant, cache_dir, device)
+    key = (spec, quant, device, str(pathlib.Path(cache_dir).resolve()))
+    with _lock:
+        model = _pristine.get(key)
+        if model is not None:
+            _pristine.move_to_end(key)
+    if model is None:
+        model = load_fresh(spec, quant, cache_dir, device)
+        with _lock:
+            _pristine[key] = model
+            while len(_pristine) > _PRISTINE_SIZE:
+                _pristine.popitem(last=False)
+    return copy.deepcopy(model)
+
+
+def load_fresh(
     spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path, device: str = "cpu"
 ) -> torch.nn.Module:
     """``build_model(spec)``, quantized at load time as ``quant`` says, in eval mode, on ``device``.
