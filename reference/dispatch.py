@@ -80,7 +80,7 @@ DISPATCH_ORDER: tuple[tuple[str, Dispatcher], ...] = (
 SUPPORTED_KINDS = tuple(kind for kind, _ in DISPATCH_ORDER)
 
 
-def wrap(name: str, module: nn.Module, fan_in_fan_out: bool) -> tuple[nn.Module, bool]:
+def wrap(name: str, module: nn.Module, fan_in_fan_out: bool, embedding_keeps_flag: bool = True) -> tuple[nn.Module, bool]:
     """The LoRA layer for ``module`` and the ``fan_in_fan_out`` flag the next module sees.
 
     Upstream keeps one flag for the whole model and rewrites it as it goes (peft
@@ -93,6 +93,8 @@ def wrap(name: str, module: nn.Module, fan_in_fan_out: bool) -> tuple[nn.Module,
     for kind, dispatch in DISPATCH_ORDER:
         layer = dispatch(module, fan_in_fan_out)
         if layer is not None:
+            if kind == "embedding" and not embedding_keeps_flag:
+                layer.fan_in_fan_out = False  # peft 0.15: the Embedding layer ignores the flag
             # bitsandbytes layers never transpose and leave the shared flag alone.
             passes = kind in ("bnb8bit", "bnb4bit", "embedding")
             return layer, fan_in_fan_out if passes else bool(layer.fan_in_fan_out)

@@ -35,6 +35,10 @@ class AdapterParams:
     """True, False or ``"gaussian"``."""
     lora_bias: bool
     autocast: bool
+    follow_4bit_compute: bool = True
+    """Factors on a bnb 4-bit layer follow its compute dtype (profile rule)."""
+    warn_no_base_bias: bool = True
+    """Warn when ``lora_bias`` meets a layer without a bias (profile rule)."""
 
 
 def _check_rank(r: object) -> int:
@@ -43,10 +47,11 @@ def _check_rank(r: object) -> int:
     return r
 
 
-def _weight_dtype(base: nn.Module) -> torch.dtype:
-    """The dtype new factors follow: a 4-bit layer's compute dtype, else its weight's."""
+def _weight_dtype(base: nn.Module, follow_4bit_compute: bool) -> torch.dtype:
+    """The dtype new factors follow: a 4-bit layer's compute dtype (where the profile
+    says so), else its weight's."""
     compute = getattr(base, "compute_dtype", None)
-    if type(base).__name__ == "Linear4bit" and compute is not None:
+    if follow_4bit_compute and type(base).__name__ == "Linear4bit" and compute is not None:
         return compute
     return base.weight.dtype
 
@@ -78,10 +83,10 @@ class _LoraBase(nn.Module):
         if name not in self.active_adapters:
             self.active_adapters.append(name)
 
-    def _place(self, params: list[torch.Tensor], autocast: bool) -> None:
+    def _place(self, params: list[torch.Tensor], p: AdapterParams) -> None:
         """Move new factors to the base layer's device and the policy's dtype."""
         weight = self.base_layer.weight
-        dtype = adapter_dtype(_weight_dtype(self.base_layer), autocast)
+        dtype = adapter_dtype(_weight_dtype(self.base_layer, p.follow_4bit_compute), p.autocast)
         for t in params:
             t.data = t.data.to(device=weight.device, dtype=dtype)
 
@@ -99,7 +104,7 @@ class LoraLinear(_LoraBase):
         if p.init not in (True, False, "gaussian"):
             raise InvalidConfig("unknown_init", f"Unknown initialization init_lora_weights={p.init!r}")
         self._common(name, p)
-        if p.lora_bias and getattr(self.base_layer, "bias", None) is None:
+        if p.lora_bias and p.warn_no_base_bias and getattr(self.base_layer, "bias", None) is None:
             warn(
                 "lora_bias_without_base_bias",
                 f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: merging is impossible",
@@ -110,7 +115,7 @@ class LoraLinear(_LoraBase):
         self.lora_B[name] = b
         if p.init is not False:
             self._init(a, b, p)
-        self._place(list(a.parameters()) + list(b.parameters()), p.autocast)
+        self._place(list(a.parameters()) + list(b.parameters()), p)
 
     def _init(self, a: nn.Linear, b: nn.Linear, p: AdapterParams) -> None:
         with torch.no_grad():
@@ -155,7 +160,7 @@ class LoraEmbedding(_LoraBase):
             nn.init.normal_(b)
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
-        self._place([self.lora_embedding_A[name], self.lora_embedding_B[name]], p.autocast)
+        self._place([self.lora_embedding_A[name], self.lora_embedding_B[name]], p)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -24,12 +24,15 @@ TASK_HEADS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _saved_names(settings: LoraSettings) -> tuple[str, ...]:
-    """The user's modules_to_save plus the task's head names."""
-    return tuple(settings.modules_to_save or ()) + TASK_HEADS.get(settings.task_type or "", ())
+def _saved_names(settings: LoraSettings, profile: Profile, *, guarded: bool) -> tuple[str, ...]:
+    """The user's modules_to_save plus the task's head names; with ``guarded``, only the
+    names known when targets are resolved (the profile says for which task types)."""
+    task = settings.task_type or ""
+    heads = TASK_HEADS.get(task, ()) if (not guarded or task in profile.guarded_task_heads) else ()
+    return tuple(settings.modules_to_save or ()) + heads
 
 
-def _wrap_saved(model: nn.Module, names: tuple[str, ...]) -> None:
+def _wrap_saved(model: nn.Module, names: tuple[str, ...], lora_ok: bool) -> None:
     """Wrap every module whose name ends with an entry (a plain string suffix, as
     upstream does: ``"head"`` wraps ``lm_head``).  Entries that match nothing are ignored."""
     if not names:
@@ -37,19 +40,19 @@ def _wrap_saved(model: nn.Module, names: tuple[str, ...]) -> None:
     for key, module in list(model.named_modules()):
         if not key or not any(key.endswith(name) for name in names):
             continue
-        if isinstance(module, (LoraLinear, LoraEmbedding)):
+        if not lora_ok and isinstance(module, (LoraLinear, LoraEmbedding)):
             raise SavedModuleIsLora(f"modules_to_save entry reaches {key!r}, which already has LoRA")
         model.set_submodule(key, SavedModule(module, ADAPTER))
 
 
-def _mark_trainable(model: nn.Module, bias: str) -> None:
+def _mark_trainable(model: nn.Module, bias: str, substring: bool) -> None:
     if bias not in ("none", "all", "lora_only"):
         raise InvalidBias(f"bias={bias!r} is not one of 'none', 'all', 'lora_only'")
     for name, param in model.named_parameters():
         param.requires_grad = "lora_" in name
     if bias == "all":
         for name, param in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
+            if ("bias" in name) if substring else (name == "bias" or name.endswith(".bias")):
                 param.requires_grad = True
     elif bias == "lora_only":
         for module in model.modules():
@@ -79,10 +82,9 @@ def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, prof
     autocast = training.autocast_adapter_dtype
     autocast = profile.autocast_adapter_dtype_default if autocast is ABSENT else bool(autocast)
 
-    names = _saved_names(settings)
     fan_in_fan_out = settings.fan_in_fan_out
-    for target in iter_targets(model, settings, profile, names):
-        layer, fan_in_fan_out = wrap(target.name, target.module, fan_in_fan_out)
+    for target in iter_targets(model, settings, profile, _saved_names(settings, profile, guarded=True)):
+        layer, fan_in_fan_out = wrap(target.name, target.module, fan_in_fan_out, profile.embedding_keeps_fan_in_fan_out)
         layer.add_adapter(
             ADAPTER,
             AdapterParams(
@@ -93,9 +95,11 @@ def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, prof
                 init=settings.init_lora_weights,
                 lora_bias=settings.lora_bias,
                 autocast=autocast,
+                follow_4bit_compute=profile.adapter_dtype_follows_4bit_compute,
+                warn_no_base_bias=profile.warns_lora_bias_without_base_bias,
             ),
         )
         model.set_submodule(target.name, layer)
-    _mark_trainable(model, settings.bias)
-    _wrap_saved(model, names)
+    _mark_trainable(model, settings.bias, profile.bias_all_substring)
+    _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora)
     return model

@@ -98,6 +98,37 @@ class Profile:
     autocast_adapter_dtype_default: bool = True
     gradient_checkpointing_default: bool = True
     """``prepare_model_for_kbit_training(use_gradient_checkpointing=...)`` default."""
+    adapter_dtype_follows_4bit_compute: bool = True
+    """New factors on a bnb 4-bit layer follow its compute dtype (peft >= 0.16; before,
+    the uint8 weight dtype was not a float, so they stayed fp32)."""
+    embedding_keeps_fan_in_fan_out: bool = True
+    """An Embedding LoRA layer records the shared ``fan_in_fan_out`` flag (peft >= 0.16;
+    peft 0.15 always records False)."""
+    warns_lora_bias_without_base_bias: bool = True
+    """The ``lora_bias`` on a bias-less layer warning exists (peft >= 0.16)."""
+    warns_unused_patterns: bool = True
+    """rank_pattern / alpha_pattern keys that matched nothing are reported (peft >= 0.16)."""
+    guarded_task_heads: tuple[str, ...] = ("SEQ_CLS", "TOKEN_CLS")
+    """Task types whose classification head is known to be trained in full *before*
+    targets are resolved, so it never gets LoRA.  peft 0.15 adds the heads only after
+    injecting LoRA (for every task type), so LoRA lands in them and the saved copy
+    carries it.  (peft 0.16+ does so for TOKEN_CLS only, and then crashes: a known
+    divergence, not a profile rule.)"""
+    saved_guard_counts_as_excluded: bool = True
+    """A module skipped because it is (inside) a modules_to_save entry counts as
+    "excluded" for the unused-exclude_modules warning (peft >= 0.16)."""
+    layer_index_regex: str = r".*?\.[^.]*\.(\d+)\."
+    """Without layers_pattern: where the layer index of a name is.  peft >= 0.16 takes the
+    first digit segment after two leading segments; peft 0.15's greedy ``.*`` took the
+    *last* (t5's ``block.0.layer.1`` is layer 1 there, layer 0 now)."""
+    layer_pattern_regex: str = r"(?:^|.*?\.){pattern}\.(\d+)\."
+    """With layers_pattern (``{pattern}`` is substituted, as a regex)."""
+    saved_module_may_be_lora: bool = False
+    """A modules_to_save entry may wrap a module that already got LoRA (peft 0.15);
+    later that is a TypeError."""
+    bias_all_substring: bool = False
+    """``bias="all"`` trains every parameter whose name *contains* "bias" (peft 0.15,
+    e.g. DeBERTa's ``q_bias``); later only names that are or end with ``.bias``."""
 
 
 PROFILES: dict[str, Profile] = {
@@ -108,6 +139,16 @@ PROFILES: dict[str, Profile] = {
             peft=">=0.15,<0.16",
             description="peft 0.15 (seed era, with trl 0.19 / transformers 4.53)",
             default_targets=MappingProxyType(_DEFAULT_TARGETS_0_15),
+            adapter_dtype_follows_4bit_compute=False,
+            embedding_keeps_fan_in_fan_out=False,
+            warns_lora_bias_without_base_bias=False,
+            warns_unused_patterns=False,
+            guarded_task_heads=(),
+            saved_guard_counts_as_excluded=False,
+            layer_index_regex=r".*\.[^.]*\.(\d+)\.",
+            layer_pattern_regex=r".*\.{pattern}\.(\d+)\.",
+            saved_module_may_be_lora=True,
+            bias_all_substring=True,
         ),
         Profile(
             name="current",

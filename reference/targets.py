@@ -59,22 +59,21 @@ def is_saved(key: str, saved_names: Iterable[str]) -> bool:
     return any(re.match(rf"(^|.*\.){name}($|\..*)", key) for name in saved_names)
 
 
-def _layer_index(key: str, patterns: tuple[str, ...] | None) -> int | None:
-    # Without a pattern, the index is the first all-digit segment that has at least two
-    # segments before it and one after ("model.layers.3.mlp" -> 3, "layers.3.mlp" -> none).
+def _layer_index(key: str, patterns: tuple[str, ...] | None, profile: Profile) -> int | None:
+    # The profile holds the index regexes: peft 0.15 and 0.16+ differ (first vs last index).
     if not patterns:
-        found = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        found = re.match(profile.layer_index_regex, key)
     else:
         found = None
         for pattern in patterns:
-            found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
+            found = re.match(profile.layer_pattern_regex.replace("{pattern}", pattern), key)
             if found is not None:
                 break
     return int(found.group(1)) if found is not None else None
 
 
-def _in_layers(key: str, settings: LoraSettings) -> bool:
-    index = _layer_index(key, settings.layers_pattern)
+def _in_layers(key: str, settings: LoraSettings, profile: Profile) -> bool:
+    index = _layer_index(key, settings.layers_pattern, profile)
     return index is not None and index in settings.layers_to_transform
 
 
@@ -158,14 +157,17 @@ def iter_targets(
     for key, module in list(model.named_modules()):
         if not key:
             continue
-        if match_names(key, settings.exclude_modules) or is_saved(key, saved_names):
+        if match_names(key, settings.exclude_modules):
             excluded += 1
+            continue
+        if is_saved(key, saved_names):
+            excluded += profile.saved_guard_counts_as_excluded
             continue
         how = _match(key, targets)
         if how is None:
             continue
         # The layer filter applies to suffix matches only: a full name is taken as given.
-        if how == "suffix" and settings.layers_to_transform is not None and not _in_layers(key, settings):
+        if how == "suffix" and settings.layers_to_transform is not None and not _in_layers(key, settings, profile):
             continue
         found = True
         chosen.append(key)
@@ -177,13 +179,15 @@ def iter_targets(
             f"target_modules={settings.target_modules!r} (exclude_modules={settings.exclude_modules!r}, "
             f"layers_to_transform={settings.layers_to_transform!r}) matched no module of the model"
         )
-    _warn_unused(settings, excluded, chosen)
+    _warn_unused(settings, profile, excluded, chosen)
 
 
-def _warn_unused(settings: LoraSettings, excluded: int, chosen: list[str]) -> None:
-    """Options that had no effect are reported, not silently dropped (peft >= 0.15)."""
+def _warn_unused(settings: LoraSettings, profile: Profile, excluded: int, chosen: list[str]) -> None:
+    """Options that had no effect are reported, not silently dropped."""
     if settings.exclude_modules and not excluded:
         warn("exclude_unused", f"exclude_modules={settings.exclude_modules!r} excluded nothing")
+    if not profile.warns_unused_patterns:
+        return
     for kind, pattern in (("rank_pattern_unused", settings.rank_pattern), ("alpha_pattern_unused", settings.alpha_pattern)):
         unused = [name for name, _ in pattern if not any(re.match(rf"(.*\.)?({name})$", key) for key in chosen)]
         if unused:
