@@ -34,10 +34,12 @@ def install(session: nox.Session, stack: str = DEFAULT_STACK) -> None:
 
 
 @nox.session
-def conformance(session: nox.Session) -> None:
-    """Run the conformance suite against the pinned current stack (pytest args after --)."""
-    install(session)
-    session.run("python", "-m", "pytest", "conformance", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+@nox.parametrize("stack", STACKS)
+def conformance(session: nox.Session, stack: str) -> None:
+    """Run the conformance suite against one pinned stack (pytest args after --)."""
+    install(session, stack)
+    env = {"OMP_NUM_THREADS": "1", "CONFORMANCE_CACHE": str(ROOT / ".cache" / stack)}
+    session.run("python", "-m", "pytest", "conformance", *session.posargs, env=env)
 
 
 @nox.session
