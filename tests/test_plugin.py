@@ -63,7 +63,7 @@ def test_a_run_writes_the_report_header_and_summary(suite, tmp_path):
     out = result.stdout.str()
     assert "conformance: profile=current" in out and "seed=3 (replay: --hypothesis-seed=3)" in out
     assert "conformance stack: torch" in out and "peft 0.21.2" in out
-    assert "LoRA conformance summary" in out and "(cells: agree/diverge/known/skip)" in out
+    assert "LoRA conformance summary" in out and "(cells: agree/diverge/known/skip/invalid;" in out
     assert {"stack", "profile", "device", "examples", "summary"} <= report.keys()
     assert report["profile"] == "current" and report["device"] == "cpu"
     assert len(report["examples"]) == 4
