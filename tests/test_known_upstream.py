@@ -43,6 +43,12 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules=("q_proj",), layers_to_transform=0, layers_pattern="layers"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # A layer-0-only regex on mixtral is widened to the leaf name: every layer gets LoRA.
+    "moe-regex-targets-widened": Case(
+        ModelSpec("mixtral", "CAUSAL_LM", num_layers=2),
+        adapter=AdapterSpec(target_modules=r".*\.layers\.0\..*\.(q_proj)"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # "all-linear" on a fused-expert MoE becomes parameter targeting, which the reference lacks.
     "moe-experts-as-parameters": Case(
         ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
