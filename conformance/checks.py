@@ -74,7 +74,7 @@ def _events(case: Case) -> None:
     event(f"invalid={case.invalid}")
 
 
-def _message(outcome: Outcome, profile_name: str, seed: int) -> str:
+def _message(outcome: Outcome, conf: Any) -> str:
     case = outcome.case
     lines = [
         f"{outcome.status}: {case.model.model_type} {case.model.task} {case.quant.kind} {case.model.load_dtype}",
@@ -90,8 +90,9 @@ def _message(outcome: Outcome, profile_name: str, seed: int) -> str:
     lines += [
         "",
         "replay this case:",
-        f"  {replay_command(case, select_profile(profile_name))}",
-        f"replay this run: --hypothesis-seed={seed}",
+        f"  {replay_command(case, select_profile(conf.profile_name))}",
+        f"replay this run: --hypothesis-seed={conf.seed}"
+        + (f" --conformance-shard={conf.shard}" if getattr(conf, "shard", None) else ""),
     ]
     return "\n".join(lines)
 
@@ -116,5 +117,5 @@ def check_case(case: Case, conf: Any, test_id: str) -> Outcome:
     failed = outcome.status == "diverge" or (case.invalid and outcome.status == "agree" and not both_rejected)
     conf.recorder.record(test_id, outcome.to_json(), failed=failed, final=final)
     if failed:
-        raise AssertionError(_message(outcome, conf.profile_name, conf.seed))
+        raise AssertionError(_message(outcome, conf))
     return outcome

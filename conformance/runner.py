@@ -59,7 +59,11 @@ class Outcome:
             if snap is not None and snap.error is not None:
                 out[f"{side}_error"] = f"{snap.error.cls}[{snap.error.kind}]"
         if self.divergences:
-            out["divergences"] = [d.to_json() for d in self.divergences]
+            kinds = {m.path: m.kind for snap in (self.reference, self.upstream) if snap is not None for m in snap.lora}
+            out["divergences"] = [
+                {**d.to_json(), **({"module_kind": kinds[d.path]} if d.path in kinds else {})}
+                for d in self.divergences
+            ]
         if self.known:
             out["known"] = list(self.known)
         if self.reason:

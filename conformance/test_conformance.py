@@ -41,25 +41,27 @@ def _peft_level(case: Case, request: pytest.FixtureRequest) -> None:
         pytest.skip("--conformance-level excludes peft (and the trl level has no tests yet)")
     if case.quant.kind not in conf.quant_kinds:
         pytest.skip(f"--conformance-quant excludes {case.quant.kind}")
+    if conf.shard and case not in SEED_SCENARIO and not conf.in_shard(case.model.model_type, case.quant.kind):
+        pytest.skip(f"--conformance-shard={conf.shard} excludes {case.model.model_type}/{case.quant.kind}")
     checks.check_case(case, conf, request.node.nodeid)
 
 
 @checks.hypothesis_settings()
-@given(case=cases(level="peft", quant_kinds=("none",)))
+@given(case=cases(level="peft", quant_kinds=("none",), model_types=checks.current().shard_model_types("none")))
 def test_peft_level_unquantized(case, request):
     """peft level, full-precision models: get_peft_model (and sometimes the k-bit step) agree."""
     _peft_level(case, request)
 
 
 @checks.hypothesis_settings()
-@given(case=cases(level="peft", quant_kinds=("8bit",)))
+@given(case=cases(level="peft", quant_kinds=("8bit",), model_types=checks.current().shard_model_types("8bit")))
 def test_peft_level_8bit(case, request):
     """peft level, bitsandbytes 8-bit: prepare_model_for_kbit_training + get_peft_model agree."""
     _peft_level(case, request)
 
 
 @checks.hypothesis_settings()
-@given(case=cases(level="peft", quant_kinds=("4bit",)))
+@given(case=cases(level="peft", quant_kinds=("4bit",), model_types=checks.current().shard_model_types("4bit")))
 @example(case=SEED_SCENARIO[0])
 @example(case=SEED_SCENARIO[1])
 def test_peft_level_4bit(case, request):
