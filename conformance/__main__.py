@@ -53,10 +53,51 @@ def _positive(text: str) -> int:
     return value
 
 
+def _set_arg(text: str) -> tuple[str, str, object]:
+    """``SECTION.FIELD=VALUE`` with a JSON value (a bare word is taken as a string)."""
+    target, sep, raw = text.partition("=")
+    section, dot, name = target.partition(".")
+    if not sep or not dot or section not in ("model", "quant", "adapter", "training"):
+        raise argparse.ArgumentTypeError(
+            f"--set {text!r}: expected SECTION.FIELD=VALUE with SECTION one of model, quant, adapter, training"
+        )
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return section, name, value
+
+
+def _case_from_flags(args: argparse.Namespace):
+    """The case that ``--model-type``/``--task``/``--quant`` and ``--set`` describe."""
+    from reference.spec import Case
+    from strategies.zoo import ZOO, tasks_of
+
+    if args.model_type not in ZOO:
+        raise SystemExit(f"python -m conformance explain: error: --model-type={args.model_type!r} is not one of {', '.join(ZOO)}")
+    if args.task not in tasks_of(args.model_type):
+        raise SystemExit(
+            f"python -m conformance explain: error: --task={args.task!r} is not one of "
+            f"{', '.join(tasks_of(args.model_type))} for {args.model_type}"
+        )
+    data: dict = {"model": {"model_type": args.model_type, "task": args.task}, "quant": {"kind": args.quant}}
+    for section, name, value in args.set or ():
+        data.setdefault(section, {})[name] = value
+    try:
+        return Case.from_json(data)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"python -m conformance explain: error: --set: not a valid case ({exc})") from None
+
+
 def _explain(args: argparse.Namespace) -> int:
     from conformance.diff import format_table
     from conformance.runner import run_case
     from reference import select_profile
+
+    if args.case is None:
+        if args.model_type is None:
+            raise SystemExit("python -m conformance explain: error: give --case JSON, or --model-type (with --set ...)")
+        args.case = _case_from_flags(args)
 
     profile = select_profile(args.profile)
     outcome = run_case(args.case, profile)
@@ -150,7 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     explain = sub.add_parser("explain", help="prepare one case on both sides and print the diff")
-    explain.add_argument("--case", required=True, type=_case_arg, help="the case as JSON, or @FILE")
+    explain.add_argument("--case", type=_case_arg, default=None, help="the case as JSON, or @FILE")
+    explain.add_argument("--model-type", default=None, help="instead of --case: a zoo model type, e.g. llama")
+    explain.add_argument("--task", default="CAUSAL_LM", help="with --model-type: CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS")
+    explain.add_argument("--quant", default="none", choices=("none", "8bit", "4bit"), help="with --model-type")
+    explain.add_argument(
+        "--set", action="append", type=_set_arg, metavar="SECTION.FIELD=JSON",
+        help='with --model-type: any case field, e.g. --set adapter.r=8 --set adapter.target_modules=\'["q_proj"]\'',
+    )
     explain.add_argument("--profile", type=_profile_arg, default=None, help="force a reference profile")
     explain.add_argument("--limit", type=_positive, default=60, help="rows of the diff table to print")
     explain.add_argument("--json", metavar="PATH", help="also write both snapshots and the outcome to PATH")

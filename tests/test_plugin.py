@@ -183,3 +183,11 @@ def test_a_crashed_worker_keeps_its_examples_and_is_named(suite, tmp_path):
     assert "gw1" in report["crashed_workers"]
     # the examples gw1 finished before it died are in the report, beside gw0's
     assert report["totals"]["examples"] >= 2
+
+
+def test_cli_explain_builds_a_case_from_flags():
+    result = _cli("explain", "--model-type", "gpt2", "--set", "adapter.r=4", "--set", 'adapter.target_modules=["c_attn"]')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"r":4' in result.stdout and "outcome: agree" in result.stdout
+    bad = _cli("explain", "--model-type", "nope")
+    assert bad.returncode != 0 and "--model-type='nope' is not one of" in bad.stderr.strip().splitlines()[-1]
