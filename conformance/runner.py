@@ -18,10 +18,11 @@ from typing import Any
 from conformance import upstream
 from conformance.diff import Divergence, diff
 from conformance.known import Registry, default_registry
-from conformance.models import load_model
+from conformance.models import checkpoint_path, load_model
 from conformance.snapshot import Snapshot, error_snapshot, snapshot_of
 from reference import PreparationError, Profile, builtin_class, prepare
 from reference.notices import PreparationWarning
+from reference.trl import prepare_trl, select_trl_flow
 from reference.spec import Case
 
 __all__ = ["Outcome", "cache_dir", "replay_command", "run_case"]
@@ -79,28 +80,43 @@ def cache_dir() -> Path:
 
 
 def _reference_side(case: Case, profile: Profile) -> Snapshot:
+    # At the trl level with a path, the trainer loads the checkpoint through transformers;
+    # the reference's model comes from the same checkpoint (load_model), so both start equal.
     model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
+    trainer_gc = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            prepared = prepare(model, case.adapter, case.training, profile)
+            if case.training.level == "trl":
+                result = prepare_trl(model, case.adapter, case.training, profile, select_trl_flow())
+                prepared, trainer_gc = result.model, result.trainer_gradient_checkpointing
+            else:
+                prepared = prepare(model, case.adapter, case.training, profile)
         except PreparationError as exc:
             return error_snapshot(builtin_class(exc), exc.kind, str(exc))
     kinds = [w.message.kind for w in caught if isinstance(w.message, PreparationWarning)]
-    return snapshot_of(prepared, kinds)
+    return snapshot_of(prepared, kinds, trainer_gc)
 
 
 def _upstream_side(case: Case) -> Snapshot:
-    model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
+    t = case.training
+    if t.level == "trl" and t.model_from_path:
+        model = str(checkpoint_path(case.model, cache_dir()))
+    else:
+        model = load_model(case.model, case.quant, cache_dir(), device=t.device)
+    trainer_gc = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            prepared = upstream.prepare_peft(model, case)
+            if t.level == "trl":
+                prepared, trainer_gc = upstream.prepare_trl(model, case)
+            else:
+                prepared = upstream.prepare_peft(model, case)
         except Exception as exc:  # noqa: BLE001 - every upstream rejection is an outcome to compare
             cls, kind = upstream.classify_error(exc)
             return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}")
     kinds = [k for w in caught if (k := upstream.classify_warning(str(w.message))) is not None]
-    return snapshot_of(prepared, kinds)
+    return snapshot_of(prepared, kinds, trainer_gc)
 
 
 def run_case(case: Case, profile: Profile, registry: Registry | None = None) -> Outcome:

@@ -97,6 +97,8 @@ class ModelFacts:
     loaded_in_8bit: bool
     trainable_params: int
     total_params: int
+    trainer_gradient_checkpointing: bool | None = None
+    """trl level: the trainer's final ``args.gradient_checkpointing`` (None at the peft level)."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,9 @@ def _input_grads(model: nn.Module) -> bool | str:
     return bool(out.requires_grad)
 
 
-def _model_facts(model: nn.Module, params: Iterable[ParamFacts], numels: dict[str, int]) -> ModelFacts:
+def _model_facts(
+    model: nn.Module, params: Iterable[ParamFacts], numels: dict[str, int], trainer_gc: bool | None
+) -> ModelFacts:
     config = getattr(model, "config", None)
     return ModelFacts(
         gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
@@ -285,12 +289,16 @@ def _model_facts(model: nn.Module, params: Iterable[ParamFacts], numels: dict[st
         loaded_in_8bit=bool(getattr(model, "is_loaded_in_8bit", False)),
         trainable_params=sum(numels[p.path] for p in params if p.requires_grad),
         total_params=sum(numels.values()),
+        trainer_gradient_checkpointing=trainer_gc,
     )
 
 
-def snapshot_of(model: nn.Module, warning_kinds: Iterable[str] = ()) -> Snapshot:
+def snapshot_of(
+    model: nn.Module, warning_kinds: Iterable[str] = (), trainer_gradient_checkpointing: bool | None = None
+) -> Snapshot:
     """Describe a prepared transformers model (the model *inside* any PEFT wrapper),
-    with the kinds of the warnings its preparation emitted."""
+    with the kinds of the warnings its preparation emitted and, at the trl level, the
+    trainer's final gradient checkpointing setting."""
     params = []
     numels: dict[str, int] = {}
     for path, param in model.named_parameters(remove_duplicate=True):
@@ -321,7 +329,7 @@ def snapshot_of(model: nn.Module, warning_kinds: Iterable[str] = ()) -> Snapshot
         params=tuple(params),
         lora=tuple(lora),
         saved=tuple(saved),
-        model=_model_facts(model, params, numels),
+        model=_model_facts(model, params, numels, trainer_gradient_checkpointing),
         warnings=tuple(sorted(set(warning_kinds))),
     )
 

@@ -15,7 +15,7 @@ from torch import nn
 from reference.errors import builtin_class
 from reference.spec import ABSENT, Case
 
-__all__ = ["classify_error", "classify_warning", "prepare_peft", "versions"]
+__all__ = ["classify_error", "classify_warning", "prepare_peft", "prepare_trl", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -60,6 +60,53 @@ def prepare_peft(model: nn.Module, case: Case) -> nn.Module:
     return peft_model.base_model.model
 
 
+def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool]:
+    """``SFTTrainer(model, args, peft_config=LoraConfig(...))``, built offline.
+
+    ``model`` is a loaded model, or a checkpoint directory that the trainer loads with
+    ``model_init_kwargs`` (dtype and quantization config).  Returns the transformers
+    model inside the PEFT wrapper and the trainer's final ``args.gradient_checkpointing``.
+    """
+    import shutil
+    import tempfile
+
+    import trl
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from conformance import offline
+    from conformance.models import quantization_config
+
+    t = case.training
+    out = tempfile.mkdtemp(prefix="conformance-trl-")
+    kwargs: dict[str, Any] = dict(
+        output_dir=out, report_to="none", max_steps=1, use_cpu=t.device == "cpu", bf16=t.bf16, fp16=t.fp16
+    )
+    if t.gradient_checkpointing is not ABSENT:
+        kwargs["gradient_checkpointing"] = t.gradient_checkpointing
+    if t.use_reentrant is not ABSENT:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": t.use_reentrant}
+    if isinstance(model, str):
+        # trl 1.x names the dtype key `dtype`; 0.x `torch_dtype`.
+        dtype_key = "dtype" if int(trl.__version__.split(".")[0]) >= 1 else "torch_dtype"
+        init: dict[str, Any] = {dtype_key: case.model.load_dtype}
+        bnb = quantization_config(case.quant)
+        if bnb is not None:
+            init["quantization_config"] = bnb
+        kwargs["model_init_kwargs"] = init
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**kwargs),
+            train_dataset=offline.dataset(),
+            processing_class=offline.tokenizer(),
+            peft_config=LoraConfig(**case.adapter.given()),
+        )
+        return trainer.model.base_model.model, bool(trainer.args.gradient_checkpointing)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 # Upstream messages -> the reference's error kinds.  First match wins; the
 # patterns name the distinctive part of each message, observed in peft 0.15-0.21.
 _ERROR_KINDS: tuple[tuple[str, str], ...] = (
@@ -75,6 +122,7 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("invalid_dropout", r"dropout probability has to be between 0 and 1"),
     ("saved_module_quantized", r"only Tensors of floating point dtype can require gradients"),
     ("saved_module_is_lora", r"modules_to_save cannot be applied to modules of type"),
+    ("trl_lm_head_lora", r"Applying a PEFT adapter to `lm_head` is not supported"),
     (
         "no_target_matched",
         r"not found in the base model|No modules were targeted|All modules were excluded|No `target_modules` passed",

@@ -156,6 +156,9 @@ class TrainingSpec:
     """trl level: ``SFTConfig.bf16``."""
     fp16: bool = False
     """trl level: ``SFTConfig.fp16``."""
+    model_from_path: bool = False
+    """trl level: the trainer gets a checkpoint directory and ``model_init_kwargs``
+    (dtype, quantization config) and loads the model itself."""
     device: Literal["cpu", "cuda"] = "cpu"
 
 

@@ -52,14 +52,14 @@ def _absent_or(strategy: SearchStrategy[Any]) -> SearchStrategy[Any]:
 
 
 @st.composite
-def model_specs(draw, *, model_types: tuple[str, ...] | None = None) -> ModelSpec:
+def model_specs(draw, *, model_types: tuple[str, ...] | None = None, task: str | None = None) -> ModelSpec:
     """A tiny model: a zoo type, one of its tasks, 1-3 layers, 64 or 128 wide, a load dtype.
 
     Shrinks towards the first zoo type, its first task, 1 layer, width 64, fp32.
     """
-    types = model_types or zoo_types()
+    types = tuple(t for t in (model_types or zoo_types()) if task is None or task in tasks_of(t))
     model_type = draw(st.sampled_from(types), label="model_type")
-    task = draw(st.sampled_from(tasks_of(model_type)), label="task")
+    task = task or draw(st.sampled_from(tasks_of(model_type)), label="task")
     return ModelSpec(
         model_type=model_type,
         task=task,
@@ -201,7 +201,21 @@ def adapter_specs(
 
 
 def training_specs(level: str, quant: QuantSpec) -> SearchStrategy[TrainingSpec]:
-    """Peft-level training: the k-bit step (always for quantized models), checkpointing, autocast."""
+    """peft level: the k-bit step (always for quantized models), checkpointing, autocast.
+    trl level: bf16 / fp16 / neither, checkpointing with and without use_reentrant, the
+    model passed as an object or as a checkpoint path."""
+    if level == "trl":
+        return st.builds(
+            TrainingSpec,
+            level=st.just("trl"),
+            prepare_kbit=st.just(False),
+            gradient_checkpointing=_absent_or(st.booleans()),
+            use_reentrant=_absent_or(st.booleans()),
+            bf16=st.booleans(),
+            model_from_path=st.booleans(),
+        ).map(lambda t: t if not t.bf16 else dataclasses.replace(t, fp16=False)).flatmap(
+            lambda t: st.just(t) if t.bf16 else st.sampled_from((t, dataclasses.replace(t, fp16=True)))
+        )
     return st.builds(
         TrainingSpec,
         level=st.just(level),
@@ -224,8 +238,10 @@ def cases(
 ) -> Case:
     """A whole case; about ``invalid_rate`` of them are deliberately invalid."""
     check_rate("invalid_rate", invalid_rate)
+    check_kinds("level", (level,), ("peft", "trl"))
     check_kinds("quant_kinds", quant_kinds, QUANT_KINDS)
-    model = draw(model_specs(model_types=model_types))
+    # SFTTrainer trains causal language models only.
+    model = draw(model_specs(model_types=model_types, task="CAUSAL_LM" if level == "trl" else None))
     quant = draw(quant_specs(quant_kinds), label="quant")
     if quant.quantized and model.task in ("SEQ_CLS", "TOKEN_CLS") and draw(st.booleans(), label="skip_heads"):
         # transformers 5 quantizes heads that have a bias; the documented way to keep a
