@@ -50,6 +50,16 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+@nox.parametrize("stack", STACKS)
+def faults(session: nox.Session, stack: str) -> None:
+    """Run the stack-dependent harness tests (trl faults, known-divergence reproductions) on one stack."""
+    install(session, stack)
+    env = {"CONFORMANCE_CACHE": str(ROOT / ".cache" / stack)}
+    session.run("python", "-m", "pytest", "tests/test_faults_trl.py", "tests/test_known_upstream.py",
+                *(session.posargs or ["-q", "-rs"]), env=env)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the project."""
     session.install("ruff")
