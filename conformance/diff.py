@@ -91,6 +91,8 @@ def diff(reference: Snapshot, upstream: Snapshot) -> list[Divergence]:
     _compare_keyed("saved", reference.saved, upstream.saved, out)
     if reference.warnings != upstream.warnings:
         out.append(Divergence(MODEL, "warnings", reference.warnings, upstream.warnings))
+    if reference.config_mutations != upstream.config_mutations:
+        out.append(Divergence(MODEL, "config_mutations", reference.config_mutations, upstream.config_mutations))
     if reference.model is not None and upstream.model is not None:
         for name, value in _fields(reference.model, skip=()).items():
             other = getattr(upstream.model, name)

@@ -8,6 +8,7 @@ unexpected divergence.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -109,14 +110,14 @@ def _upstream_side(case: Case) -> Snapshot:
         warnings.simplefilter("always")
         try:
             if t.level == "trl":
-                prepared, trainer_gc = upstream.prepare_trl(model, case)
+                prepared, trainer_gc, mutations = upstream.prepare_trl(model, case)
             else:
-                prepared = upstream.prepare_peft(model, case)
+                prepared, mutations = upstream.prepare_peft(model, case)
         except Exception as exc:  # noqa: BLE001 - every upstream rejection is an outcome to compare
             cls, kind = upstream.classify_error(exc)
             return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}")
     kinds = [k for w in caught if (k := upstream.classify_warning(str(w.message))) is not None]
-    return snapshot_of(prepared, kinds, trainer_gc)
+    return dataclasses.replace(snapshot_of(prepared, kinds, trainer_gc), config_mutations=mutations)
 
 
 def run_case(case: Case, profile: Profile, registry: Registry | None = None) -> Outcome:

@@ -123,6 +123,9 @@ class Snapshot:
     error: ErrorFacts | None = None
     warnings: tuple[str, ...] = ()
     """Kinds of the warnings the preparation emitted (sorted, unique), e.g. ``conv1d_fan_in_fan_out``."""
+    config_mutations: tuple[str, ...] = ()
+    """Fields of the user's adapter config that preparation changed in place (the
+    reference's specs are immutable: always empty there)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +148,7 @@ class Snapshot:
             model=ModelFacts(**data["model"]) if data.get("model") else None,
             error=ErrorFacts(**data["error"]) if data.get("error") else None,
             warnings=tuple(data.get("warnings", ())),
+            config_mutations=tuple(data.get("config_mutations", ())),
         )
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from reference.errors import builtin_class
 from reference.spec import ABSENT, Case
 
-__all__ = ["classify_error", "classify_warning", "prepare_peft", "prepare_trl", "versions"]
+__all__ = ["classify_error", "classify_warning", "config_mutations", "prepare_peft", "prepare_trl", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -36,11 +36,31 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare_peft(model: nn.Module, case: Case) -> nn.Module:
+# LoraConfig fields that are bookkeeping, not the user's request: peft fills them in.
+_BOOKKEEPING = frozenset({"base_model_name_or_path", "revision", "peft_version", "auto_mapping", "inference_mode"})
+
+
+def config_mutations(config: Any, given: dict[str, Any]) -> tuple[str, ...]:
+    """The LoraConfig fields that preparation changed on the user's own config object."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    fresh = LoraConfig(**given)
+    return tuple(
+        sorted(
+            f.name
+            for f in dataclasses.fields(fresh)
+            if f.name not in _BOOKKEEPING and getattr(fresh, f.name) != getattr(config, f.name, None)
+        )
+    )
+
+
+def prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, tuple[str, ...]]:
     """``prepare_model_for_kbit_training`` (if asked) then ``get_peft_model``.
 
-    Returns the transformers model inside the PEFT wrapper, so its parameter
-    paths are those of the reference's prepared model.
+    Returns the transformers model inside the PEFT wrapper (its parameter paths are
+    those of the reference's prepared model) and the LoraConfig fields it mutated.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -57,10 +77,10 @@ def prepare_peft(model: nn.Module, case: Case) -> nn.Module:
     if t.autocast_adapter_dtype is not ABSENT:
         kwargs["autocast_adapter_dtype"] = t.autocast_adapter_dtype
     peft_model = get_peft_model(model, config, **kwargs)
-    return peft_model.base_model.model
+    return peft_model.base_model.model, config_mutations(config, case.adapter.given())
 
 
-def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool]:
+def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tuple[str, ...]]:
     """``SFTTrainer(model, args, peft_config=LoraConfig(...))``, built offline.
 
     ``model`` is a loaded model, or a checkpoint directory that the trainer loads with
@@ -94,15 +114,23 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool]:
         if bnb is not None:
             init["quantization_config"] = bnb
         kwargs["model_init_kwargs"] = init
+    peft_config: Any = LoraConfig(**case.adapter.given())
+    user_config = peft_config
+    if t.peft_model_in:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+        peft_config = LoraConfig(**case.adapter.given()) if t.peft_config_too else None
     try:
         trainer = SFTTrainer(
             model=model,
             args=SFTConfig(**kwargs),
             train_dataset=offline.dataset(),
             processing_class=offline.tokenizer(),
-            peft_config=LoraConfig(**case.adapter.given()),
+            peft_config=peft_config,
         )
-        return trainer.model.base_model.model, bool(trainer.args.gradient_checkpointing)
+        mutations = config_mutations(user_config, case.adapter.given())
+        return trainer.model.base_model.model, bool(trainer.args.gradient_checkpointing), mutations
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -123,6 +151,7 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("saved_module_quantized", r"only Tensors of floating point dtype can require gradients"),
     ("saved_module_is_lora", r"modules_to_save cannot be applied to modules of type"),
     ("trl_lm_head_lora", r"Applying a PEFT adapter to `lm_head` is not supported"),
+    ("trl_peft_model_with_config", r"You passed a `PeftModel` instance together with a `peft_config`"),
     (
         "no_target_matched",
         r"not found in the base model|No modules were targeted|All modules were excluded|No `target_modules` passed",

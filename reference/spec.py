@@ -159,6 +159,11 @@ class TrainingSpec:
     model_from_path: bool = False
     """trl level: the trainer gets a checkpoint directory and ``model_init_kwargs``
     (dtype, quantization config) and loads the model itself."""
+    peft_model_in: bool = False
+    """trl level: the trainer gets an already-built PeftModel (``get_peft_model`` of the
+    adapter spec) instead of a plain model."""
+    peft_config_too: bool = True
+    """trl level, with ``peft_model_in``: ``peft_config`` is passed as well."""
     device: Literal["cpu", "cuda"] = "cpu"
 
 

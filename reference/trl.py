@@ -111,12 +111,40 @@ def _reject_head_lora(model: nn.Module) -> None:
         raise InvalidConfig("trl_lm_head_lora", "a LoRA adapter on the output head is never trained by SFTTrainer")
 
 
+def _peft_model_in(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile,
+                   flow: TrlFlow, gc: bool) -> TrlResult:
+    """The trainer gets a model that ``get_peft_model`` already prepared.
+
+    classic: returned as it is (a peft_config passed too is silently ignored; no input
+    grads at construction).  current: a peft_config passed too is an error; otherwise
+    input grads with checkpointing and the bf16 cast of a quantized model's trainables.
+    (trl 0.20 - 0.23 froze the adapter here: a known divergence, not a flow rule.)
+    """
+    quantized = is_kbit(model)
+    # The PeftModel is built first (its own errors come first), then handed to the trainer.
+    prepare(model, adapter, dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT), profile)
+    if not flow.classic and training.peft_config_too:
+        raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
+    if flow.classic:
+        return TrlResult(model, gc)
+    if gc:
+        model.enable_input_require_grads()
+    if quantized:
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
+    model.config.use_cache = False
+    return TrlResult(model, gc)
+
+
 def prepare_trl(
     model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile, flow: TrlFlow
 ) -> TrlResult:
     """Prepare ``model`` as ``SFTTrainer(model, args, peft_config=...)`` does at construction."""
     gc = training.gradient_checkpointing
     gc = flow.gradient_checkpointing_default if gc is ABSENT else bool(gc)
+    if training.peft_model_in:
+        return _peft_model_in(model, adapter, training, profile, flow, gc)
     kwargs = {} if training.use_reentrant is ABSENT else {"use_reentrant": training.use_reentrant}
     peft_step = dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT)
     if flow.classic:

@@ -213,7 +213,9 @@ def training_specs(level: str, quant: QuantSpec) -> SearchStrategy[TrainingSpec]
             use_reentrant=_absent_or(st.booleans()),
             bf16=st.booleans(),
             model_from_path=st.booleans(),
-        ).map(lambda t: t if not t.bf16 else dataclasses.replace(t, fp16=False)).flatmap(
+            peft_model_in=st.sampled_from((False, False, False, True)),
+            peft_config_too=st.booleans(),
+        ).map(lambda t: dataclasses.replace(t, model_from_path=False) if t.peft_model_in else t).map(lambda t: t if not t.bf16 else dataclasses.replace(t, fp16=False)).flatmap(
             lambda t: st.just(t) if t.bf16 else st.sampled_from((t, dataclasses.replace(t, fp16=True)))
         )
     return st.builds(
