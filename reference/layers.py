@@ -197,9 +197,16 @@ class SavedModule(nn.Module):
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
     def __getattr__(self, name: str):
-        # Attribute reads (e.g. `weight`, `out_features`) fall through to the active copy.
+        # Attribute reads (e.g. `weight`, `decoder`) fall through to the active copy.
+        # nn.Module.__getattr__ only sees parameters, buffers and submodules, so the
+        # plain attribute `active_adapter` is read from the instance dict.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            copy_ = super().__getattr__("modules_to_save")[super().__getattr__("active_adapter")]
-            return getattr(copy_, name)
+            if name in ("modules_to_save", "active_adapter"):
+                raise
+            active = self.__dict__.get("active_adapter")
+            copies = self._modules.get("modules_to_save")
+            if active is None or copies is None:
+                raise
+            return getattr(copies[active], name)
