@@ -43,6 +43,12 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules=("q_proj",), layers_to_transform=0, layers_pattern="layers"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # peft 0.15 attaches LoRA for a target inside a saved module to the wrapper itself.
+    "orphan-lora-inside-saved-module": Case(
+        ModelSpec("roberta", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules="all-linear", modules_to_save=("lm_head",)),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # get_peft_model resolves "all-linear" into the user's own config object.
     "loraconfig-mutated-in-place": Case(
         ModelSpec("llama", "CAUSAL_LM", num_layers=1),
