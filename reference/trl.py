@@ -127,6 +127,12 @@ def _peft_model_in(model: nn.Module, adapter: AdapterSpec, training: TrainingSpe
         raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
     if flow.classic:
         return TrlResult(model, gc)
+    return _current_after_peft(model, gc, quantized)
+
+
+def _current_after_peft(model: nn.Module, gc: bool, quantized: bool) -> TrlResult:
+    """current trl, once the model is a PEFT model: input grads with checkpointing, the
+    bf16 cast of a quantized model's trainables (not DoRA magnitudes), use_cache off."""
     if gc:
         model.enable_input_require_grads()
     if quantized:
@@ -162,11 +168,4 @@ def prepare_trl(
     quantized = is_kbit(model)
     prepare(model, adapter, peft_step, profile)
     _reject_head_lora(model)
-    if gc:
-        model.enable_input_require_grads()
-    if quantized:
-        for name, param in model.named_parameters():
-            if param.requires_grad and "lora_magnitude_vector" not in name:
-                param.data = param.data.to(torch.bfloat16)
-    model.config.use_cache = False
-    return TrlResult(model, gc)
+    return _current_after_peft(model, gc, quantized)
