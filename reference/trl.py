@@ -21,6 +21,7 @@ Observed rules: ``docs/spec/trl-notes.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -58,6 +59,15 @@ TRL_FLOWS: dict[str, TrlFlow] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_trl() -> str | None:
+    """The installed trl version, read once per process (select_trl_flow runs per example)."""
+    try:
+        return metadata.version("trl")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def select_trl_flow(name: str | None = None, version: str | None = None) -> TrlFlow:
     """The flow named ``name``, or the one the (installed) trl version selects."""
     if name is not None:
@@ -65,9 +75,8 @@ def select_trl_flow(name: str | None = None, version: str | None = None) -> TrlF
             raise ValueError(f"trl flow={name!r} is not one of {', '.join(TRL_FLOWS)}")
         return TRL_FLOWS[name]
     if version is None:
-        try:
-            version = metadata.version("trl")
-        except metadata.PackageNotFoundError:
+        version = _installed_trl()
+        if version is None:
             return TRL_FLOWS["current"]
     major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     return TRL_FLOWS["classic"] if major_minor < (0, 22) else TRL_FLOWS["current"]
