@@ -99,14 +99,17 @@ def _reference_side(case: Case, profile: Profile) -> Snapshot:
     return snapshot_of(prepared, kinds, trainer_gc)
 
 
-def _upstream_side(case: Case) -> Snapshot:
+def _upstream_side(case: Case, raw_warnings: list[str] | None = None) -> Snapshot:
+    """Upstream's snapshot of ``case``; peft's and trl's own warning messages are appended
+    to ``raw_warnings`` when given (the regression gate compares them verbatim)."""
     t = case.training
     if t.level == "trl" and t.model_from_path:
         model = str(checkpoint_path(case.model, cache_dir()))
     else:
         model = load_model(case.model, case.quant, cache_dir(), device=t.device)
     trainer_gc = None
-    with warnings.catch_warnings(record=True) as caught:
+    logged: list[str] = []
+    with warnings.catch_warnings(record=True) as caught, upstream.own_log_records(logged):
         warnings.simplefilter("always")
         try:
             if t.level == "trl":
@@ -117,6 +120,8 @@ def _upstream_side(case: Case) -> Snapshot:
             cls, kind = upstream.classify_error(exc)
             return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}")
     kinds = [k for w in caught if (k := upstream.classify_warning(str(w.message))) is not None]
+    if raw_warnings is not None:
+        raw_warnings.extend(sorted(set(upstream.own_warnings(caught)) | set(logged)))
     return dataclasses.replace(snapshot_of(prepared, kinds, trainer_gc), config_mutations=mutations)
 
 

@@ -7,6 +7,8 @@ fork, install it in the environment; nothing here names a version.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from typing import Any
 
@@ -170,6 +172,47 @@ _WARNING_KINDS: tuple[tuple[str, str], ...] = (
     ("alpha_pattern_unused", r"alpha_pattern keys did not match any targeted module"),
     ("lora_bias_without_base_bias", r"`lora_bias=True` was passed but the targeted layer of type .* has no bias"),
 )
+
+
+_OWN_WARNING_SOURCES = re.compile(r"[/\\\\](peft|trl)[/\\\\]")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+
+
+def own_warnings(caught: list[Any]) -> list[str]:
+    """peft's and trl's own warnings among ``caught`` (``warnings.WarningMessage``), as
+    ``Category: message`` with object addresses blanked, sorted and unique."""
+    out = {
+        f"{w.category.__name__}: {_ADDRESS.sub('0x?', str(w.message))}"
+        for w in caught
+        if _OWN_WARNING_SOURCES.search(str(getattr(w, "filename", "")))
+    }
+    return sorted(out)
+
+
+class _OwnLogRecords(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(f"log.{record.levelname}: {_ADDRESS.sub('0x?', record.getMessage())}")
+
+
+@contextlib.contextmanager
+def own_log_records(sink: list[str] | None):
+    """Append peft's and trl's log records of level WARNING and above to ``sink`` while open."""
+    if sink is None:
+        yield
+        return
+    handler = _OwnLogRecords(sink)
+    loggers = [logging.getLogger(name) for name in ("peft", "trl")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
 def classify_warning(message: str) -> str | None:
