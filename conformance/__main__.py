@@ -6,11 +6,14 @@ Subcommands:
   (the command every divergence message prints);
 * ``cases --sample N`` prints generated cases as JSON lines;
 * ``profiles`` lists the reference profiles and the one the installed stack selects;
-* ``merge REPORT... --out PATH`` combines shard reports into one report and summary.
+* ``merge REPORT... --out PATH`` combines shard reports into one report and summary;
+* ``record CORPUS_DIR`` records upstream's preparation of a deterministic corpus of cases;
+* ``compare CORPUS_DIR --report R.json`` replays it here and writes the upgrade report.
 
 Errors are one line naming the bad argument; the exit status is 2 for bad input,
-1 when ``explain`` finds an unexpected divergence or ``merge`` finds a divergence
-(or, with ``--strict``, any strict-mode failure), 0 otherwise.
+1 when ``explain`` finds an unexpected divergence, ``merge`` finds a divergence
+(or, with ``--strict``, any strict-mode failure), or ``compare --fail-on-change`` (or
+``compare --case``) finds a change; 0 otherwise.
 """
 
 from __future__ import annotations
@@ -186,6 +189,89 @@ def _merge(args: argparse.Namespace) -> int:
     return 1 if report["totals"]["diverge"] or (args.strict and failures) else 0
 
 
+def _quiet() -> None:
+    """Record and compare print only their own progress: no progress bars or stray warnings
+    (upstream's own warnings are captured per case all the same)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _record(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    _quiet()
+    from conformance.corpus import CorpusError, record, stack_versions
+
+    levels = ("peft", "trl") if args.level == "all" else (args.level,)
+    print(f"recording {args.cases} cases (seed {args.seed}, level {args.level}) under "
+          f"{', '.join(f'{k} {v}' for k, v in stack_versions().items())}", file=sys.stderr)
+    try:
+        corpus = record(Path(args.corpus), args.cases, args.seed, levels, progress=lambda m: print(m, file=sys.stderr))
+    except CorpusError as exc:
+        print(f"record: {exc}", file=sys.stderr)
+        return 2
+    counts: dict[str, int] = {}
+    for obs in corpus.observations.values():
+        counts[obs.status] = counts.get(obs.status, 0) + 1
+    print(f"wrote {len(corpus.cases)} cases to {args.corpus} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from conformance.corpus import CorpusError, load_corpus, observe, stack_versions
+    from conformance.upgrade import changes_of, markdown, report_json
+
+    _quiet()
+    try:
+        corpus = load_corpus(Path(args.corpus))
+    except CorpusError as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 2
+    if args.case is not None:
+        if args.case not in corpus.cases:
+            print(f"compare: --case {args.case!r} is not in {args.corpus}", file=sys.stderr)
+            return 2
+        changes = changes_of(args.case, corpus.observations[args.case], observe(corpus.cases[args.case]))
+        print(f"case: {corpus.cases[args.case].dumps()}")
+        print(f"recorded under: {', '.join(f'{k} {v}' for k, v in corpus.stack.items())}")
+        print(f"replayed under: {', '.join(f'{k} {v}' for k, v in stack_versions().items())}")
+        for c in changes:
+            print(f"{c.path} | {c.field} | {c.module_kind} | {c.role} | {c.before!r} -> {c.after!r}")
+        print(f"{len(changes)} changes")
+        return 1 if changes else 0
+    if args.report is None:
+        print("compare: give --report PATH (or --case ID to replay one case)", file=sys.stderr)
+        return 2
+    replayed = {}
+    for n, (case_id, case) in enumerate(sorted(corpus.cases.items()), 1):
+        replayed[case_id] = observe(case)
+        if n % 25 == 0 or n == len(corpus.cases):
+            print(f"replayed {n}/{len(corpus.cases)} cases", file=sys.stderr)
+    report = report_json(corpus, replayed, stack_versions(), args.corpus)
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    text = markdown(report)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text)
+    t = report["totals"]
+    print(f"{t['changed']} of {t['cases']} cases changed, {t['groups']} groups; report: {args.report}"
+          + (f", markdown: {args.markdown}" if args.markdown else ""))
+    return 1 if args.fail_on_change and t["changed"] else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m conformance", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -212,6 +298,21 @@ def _parser() -> argparse.ArgumentParser:
 
     profiles = sub.add_parser("profiles", help="list the profiles and the one the installed stack selects")
     profiles.set_defaults(run=_profiles)
+
+    rec = sub.add_parser("record", help="record upstream's preparation of a generated corpus of cases")
+    rec.add_argument("corpus", metavar="CORPUS_DIR", help="a new (or empty) directory to write the corpus to")
+    rec.add_argument("--cases", type=_positive, default=300, help="how many cases (spread over level x quantization)")
+    rec.add_argument("--seed", type=int, default=0, help="generation seed: the same seed gives the same cases")
+    rec.add_argument("--level", choices=("peft", "trl", "all"), default="all")
+    rec.set_defaults(run=_record)
+
+    cmp_ = sub.add_parser("compare", help="replay a corpus here and report every change against the recording")
+    cmp_.add_argument("corpus", metavar="CORPUS_DIR", help="a corpus written by `record`")
+    cmp_.add_argument("--report", metavar="REPORT.json", help="where to write the JSON upgrade report")
+    cmp_.add_argument("--markdown", metavar="REPORT.md", help="also write the short markdown report")
+    cmp_.add_argument("--case", metavar="ID", help="replay only this case and print its changes")
+    cmp_.add_argument("--fail-on-change", action="store_true", help="exit 1 when any case changed")
+    cmp_.set_defaults(run=_compare)
 
     merge = sub.add_parser("merge", help="combine the JSON reports of shards into one report and summary")
     merge.add_argument("reports", nargs="+", metavar="REPORT", help="JSON reports written by --conformance-report")
