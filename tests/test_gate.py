@@ -1,0 +1,196 @@
+"""The regression gate: ``record`` / ``compare`` and the upgrade report.
+
+A corpus recorded and replayed in the same environment reports no change; the same
+corpus replayed with a fault planted in upstream (LoRA weights cast to bf16, the shape
+of trl 0.26's documented change) reports exactly that change, grouped by field, module
+kind and parameter role, with the smallest case and its replay command.  Corrupt and
+foreign corpora are refused with one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conformance.__main__ import main
+from conformance.corpus import VERSION, CorpusError, Observation, generate_cases, load_corpus, record
+from conformance.snapshot import ErrorFacts, Snapshot
+from conformance.upgrade import changes_of, markdown, param_role, report_json
+from fault_kit import REPO
+
+CASES = 12
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, cache) -> Path:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CONFORMANCE_CACHE", str(cache))
+    try:
+        path = tmp_path_factory.mktemp("gate") / "corpus"
+        record(path, CASES, seed=5, levels=("peft",))
+    finally:
+        mp.undo()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(monkeypatch, cache):
+    monkeypatch.setenv("CONFORMANCE_CACHE", str(cache))
+
+
+def test_generation_is_deterministic_and_stratified():
+    first = generate_cases(12, seed=9, levels=("peft", "trl"))
+    again = generate_cases(12, seed=9, levels=("peft", "trl"))
+    assert [(i, c.dumps()) for i, c in first] == [(i, c.dumps()) for i, c in again]
+    assert len({c.dumps() for _, c in first}) == 12
+    strata = {i.rsplit("-", 1)[0] for i, _ in first}
+    assert strata == {f"{lv}-{k}" for lv in ("peft", "trl") for k in ("none", "8bit", "4bit")}
+    for case_id, case in first:
+        level, kind, _ = case_id.split("-")
+        assert (case.training.level, case.quant.kind) == (level, kind)
+    assert [c.dumps() for _, c in generate_cases(12, seed=10, levels=("peft", "trl"))] != [c.dumps() for _, c in first]
+
+
+def test_corpus_round_trips(corpus_dir):
+    corpus = load_corpus(corpus_dir)
+    manifest = json.loads((corpus_dir / "corpus.json").read_text())
+    assert manifest["format"] == "lora-conformance-corpus" and manifest["version"] == VERSION
+    assert manifest["stack"]["peft"] == corpus.stack["peft"]
+    assert len(corpus.cases) == CASES == len(corpus.observations)
+    assert {o.status for o in corpus.observations.values()} <= {"prepared", "raised", "unbuildable"}
+    assert any(o.status == "prepared" and o.snapshot.lora for o in corpus.observations.values())
+
+
+def test_same_stack_reports_no_change(corpus_dir, tmp_path):
+    report = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    assert main(["compare", str(corpus_dir), "--report", str(report), "--markdown", str(md), "--fail-on-change"]) == 0
+    data = json.loads(report.read_text())
+    assert data["totals"]["changed"] == 0 and data["changes"] == [] and data["stack_changes"] == {}
+    assert "No observable change" in md.read_text()
+
+
+def test_planted_upstream_change_is_reported(corpus_dir, tmp_path, monkeypatch):
+    import peft.tuners.tuners_utils as tuners_utils
+
+    original = tuners_utils.cast_adapter_dtype
+
+    def to_bf16(model, adapter_name, autocast_adapter_dtype=True):
+        original(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.data = param.data.to(torch.bfloat16)
+
+    monkeypatch.setattr(tuners_utils, "cast_adapter_dtype", to_bf16)
+    report = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    assert main(["compare", str(corpus_dir), "--report", str(report), "--markdown", str(md), "--fail-on-change"]) == 1
+    data = json.loads(report.read_text())
+    fields = {(g["field"], g["role"]) for g in data["changes"]}
+    assert ("dtype", "lora_A") in fields and ("dtype", "lora_B") in fields
+    group = next(g for g in data["changes"] if (g["field"], g["role"]) == ("dtype", "lora_A"))
+    assert group["module_kind"] in ("linear", "conv1d", "bnb4bit", "bnb8bit")
+    assert {"before": "'float32'", "after": "'bfloat16'"}.items() <= group["values"][0].items() or any(
+        v["after"] == "'bfloat16'" for v in group["values"]
+    )
+    smallest = group["smallest"]
+    assert smallest["after"] == "bfloat16" and smallest["path"].endswith(".weight") and ".lora_A." in smallest["path"]
+    assert smallest["replay"] == f"python -m conformance compare {corpus_dir} --case {smallest['id']}"
+    # Only the planted fault's fields (and the model-level parameter counts it implies) change.
+    assert {g["field"] for g in data["changes"]} <= {"dtype"}
+    text = md.read_text()
+    assert "`dtype`" in text and "lora_A" in text and smallest["id"] in text
+    # The replay command shows the change for that one case.
+    assert main(["compare", str(corpus_dir), "--case", smallest["id"]]) == 1
+
+
+def _obs(status="prepared", error=None, warnings=()):
+    if status == "unbuildable":
+        return Observation("unbuildable", build_error="KeyError: 'mixtral'")
+    snap = Snapshot(error=ErrorFacts(*error)) if error else Snapshot()
+    return Observation(status, snap, tuple(warnings))
+
+
+def test_status_changes_are_changes():
+    built_to_broken = changes_of("c", _obs(), _obs("unbuildable"))
+    assert [(c.field, c.before, c.after) for c in built_to_broken] == [("<build>.builds", "yes", "no (KeyError: 'mixtral')")]
+    assert changes_of("c", _obs("unbuildable"), _obs("unbuildable")) == []
+    now_raises = changes_of("c", _obs(), _obs("raised", ("ValueError", "invalid_bias", "m")))
+    assert [c.field for c in now_raises] == ["<error>.raised"]
+    other_kind = changes_of("c", _obs("raised", ("ValueError", "a", "")), _obs("raised", ("TypeError", "a", "")))
+    assert [c.field for c in other_kind] == ["<error>.cls"]
+    warned = changes_of("c", _obs(warnings=["UserWarning: old"]), _obs(warnings=["UserWarning: new"]))
+    assert [(c.field, c.before, c.after) for c in warned] == [
+        ("<warning>.added", None, "UserWarning: new"), ("<warning>.removed", "UserWarning: old", None)]
+
+
+@pytest.mark.parametrize(("path", "role"), [
+    ("model.layers.0.self_attn.q_proj.lora_A.default.weight", "lora_A"),
+    ("model.layers.0.self_attn.q_proj.lora_B.default.weight", "lora_B"),
+    ("model.embed_tokens.lora_embedding_A.default", "lora_A"),
+    ("model.layers.0.self_attn.q_proj.base_layer.weight", "base weight"),
+    ("model.layers.0.self_attn.q_proj.base_layer.bias", "base bias"),
+    ("model.layers.0.input_layernorm.weight", "norm"),
+    ("transformer.h.0.ln_1.bias", "norm"),
+    ("model.embed_tokens.weight", "embedding"),
+    ("transformer.wte.weight", "embedding"),
+    ("lm_head.weight", "head"),
+    ("score.modules_to_save.default.weight", "saved copy"),
+    ("score.original_module.weight", "saved original"),
+    ("model.layers.0.mlp.down_proj.weight", "other weight"),
+])
+def test_param_roles(path, role):
+    assert param_role(path) == role
+
+
+def test_markdown_is_short(corpus_dir):
+    corpus = load_corpus(corpus_dir)
+    replayed = {i: _obs(warnings=[f"UserWarning: {i} " + "x" * 300]) for i in corpus.cases}
+    report = report_json(corpus, replayed, {"peft": "9.9"}, str(corpus_dir))
+    text = markdown(report, max_rows=30)
+    assert len(text) < 20_000 and text.count("\n| `") <= 30
+
+
+@pytest.mark.parametrize("damage", ["missing", "not_json", "foreign", "newer", "checksum", "bad_case"])
+def test_bad_corpus_is_one_clear_line(corpus_dir, tmp_path, damage):
+    bad = tmp_path / "bad"
+    if damage != "missing":
+        bad.mkdir()
+        for f in corpus_dir.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+    manifest_path = bad / "corpus.json"
+    if damage == "not_json":
+        manifest_path.write_text("{not json")
+    elif damage in ("foreign", "newer"):
+        manifest = json.loads(manifest_path.read_text())
+        manifest.update({"format": "something-else"} if damage == "foreign" else {"version": VERSION + 1})
+        manifest_path.write_text(json.dumps(manifest))
+    elif damage == "checksum":
+        with (bad / "observations.jsonl").open("a") as fh:
+            fh.write("{}\n")
+    elif damage == "bad_case":
+        lines = (bad / "cases.jsonl").read_text().splitlines()
+        lines[0] = json.dumps({"id": "x", "case": {"model": {"model_type": 3}}})
+        (bad / "cases.jsonl").write_text("\n".join(lines) + "\n")
+        manifest = json.loads(manifest_path.read_text())
+        import hashlib
+        manifest["files"]["cases.jsonl"]["sha256"] = hashlib.sha256((bad / "cases.jsonl").read_bytes()).hexdigest()
+        manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CorpusError):
+        load_corpus(bad)
+    proc = subprocess.run([sys.executable, "-m", "conformance", "compare", str(bad), "--report", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    message = [line for line in proc.stderr.splitlines() if line.startswith("compare: ")]
+    assert len(message) == 1, proc.stderr
+
+
+def test_record_refuses_a_non_empty_directory(corpus_dir):
+    with pytest.raises(CorpusError, match="not empty"):
+        record(corpus_dir, 3, seed=1, levels=("peft",))
