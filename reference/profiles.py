@@ -8,13 +8,14 @@ user can force one by name.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import MappingProxyType
 from typing import Mapping
 
-__all__ = ["PROFILES", "Profile", "installed_versions", "select_profile"]
+__all__ = ["PROFILES", "Profile", "installed_versions", "peft_selection_note", "select_profile", "selection_notes"]
 
 _QV = ("q_proj", "v_proj")
 
@@ -58,17 +59,32 @@ _DEFAULT_TARGETS_0_15: dict[str, tuple[str, ...] | str] = {
     "qwen2": _QV,
 }
 
-# peft 0.16 – 0.21 added newer families (gemma3_text, qwen3, llama4, ...).
-_DEFAULT_TARGETS_0_21: dict[str, tuple[str, ...] | str] = {
+# Each table is the previous one plus the families that peft release added (read from
+# peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING of each release).
+# peft 0.16.0: llama4, gemma3_text, qwen3.
+_DEFAULT_TARGETS_0_16: dict[str, tuple[str, ...] | str] = {
     **_DEFAULT_TARGETS_0_15,
     "llama4": _QV,
     "gemma3_text": _QV,
-    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
     "qwen3": _QV,
-    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+# peft 0.18.0: rwkv, rwkv7.
+_DEFAULT_TARGETS_0_18: dict[str, tuple[str, ...] | str] = {
+    **_DEFAULT_TARGETS_0_16,
     "rwkv": ("key", "value", "receptance", "output"),
     "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
 }
+# peft 0.19.0: gemma4 (a regex on the language model's attention).
+_DEFAULT_TARGETS_0_19: dict[str, tuple[str, ...] | str] = {
+    **_DEFAULT_TARGETS_0_18,
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+}
+# peft 0.20.0: nemotron_h.  Unchanged in 0.21.
+_DEFAULT_TARGETS_0_20: dict[str, tuple[str, ...] | str] = {
+    **_DEFAULT_TARGETS_0_19,
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+_DEFAULT_TARGETS_0_21 = _DEFAULT_TARGETS_0_20
 
 
 @dataclass(frozen=True)
@@ -102,12 +118,13 @@ class Profile:
     """New factors on a bnb 4-bit layer follow its compute dtype (peft >= 0.16; before,
     the uint8 weight dtype was not a float, so they stayed fp32)."""
     embedding_keeps_fan_in_fan_out: bool = True
-    """An Embedding LoRA layer records the shared ``fan_in_fan_out`` flag (peft >= 0.16;
-    peft 0.15 always records False)."""
+    """An Embedding LoRA layer records the shared ``fan_in_fan_out`` flag (peft >= 0.19,
+    where LoRA layers are built from the LoraConfig; peft 0.15 - 0.18 drop the flag for
+    embeddings, so they record False)."""
     warns_lora_bias_without_base_bias: bool = True
-    """The ``lora_bias`` on a bias-less layer warning exists (peft >= 0.16)."""
+    """The ``lora_bias`` on a bias-less layer warning exists (peft >= 0.18)."""
     warns_unused_patterns: bool = True
-    """rank_pattern / alpha_pattern keys that matched nothing are reported (peft >= 0.16)."""
+    """rank_pattern / alpha_pattern keys that matched nothing are reported (peft >= 0.21)."""
     guarded_task_heads: tuple[str, ...] = ("SEQ_CLS", "TOKEN_CLS")
     """Task types whose classification head is known to be trained in full *before*
     targets are resolved, so it never gets LoRA.  peft 0.15 adds the heads only after
@@ -118,8 +135,8 @@ class Profile:
     """A module skipped because it is (inside) a modules_to_save entry counts as
     "excluded" for the unused-exclude_modules warning (peft >= 0.16)."""
     layer_index_regex: str = r".*?\.[^.]*\.(\d+)\."
-    """Without layers_pattern: where the layer index of a name is.  peft >= 0.16 takes the
-    first digit segment after two leading segments; peft 0.15's greedy ``.*`` took the
+    """Without layers_pattern: where the layer index of a name is.  peft >= 0.20 takes the
+    first digit segment after two leading segments; peft 0.15 - 0.19's greedy ``.*`` took the
     *last* (t5's ``block.0.layer.1`` is layer 1 there, layer 0 now)."""
     layer_pattern_regex: str = r"(?:^|.*?\.){pattern}\.(\d+)\."
     """With layers_pattern (``{pattern}`` is substituted, as a regex)."""
@@ -131,33 +148,87 @@ class Profile:
     e.g. DeBERTa's ``q_bias``); later only names that are or end with ``.bias``."""
 
 
-PROFILES: dict[str, Profile] = {
-    p.name: p
-    for p in (
-        Profile(
-            name="seed",
-            peft=">=0.15,<0.16",
-            description="peft 0.15 (seed era, with trl 0.19 / transformers 4.53)",
-            default_targets=MappingProxyType(_DEFAULT_TARGETS_0_15),
-            adapter_dtype_follows_4bit_compute=False,
-            embedding_keeps_fan_in_fan_out=False,
-            warns_lora_bias_without_base_bias=False,
-            warns_unused_patterns=False,
-            guarded_task_heads=(),
-            saved_guard_counts_as_excluded=False,
-            layer_index_regex=r".*\.[^.]*\.(\d+)\.",
-            layer_pattern_regex=r".*\.{pattern}\.(\d+)\.",
-            saved_module_may_be_lora=True,
-            bias_all_substring=True,
-        ),
-        Profile(
-            name="current",
-            peft=">=0.16",
-            description="peft 0.16 - 0.21 (current: peft 0.21.2 with trl 1.16 / transformers 5.23)",
-            default_targets=MappingProxyType(_DEFAULT_TARGETS_0_21),
-        ),
-    )
-}
+# One profile per range of peft releases whose rules agree; each profile after the seed is
+# the previous one with the rules that release changed (written once, here).  Verified by
+# the conformance suite on peft 0.15.2 (seed), 0.18.1, 0.19.0 and 0.21.2 (current); the
+# 0.16 - 0.17 entries are read from those releases' sources.
+_SEED = Profile(
+    name="seed",
+    peft=">=0.15,<0.16",
+    description="peft 0.15 (seed era, with trl 0.19 / transformers 4.53)",
+    default_targets=MappingProxyType(_DEFAULT_TARGETS_0_15),
+    adapter_dtype_follows_4bit_compute=False,
+    embedding_keeps_fan_in_fan_out=False,
+    warns_lora_bias_without_base_bias=False,
+    warns_unused_patterns=False,
+    guarded_task_heads=(),
+    saved_guard_counts_as_excluded=False,
+    layer_index_regex=r".*\.[^.]*\.(\d+)\.",
+    layer_pattern_regex=r".*\.{pattern}\.(\d+)\.",
+    saved_module_may_be_lora=True,
+    bias_all_substring=True,
+)
+# peft 0.16.0: 4-bit adapters follow the compute dtype, SEQ_CLS heads guarded before targeting,
+# modules_to_save over a LoRA layer is a TypeError, bias="all" by name suffix, new default-target
+# families (see the 0.15 notes, docs/spec/).  The greedy layer-index regexes stay until 0.20.
+_PEFT_0_16 = dataclasses.replace(
+    _SEED,
+    name="peft-0.16",
+    peft=">=0.16,<0.18",
+    description="peft 0.16 - 0.17",
+    default_targets=MappingProxyType(_DEFAULT_TARGETS_0_16),
+    adapter_dtype_follows_4bit_compute=True,
+    guarded_task_heads=("SEQ_CLS", "TOKEN_CLS"),
+    saved_guard_counts_as_excluded=True,
+    saved_module_may_be_lora=False,
+    bias_all_substring=False,
+)
+# peft 0.18.0: the "lora_bias=True but the targeted layer has no bias" warning; rwkv defaults.
+_PEFT_0_18 = dataclasses.replace(
+    _PEFT_0_16,
+    name="peft-0.18",
+    peft=">=0.18,<0.19",
+    description="peft 0.18",
+    default_targets=MappingProxyType(_DEFAULT_TARGETS_0_18),
+    warns_lora_bias_without_base_bias=True,
+)
+# peft 0.19.0: LoRA layers are built from the LoraConfig, so an Embedding layer records the
+# shared fan_in_fan_out flag (0.18 dropped it from the embedding kwargs: observed False);
+# gemma4 defaults.  (peft 0.19 also converts MoE configs for transformers 5: registry entries.)
+_PEFT_0_19 = dataclasses.replace(
+    _PEFT_0_18,
+    name="peft-0.19",
+    peft=">=0.19,<0.20",
+    description="peft 0.19",
+    default_targets=MappingProxyType(_DEFAULT_TARGETS_0_19),
+    embedding_keeps_fan_in_fan_out=True,
+)
+# peft 0.20.0: the layer index is the *first* digit segment after two leading segments (lazy
+# `.*?`; before, the greedy `.*` took the last one, e.g. an MoE expert index instead of the
+# layer: huggingface/peft PR #3028 discussion); nemotron_h defaults.
+_PEFT_0_20 = dataclasses.replace(
+    _PEFT_0_19,
+    name="peft-0.20",
+    peft=">=0.20,<0.21",
+    description="peft 0.20",
+    default_targets=MappingProxyType(_DEFAULT_TARGETS_0_20),
+    layer_index_regex=r".*?\.[^.]*\.(\d+)\.",
+    layer_pattern_regex=r".*?\.{pattern}\.(\d+)\.",
+)
+# peft 0.21.0: unused rank_pattern / alpha_pattern keys warn ("did not match any targeted
+# module"); a layers_pattern may start the module name (`(?:^|.*?\.)`, peft issue #3610).
+_CURRENT = dataclasses.replace(
+    _PEFT_0_20,
+    name="current",
+    peft=">=0.21",
+    description="peft 0.21 (current: peft 0.21.2 with trl 1.16 / transformers 5.23)",
+    default_targets=MappingProxyType(_DEFAULT_TARGETS_0_21),
+    warns_unused_patterns=True,
+    layer_index_regex=Profile.layer_index_regex,
+    layer_pattern_regex=Profile.layer_pattern_regex,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (_SEED, _PEFT_0_16, _PEFT_0_18, _PEFT_0_19, _PEFT_0_20, _CURRENT)}
 
 _NEWEST = "current"
 _NEWEST_KNOWN_PEFT = (0, 21)
@@ -186,8 +257,47 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def peft_selection_note(version: str) -> str | None:
+    """Why the profile for peft ``version`` is a guess (newer than the newest known profile),
+    or None when a profile covers it."""
+    release = _release(version)
+    if release and release[:2] > _NEWEST_KNOWN_PEFT:
+        return (
+            f"peft {version} is newer than the newest known profile "
+            f"({_NEWEST!r}, peft <= {'.'.join(map(str, _NEWEST_KNOWN_PEFT))}); using it anyway"
+        )
+    if release and release[:2] < (0, 15):
+        return f"peft {version} is older than the oldest known profile ('seed', peft >= 0.15); using it anyway"
+    return None
+
+
+def selection_notes(versions: Mapping[str, str] | None = None) -> list[str]:
+    """Loud notes for the run header: every installed upstream package whose version is
+    outside the known profiles (peft) or trl flows (trl), so the newest (or oldest) one is
+    used as a guess.  Empty when everything is covered.  ``versions`` defaults to the
+    installed ones (package metadata; peft and trl are never imported)."""
+    from reference.trl import trl_selection_note  # reference.trl imports this module
+
+    versions = dict(versions or installed_versions())
+    notes = []
+    peft = versions.get("peft", "absent")
+    if peft != "absent":
+        note = peft_selection_note(peft)
+        if note:
+            notes.append(note)
+    trl = versions.get("trl", "absent")
+    if trl != "absent":
+        note = trl_selection_note(trl)
+        if note:
+            notes.append(note)
+    return notes
+
+
 def select_profile(name: str | None = None, versions: Mapping[str, str] | None = None) -> Profile:
-    """The profile named ``name``, or the one matching the installed peft version."""
+    """The profile named ``name``, or the one matching the installed peft version.
+
+    A peft newer than the newest known profile selects it with a warning (the same text
+    :func:`selection_notes` gives the header)."""
     if name is not None:
         if name not in PROFILES:
             raise ValueError(f"profile={name!r} is not one of {', '.join(PROFILES)}")
@@ -196,12 +306,24 @@ def select_profile(name: str | None = None, versions: Mapping[str, str] | None =
     peft = _release(versions.get("peft", "absent"))
     if not peft:
         return PROFILES[_NEWEST]
-    if peft < (0, 16):
-        return PROFILES["seed"]
-    if peft[:2] > _NEWEST_KNOWN_PEFT:
-        warnings.warn(
-            f"peft {versions['peft']} is newer than the newest known profile "
-            f"({_NEWEST!r}, peft <= {'.'.join(map(str, _NEWEST_KNOWN_PEFT))}); using it anyway",
-            stacklevel=2,
-        )
-    return PROFILES[_NEWEST]
+    note = peft_selection_note(versions["peft"])
+    if note:
+        warnings.warn(note, stacklevel=2)
+    for profile in PROFILES.values():
+        if _in_range(peft, profile.peft):
+            return profile
+    return PROFILES["seed"] if peft < (0, 16) else PROFILES[_NEWEST]
+
+
+def _in_range(release: tuple[int, ...], spec: str) -> bool:
+    """``release`` within a profile's ``>=A,<B`` specifier (release tuples, so pre-releases
+    and local builds of a version count as that version)."""
+    for clause in spec.split(","):
+        clause = clause.strip()
+        op = clause[:2] if clause[:2] in (">=", "<=", "==") else clause[:1]
+        bound = _release(clause[len(op):])
+        value = release[: len(bound)] if op != "<" else release
+        if not {">=": value >= bound, "<=": value <= bound, "==": value == bound, ">": value > bound,
+                "<": release < bound}[op]:
+            return False
+    return True

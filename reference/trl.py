@@ -22,19 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 
 import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from torch import nn
 
 from reference.errors import InvalidConfig
 from reference.kbit import is_kbit, prepare_for_kbit_training
+from reference.layers import LoraEmbedding, LoraLinear, SavedModule
 from reference.prepare import prepare
-from reference.profiles import Profile
+from reference.profiles import Profile, _release
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
 
-__all__ = ["TRL_FLOWS", "TrlFlow", "TrlResult", "prepare_trl", "select_trl_flow"]
+__all__ = ["TRL_FLOWS", "TrlFlow", "TrlResult", "prepare_trl", "select_trl_flow", "trl_selection_note"]
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,58 @@ class TrlFlow:
     """``SFTConfig.gradient_checkpointing`` when not given."""
     classic: bool
     """The ``_prepare_peft_model`` shape (trl 0.15 - 0.21)."""
+    shape: str = "inline"
+    """``classic`` (trainer method ``_prepare_peft_model``), ``helper`` (the module-level
+    ``prepare_peft_model``: k-bit step, checkpointing turned on at construction, bf16 module
+    cast) or ``inline`` (plain ``get_peft_model`` and a bf16 cast of a quantized model's
+    trainables, in the trainer's ``__init__``)."""
+    peft_model_with_config: str = "reject"
+    """A PeftModel passed together with a ``peft_config``: ``ignore`` (the config is
+    dropped), ``merge`` (``merge_and_unload``, then a fresh adapter) or ``reject``."""
+    kbit_step_turns_off_trainer_gc: bool = False
+    """After the k-bit step, ``args.gradient_checkpointing`` is set to False on the
+    trainer's own args (before: on a copy)."""
+    rejects_head_lora: bool = True
+    """LoRA on the output head is an error."""
+    bf16_cast_skips_dora_magnitude: bool = True
+    """The bf16 cast of a quantized model's trainables leaves DoRA magnitudes in fp32."""
 
 
-TRL_FLOWS: dict[str, TrlFlow] = {
-    f.name: f
-    for f in (
-        TrlFlow("classic", ">=0.15,<0.22", gradient_checkpointing_default=False, classic=True),
-        TrlFlow("current", ">=0.26", gradient_checkpointing_default=True, classic=False),
-    )
-}
+# Each era is the previous one with the rules that changed; a change is written once, here.
+_CLASSIC = TrlFlow(
+    "classic", ">=0.15,<0.22", gradient_checkpointing_default=False, classic=True, shape="classic",
+    peft_model_with_config="ignore", rejects_head_lora=False, bf16_cast_skips_dora_magnitude=False,
+)
+# trl 0.22.0: _prepare_peft_model became the module-level helper trl.models.utils.prepare_peft_model:
+# SFTConfig.gradient_checkpointing defaults to True; with checkpointing and no k-bit step the model's
+# gradient_checkpointing_enable() runs at construction; a PeftModel + peft_config is merged and
+# unloaded, then gets the new adapter.
+_HELPER = dataclasses.replace(
+    _CLASSIC, name="helper", trl=">=0.22,<0.23", gradient_checkpointing_default=True, classic=False,
+    shape="helper", peft_model_with_config="merge",
+)
+# trl 0.23.0, PR #3981 (fixes #3980): `args.gradient_checkpointing = False` instead of
+# `dataclasses.replace(args, ...)`, so the trainer's args lose checkpointing after the k-bit step.
+_HELPER_023 = dataclasses.replace(_HELPER, name="helper-0.23", trl=">=0.23,<0.26", kbit_step_turns_off_trainer_gc=True)
+# trl 0.26.0, PR #4577 ("Clean up model preparation"): prepare_peft_model dropped from SFTTrainer; no k-bit
+# step, no checkpointing at construction, input grads whenever checkpointing is on, and every trainable
+# parameter of a quantized model cast to bf16 (QLoRA paper; peft issue #2889).
+_INLINE = dataclasses.replace(
+    _HELPER_023, name="inline", trl=">=0.26,<0.27", shape="inline", kbit_step_turns_off_trainer_gc=False,
+)
+# trl 0.27.0, PR #4713: a PeftModel together with a peft_config is rejected (was merged and unloaded).
+_INLINE_027 = dataclasses.replace(_INLINE, name="inline-0.27", trl=">=0.27,<1.15", peft_model_with_config="reject")
+# trl 1.15.0: LoRA on the output head is rejected (the loss reads lm_head.weight directly), and the QLoRA
+# bf16 cast skips DoRA's lora_magnitude_vector (trl issue #7268).
+_CURRENT = dataclasses.replace(
+    _INLINE_027, name="current", trl=">=1.15", rejects_head_lora=True, bf16_cast_skips_dora_magnitude=True,
+)
+
+TRL_FLOWS: dict[str, TrlFlow] = {f.name: f for f in (_CLASSIC, _HELPER, _HELPER_023, _INLINE, _INLINE_027, _CURRENT)}
+_NEWEST_FLOW = "current"
+_NEWEST_KNOWN_TRL = (1, 16)
+"""The newest trl release whose flow was checked; a newer one selects the newest flow, with a warning."""
+_OLDEST_TRL = (0, 15)
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,8 +116,37 @@ def _installed_trl() -> str | None:
         return None
 
 
+def trl_selection_note(version: str | None) -> str | None:
+    """Why the flow for trl ``version`` is a guess (newer than the newest known flow, or older
+    than the oldest), or None when a flow covers it."""
+    if version is None:
+        return None
+    release = _release(version)
+    if release and release[:2] > _NEWEST_KNOWN_TRL:
+        return (
+            f"trl {version} is newer than the newest known trl flow "
+            f"({_NEWEST_FLOW!r}, trl <= {'.'.join(map(str, _NEWEST_KNOWN_TRL))}); using it anyway"
+        )
+    if release and release[:2] < _OLDEST_TRL:
+        return f"trl {version} is older than the oldest known trl flow ('classic', trl >= 0.15); using it anyway"
+    return None
+
+
+def _flow_for(version: str) -> TrlFlow:
+    v = Version(version)
+    if v.is_prerelease or v.is_devrelease:
+        v = Version(v.base_version)  # a 0.26.0.dev0 build already has 0.26's code
+    for flow in TRL_FLOWS.values():
+        if SpecifierSet(flow.trl).contains(v, prereleases=True):
+            return flow
+    return TRL_FLOWS["classic"] if v < Version("0.15") else TRL_FLOWS[_NEWEST_FLOW]
+
+
 def select_trl_flow(name: str | None = None, version: str | None = None) -> TrlFlow:
-    """The flow named ``name``, or the one the (installed) trl version selects."""
+    """The flow named ``name``, or the one the (installed) trl version selects.
+
+    A version newer than the newest known flow selects it with a warning (see
+    :func:`trl_selection_note`)."""
     if name is not None:
         if name not in TRL_FLOWS:
             raise ValueError(f"trl flow={name!r} is not one of {', '.join(TRL_FLOWS)}")
@@ -77,9 +154,21 @@ def select_trl_flow(name: str | None = None, version: str | None = None) -> TrlF
     if version is None:
         version = _installed_trl()
         if version is None:
-            return TRL_FLOWS["current"]
-    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    return TRL_FLOWS["classic"] if major_minor < (0, 22) else TRL_FLOWS["current"]
+            return TRL_FLOWS[_NEWEST_FLOW]
+        return _installed_flow(version)
+    note = trl_selection_note(version)
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return _flow_for(version)
+
+
+@functools.lru_cache(maxsize=4)
+def _installed_flow(version: str) -> TrlFlow:
+    """The installed trl's flow; its warning, if any, is issued once per process."""
+    note = trl_selection_note(version)
+    if note:
+        warnings.warn(note, stacklevel=3)
+    return _flow_for(version)
 
 
 @dataclass(frozen=True)
@@ -120,36 +209,86 @@ def _reject_head_lora(model: nn.Module) -> None:
         raise InvalidConfig("trl_lm_head_lora", "a LoRA adapter on the output head is never trained by SFTTrainer")
 
 
+def _trainer_writes_use_cache() -> bool:
+    """transformers 5's Trainer writes ``args.use_cache`` (default False) into the model's config
+    at the end of ``__init__``, whatever trl does; transformers 4 leaves it alone."""
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _finish(model: nn.Module, trainer_gc: bool) -> TrlResult:
+    if _trainer_writes_use_cache() and getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    return TrlResult(model, trainer_gc)
+
+
+def _unload(model: nn.Module) -> None:
+    """``merge_and_unload``: every LoRA layer back to its base layer, every modules-to-save
+    wrapper replaced by its trained copy.  (Merging changes values only, never shapes,
+    dtypes or classes, which is all a snapshot sees.)"""
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        if isinstance(module, SavedModule):
+            model.set_submodule(name, module.modules_to_save[module.active_adapter])
+        elif isinstance(module, (LoraLinear, LoraEmbedding)):
+            model.set_submodule(name, module.base_layer)
+
+
+def _helper_checkpointing(model: nn.Module, kwargs: dict) -> None:
+    """helper trl without a k-bit step: checkpointing on at construction (no kwargs passed on),
+    and input grads unless ``use_reentrant`` is False."""
+    model.gradient_checkpointing_enable()
+    if kwargs.get("use_reentrant", True):
+        model.enable_input_require_grads()
+
+
 def _peft_model_in(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile,
                    flow: TrlFlow, gc: bool) -> TrlResult:
     """The trainer gets a model that ``get_peft_model`` already prepared.
 
     classic: returned as it is (a peft_config passed too is silently ignored; no input
-    grads at construction).  current: a peft_config passed too is an error; otherwise
-    input grads with checkpointing and the bf16 cast of a quantized model's trainables.
-    (trl 0.20 - 0.23 froze the adapter here: a known divergence, not a flow rule.)
+    grads at construction).  helper / inline up to trl 0.26: with a peft_config too, the
+    adapter is merged and unloaded and the base model prepared afresh; from trl 0.27 that
+    pair is an error.  Without one: helper turns checkpointing on (no k-bit step for a
+    PeftModel) and casts 4-bit modules for bf16; inline arranges input grads and casts a
+    quantized model's trainables to bf16.  (trl 0.20 - 0.23.0 froze the adapter in the
+    k-bit step: a known divergence, not a flow rule.)
     """
     quantized = is_kbit(model)
     # The PeftModel is built first (its own errors come first), then handed to the trainer.
     prepare(model, adapter, dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT), profile)
-    if not flow.classic and training.peft_config_too:
-        raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
     if flow.classic:
-        return TrlResult(model, gc)
-    return _current_after_peft(model, gc, quantized)
+        return _finish(model, gc)
+    if training.peft_config_too:
+        if flow.peft_model_with_config == "reject":
+            raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
+        if flow.peft_model_with_config == "merge":
+            _unload(model)
+            return prepare_trl(model, adapter, dataclasses.replace(training, peft_model_in=False), profile, flow)
+        return _finish(model, gc)
+    if flow.shape == "helper":
+        kwargs = {} if training.use_reentrant is ABSENT else {"use_reentrant": training.use_reentrant}
+        if gc:
+            _helper_checkpointing(model, kwargs)
+        if training.bf16 and getattr(model, "is_loaded_in_4bit", False) and not _sharded_4bit(model):
+            _cast_for_bf16(model)
+        return _finish(model, gc)
+    return _current_after_peft(model, gc, quantized, flow)
 
 
-def _current_after_peft(model: nn.Module, gc: bool, quantized: bool) -> TrlResult:
-    """current trl, once the model is a PEFT model: input grads with checkpointing, the
-    bf16 cast of a quantized model's trainables (not DoRA magnitudes), use_cache off."""
+def _current_after_peft(model: nn.Module, gc: bool, quantized: bool, flow: TrlFlow) -> TrlResult:
+    """inline trl, once the model is a PEFT model: input grads with checkpointing, the bf16
+    cast of a quantized model's trainables (not DoRA magnitudes, trl 1.15+)."""
     if gc:
         model.enable_input_require_grads()
     if quantized:
         for name, param in model.named_parameters():
-            if param.requires_grad and "lora_magnitude_vector" not in name:
-                param.data = param.data.to(torch.bfloat16)
-    model.config.use_cache = False
-    return TrlResult(model, gc)
+            if not param.requires_grad:
+                continue
+            if flow.bf16_cast_skips_dora_magnitude and "lora_magnitude_vector" in name:
+                continue
+            param.data = param.data.to(torch.bfloat16)
+    return _finish(model, gc)
 
 
 def prepare_trl(
@@ -162,10 +301,15 @@ def prepare_trl(
         return _peft_model_in(model, adapter, training, profile, flow, gc)
     kwargs = {} if training.use_reentrant is ABSENT else {"use_reentrant": training.use_reentrant}
     peft_step = dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT)
-    if flow.classic:
+    if flow.shape in ("classic", "helper"):
         quantized, sharded = is_kbit(model), _sharded_4bit(model)
+        trainer_gc = gc
         if quantized and not sharded:
             prepare_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kwargs)
+            if flow.kbit_step_turns_off_trainer_gc:
+                trainer_gc = False
+        elif gc and flow.shape == "helper":
+            _helper_checkpointing(model, kwargs)
         elif gc and kwargs.get("use_reentrant", True):
             model.enable_input_require_grads()
         if sharded:
@@ -173,8 +317,11 @@ def prepare_trl(
         prepare(model, adapter, peft_step, profile)
         if training.bf16 and getattr(model, "is_loaded_in_4bit", False) and not sharded:
             _cast_for_bf16(model)
-        return TrlResult(model, gc)
+        if flow.rejects_head_lora:
+            _reject_head_lora(model)
+        return _finish(model, trainer_gc)
     quantized = is_kbit(model)
     prepare(model, adapter, peft_step, profile)
-    _reject_head_lora(model)
-    return _current_after_peft(model, gc, quantized)
+    if flow.rejects_head_lora:
+        _reject_head_lora(model)
+    return _current_after_peft(model, gc, quantized, flow)
