@@ -1,7 +1,8 @@
 """Prepare one case on both sides and compare: the differential step.
 
 ``run_case`` builds (or loads) the model twice, prepares one copy with the
-reference and one with upstream, reduces both to snapshots, and diffs them.
+reference and one with upstream, reduces both to snapshots, and diffs them; when
+they agree, it hands both prepared models to the numerical checks.
 Known divergences are matched against the registry; anything left over is an
 unexpected divergence.
 """
@@ -16,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from conformance import upstream
 from conformance.diff import Divergence, diff
 from conformance.known import Registry, default_registry
 from conformance.models import checkpoint_path, load_model
+from conformance.numerics import check_numerics, same_function
+from conformance.numerics import enabled as numerics_enabled
 from conformance.snapshot import Snapshot, error_snapshot, snapshot_of
 from reference import PreparationError, Profile, builtin_class, prepare
 from reference.notices import PreparationWarning
@@ -44,6 +49,8 @@ class Outcome:
     """Ids of the registry entries that explained divergences."""
     reason: str = ""
     """Why the case was skipped."""
+    numerics: dict[str, Any] | None = None
+    """The numerical checks' facts (tolerance, largest error) when they ran."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -70,6 +77,8 @@ class Outcome:
             out["known"] = list(self.known)
         if self.reason:
             out["reason"] = self.reason
+        if self.numerics is not None:
+            out["numerics"] = self.numerics
         return out
 
 
@@ -81,6 +90,11 @@ def cache_dir() -> Path:
 
 
 def _reference_side(case: Case, profile: Profile) -> Snapshot:
+    return _reference_prepared(case, profile)[0]
+
+
+def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Module | None]:
+    """The reference's snapshot of ``case`` and its prepared model (None when it raised)."""
     # At the trl level with a path, the trainer loads the checkpoint through transformers;
     # the reference's model comes from the same checkpoint (load_model), so both start equal.
     model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
@@ -94,14 +108,20 @@ def _reference_side(case: Case, profile: Profile) -> Snapshot:
             else:
                 prepared = prepare(model, case.adapter, case.training, profile)
         except PreparationError as exc:
-            return error_snapshot(builtin_class(exc), exc.kind, str(exc))
+            return error_snapshot(builtin_class(exc), exc.kind, str(exc)), None
     kinds = [w.message.kind for w in caught if isinstance(w.message, PreparationWarning)]
-    return snapshot_of(prepared, kinds, trainer_gc)
+    return snapshot_of(prepared, kinds, trainer_gc), prepared
 
 
 def _upstream_side(case: Case, raw_warnings: list[str] | None = None) -> Snapshot:
     """Upstream's snapshot of ``case``; peft's and trl's own warning messages are appended
     to ``raw_warnings`` when given (the regression gate compares them verbatim)."""
+    return _upstream_prepared(case, raw_warnings)[0]
+
+
+def _upstream_prepared(case: Case, raw_warnings: list[str] | None = None) -> tuple[Snapshot, nn.Module | None]:
+    """:func:`_upstream_side` and the prepared model (the transformers model inside the
+    PeftModel; None when preparation raised)."""
     t = case.training
     if t.level == "trl" and t.model_from_path:
         model = str(checkpoint_path(case.model, cache_dir()))
@@ -118,25 +138,42 @@ def _upstream_side(case: Case, raw_warnings: list[str] | None = None) -> Snapsho
                 prepared, mutations = upstream.prepare_peft(model, case)
         except Exception as exc:  # noqa: BLE001 - every upstream rejection is an outcome to compare
             cls, kind = upstream.classify_error(exc)
-            return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}")
+            return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}"), None
     kinds = [k for w in caught if (k := upstream.classify_warning(str(w.message))) is not None]
     if raw_warnings is not None:
         raw_warnings.extend(sorted(set(upstream.own_warnings(caught)) | set(logged)))
-    return dataclasses.replace(snapshot_of(prepared, kinds, trainer_gc), config_mutations=mutations)
+    return dataclasses.replace(snapshot_of(prepared, kinds, trainer_gc), config_mutations=mutations), prepared
 
 
-def run_case(case: Case, profile: Profile, registry: Registry | None = None) -> Outcome:
-    """Prepare ``case`` on both sides and classify the result."""
+def run_case(
+    case: Case, profile: Profile, registry: Registry | None = None, *, numerics: bool | None = None
+) -> Outcome:
+    """Prepare ``case`` on both sides and classify the result.
+
+    When both sides prepared a model and the snapshots agree (or differ only in facts
+    that cannot change what the model computes, such as a mutated LoraConfig: see
+    ``conformance.numerics.same_function``), the numerical checks run on the two
+    prepared models, after both snapshots are taken; their failures are divergences
+    like any other, explained by the registry or not.  ``numerics`` None
+    follows ``--conformance-numerics`` (``conformance.numerics.enabled``).
+    """
     registry = registry if registry is not None else default_registry()
-    up = _upstream_side(case)
-    ref = _reference_side(case, profile)
+    up, up_model = _upstream_prepared(case)
+    ref, ref_model = _reference_prepared(case, profile)
     found = diff(ref, up)
-    if not found:
-        return Outcome(case, "agree", ref, up)
-    unexplained, known = registry.explain(case, found)
+    unexplained, known = registry.explain(case, found) if found else ([], [])
     if unexplained:
         return Outcome(case, "diverge", ref, up, unexplained, known)
-    return Outcome(case, "known", ref, up, [], known)
+    facts = None
+    wanted = numerics_enabled() if numerics is None else numerics
+    if wanted and ref_model is not None and up_model is not None and same_function(found):
+        checked = check_numerics(case, profile, ref_model, up_model)
+        facts = checked.to_json()
+        more, more_known = registry.explain(case, checked.divergences)
+        known += [k for k in more_known if k not in known]
+        if more:
+            return Outcome(case, "diverge", ref, up, more, known, numerics=facts)
+    return Outcome(case, "known" if known else "agree", ref, up, [], known, numerics=facts)
 
 
 def replay_command(case: Case, profile: Profile) -> str:

@@ -71,6 +71,17 @@ class _LoraBase(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.active_adapters: list[str] = []
 
+    # Model code reads the wrapped module's tensors (t5's feed-forward compares its
+    # hidden states' dtype with ``wo.weight.dtype``); like PEFT's layers, the wrapper
+    # answers with its base layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def _common(self, name: str, p: AdapterParams) -> None:
         _check_rank(p.r)
         if p.dropout > 1.0:
@@ -169,7 +180,14 @@ class LoraEmbedding(_LoraBase):
             a = self.lora_embedding_A[name].T
             b = self.lora_embedding_B[name].T
             after_a = F.embedding(x, a, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            result = result + ((after_a @ b) * self.scaling[name]).to(result.dtype)
+            update = (after_a @ b) * self.scaling[name]
+            # A scaled embedding (transformers' *ScaledWordEmbedding: gemma, bart, ... with an
+            # `embed_scale`) multiplies its output; the update is scaled alike, so that the
+            # unmerged forward equals the merged weight's (peft >= 0.18, huggingface/peft#2825).
+            embed_scale = getattr(base, "embed_scale", None)
+            if embed_scale is not None:
+                update = update * torch.as_tensor(embed_scale, device=update.device).to(update.dtype)
+            result = result + update.to(result.dtype)
         return result
 
 

@@ -1,0 +1,274 @@
+"""Numerical conformance: same init distribution, same forward, same gradients.
+
+Structural agreement does not show a scaling applied twice, a transposed path, a
+dropout in the wrong place or a non-zero bias at init.  For every example whose
+snapshots agree, :func:`check_numerics` takes the two prepared models and
+
+1. checks the initialisation properties of every adapter on each side
+   (``numerics.init``, :mod:`conformance.numerics_init`) and, for
+   ``init_lora_weights=True``, that each prepared model's output equals its own
+   output with every LoRA layer bypassed, exactly (``numerics.init_output``);
+2. gives upstream's adapters fresh non-zero values (B included) and copies every
+   trainable parameter into the reference by path (:mod:`conformance.numerics_run`);
+3. runs both on the same random inputs in eval mode (dropout off) and compares the
+   logits, the loss and the gradient of every trainable parameter
+   (``numerics.logits``, ``numerics.loss``, ``numerics.grad``);
+4. runs both in training mode (dropout on) with the global RNG forked and seeded
+   identically on both sides, and compares the same things
+   (``numerics.train_logits``, ``numerics.train_loss``, ``numerics.train_grad``).
+   Both sides draw the dropout masks from the same RNG stream in the same order (one
+   mask per LoRA layer per forward, on its input, in execution order, and the base
+   model's own dropouts in between), so the outputs must match to tolerance; a
+   dropout on the output instead of the input, a different ``p``, a missing
+   ``1/(1-p)`` or an extra draw changes them.
+
+A forward or backward that raises on one side only is ``numerics.forward`` /
+``numerics.train_forward``.  NaN and inf never pass (``non-finite`` in the value).
+
+Runs are switched with ``--conformance-numerics on|off`` (default on), which the
+plugin passes to :func:`configure`; ``CONFORMANCE_NUMERICS=off`` does the same
+outside pytest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.diff import Divergence
+from conformance.numerics_init import init_problems
+from conformance.numerics_run import Run, assign_shared_values, bypassed, case_seed, make_inputs, run_model
+from reference.config import resolve
+from reference.profiles import Profile
+from reference.spec import Case
+
+__all__ = [
+    "TOLERANCES",
+    "NumericsResult",
+    "Tolerance",
+    "check_numerics",
+    "configure",
+    "enabled",
+    "same_function",
+    "tolerance_for",
+]
+
+MODEL = "<model>"
+
+# Snapshot fields that record how preparation went, not what the model computes.
+_BOOKKEEPING_FIELDS = frozenset({"config_mutations", "warnings"})
+
+
+def same_function(found: list[Divergence]) -> bool:
+    """Whether two models whose snapshots differ only in ``found`` must compute the same
+    function, so that the numerical checks apply: no divergence, or only bookkeeping ones
+    (the user's LoraConfig mutated in place, a warning) that a known-divergence entry
+    explains."""
+    return all(d.path == MODEL and d.field in _BOOKKEEPING_FIELDS for d in found)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far upstream's tensor may be from the reference's: ``max|u - r| <= rtol * max|r| + atol``.
+
+    The bound is norm-wise per tensor (the largest error against the largest
+    value), not per element: elementwise relative bounds are meaningless for values
+    that cancel to near zero, which low-precision logits and gradients do.
+    """
+
+    name: str
+    rtol: float
+    atol: float
+    why: str
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    t.name: t
+    for t in (
+        Tolerance(
+            "fp32", 1e-4, 1e-6,
+            "every weight and activation in fp32: the two sides differ only in the order of a few "
+            "additions (where the LoRA update is added and cast), a few ulps; the clean stacks stay "
+            "below 1e-5 (benchmarks/numerics_cost json: max_rel_error), while a change in scaling, "
+            "a transposition or a bf16 round-trip of an input is 1e-3 or more",
+        ),
+        Tolerance(
+            "fp16", 2e-2, 1e-4,
+            "fp16 weights, activations or compute dtype: one rounding of fp16 is 5e-4 relative, and "
+            "where the sides add and cast the LoRA update in a different order the ulps compound over "
+            "the layers and the loss; LoRA updates are sized to move the logits by far more",
+        ),
+        Tolerance(
+            "bf16", 6e-2, 1e-3,
+            "bf16 weights, activations or compute dtype: one rounding is 4e-3 relative (8 bits of "
+            "mantissa), compounded as for fp16",
+        ),
+        Tolerance(
+            "int8", 6e-2, 1e-3,
+            "bitsandbytes LLM.int8 on both sides (the same kernel and the same int8 weights), but the "
+            "kernel quantizes each activation row to int8: an ulp of difference in its input can move a "
+            "value across a rounding boundary, one step of 1/127 of the row's maximum",
+        ),
+    )
+}
+_ORDER = ("fp32", "fp16", "bf16", "int8")
+_CLASS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+_ENABLED: bool | None = None
+
+
+def configure(on: bool) -> None:
+    """Switch the numerical checks on or off for this process (the plugin's ``--conformance-numerics``)."""
+    global _ENABLED
+    _ENABLED = bool(on)
+
+
+def enabled() -> bool:
+    """Whether :func:`conformance.runner.run_case` runs the numerical checks by default."""
+    if _ENABLED is not None:
+        return _ENABLED
+    return os.environ.get("CONFORMANCE_NUMERICS", "on").lower() not in ("off", "0", "false", "no")
+
+
+def tolerance_for(model: nn.Module) -> Tolerance:
+    """The loosest tolerance any precision in ``model`` calls for.
+
+    Precisions: each floating parameter dtype, each 4-bit layer's compute dtype (4-bit
+    weights are dequantized to it; the same kernel and the same packed weights on both
+    sides add no error of their own), and int8 for LLM.int8 layers.
+    """
+    found = {"fp32"}
+    for param in model.parameters():
+        if param.dtype in _CLASS:
+            found.add(_CLASS[param.dtype])
+        elif type(param).__name__ == "Int8Params":
+            found.add("int8")
+    for module in model.modules():
+        compute = getattr(module, "compute_dtype", None)
+        if type(module).__name__ == "Linear4bit" and compute in _CLASS:
+            found.add(_CLASS[compute])
+    return TOLERANCES[max(found, key=_ORDER.index)]
+
+
+@dataclass
+class NumericsResult:
+    """The numerical checks of one agreeing example."""
+
+    divergences: list[Divergence] = field(default_factory=list)
+    tolerance: str = ""
+    max_rel_error: float = 0.0
+    """The largest ``max|u - r| / (rtol * max|r| + atol)`` seen, in units of the tolerance."""
+    note: str = ""
+    """Why part of the checks did not run (both sides raised the same way)."""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tolerance": self.tolerance, "max_error_in_tolerances": round(self.max_rel_error, 6)}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def _nonfinite(t: torch.Tensor) -> str:
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return f"non-finite: {nan} nan, {inf} inf" if nan or inf else "finite"
+
+
+def _compare(path: str, name: str, r: torch.Tensor | None, u: torch.Tensor | None, tol: Tolerance,
+             result: NumericsResult) -> None:
+    if r is None and u is None:
+        return
+    if r is None or u is None:
+        result.divergences.append(Divergence(path, name, "none" if r is None else "present", "none" if u is None else "present"))
+        return
+    if r.shape != u.shape:
+        result.divergences.append(Divergence(path, name, f"shape {tuple(r.shape)}", f"shape {tuple(u.shape)}"))
+        return
+    rd, ud = r.detach().double().cpu(), u.detach().double().cpu()
+    if not (torch.isfinite(rd).all() and torch.isfinite(ud).all()):
+        result.divergences.append(Divergence(path, name, _nonfinite(rd), _nonfinite(ud)))
+        return
+    scale = float(rd.abs().max()) if rd.numel() else 0.0
+    err = float((ud - rd).abs().max()) if rd.numel() else 0.0
+    bound = tol.rtol * scale + tol.atol
+    result.max_rel_error = max(result.max_rel_error, err / bound)
+    if err > bound:
+        result.divergences.append(
+            Divergence(path, name, f"max|ref| {scale:.4g}", f"max|up-ref| {err:.3g} > tol {bound:.3g} ({tol.name})")
+        )
+
+
+def _error_class(text: str | None) -> str | None:
+    """``ValueError`` of ``raised: ValueError: ...`` or ``ValueError: ...``; None for no error."""
+    if not text or text in ("ok", "exact"):
+        return None
+    text = text.removeprefix("raised: ")
+    return text.split(":", 1)[0] if ":" in text else None
+
+
+def _compare_runs(prefix: str, ref: Run, up: Run, tol: Tolerance, result: NumericsResult) -> None:
+    if ref.error or up.error:
+        if _error_class(ref.error) == _error_class(up.error):
+            result.note = f"{prefix}forward raised on both sides: {up.error}"
+        else:
+            result.divergences.append(Divergence(MODEL, f"numerics.{prefix}forward", ref.error or "ok", up.error or "ok"))
+        return
+    _compare(MODEL, f"numerics.{prefix}logits", ref.logits, up.logits, tol, result)
+    _compare(MODEL, f"numerics.{prefix}loss", ref.loss, up.loss, tol, result)
+    for path in sorted(ref.grads.keys() | up.grads.keys()):
+        _compare(path, f"numerics.{prefix}grad", ref.grads.get(path), up.grads.get(path), tol, result)
+
+
+def _init_output(model: nn.Module, inputs: dict[str, torch.Tensor], seed: int) -> str:
+    """``exact`` when the prepared model's eval output equals its output without LoRA layers."""
+    prepared = run_model(model, inputs, train=False, seed=seed, backward=False)
+    with bypassed(model):
+        base = run_model(model, inputs, train=False, seed=seed, backward=False)
+    if prepared.error or base.error:
+        return f"raised: {prepared.error or base.error}"
+    if prepared.logits is None or base.logits is None:
+        return "exact"
+    if not torch.isfinite(prepared.logits).all():
+        return _nonfinite(prepared.logits)
+    if torch.equal(prepared.logits, base.logits):
+        return "exact"
+    return f"differs from the base output by {float((prepared.logits.double() - base.logits.double()).abs().max()):.3g}"
+
+
+def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream: nn.Module) -> NumericsResult:
+    """The numerical checks of one example whose two preparations agree structurally.
+
+    ``reference`` and ``upstream`` are the prepared transformers models (upstream's
+    unwrapped from its PeftModel); both are modified (adapter values, grads).  Call it
+    only after both snapshots are taken.
+    """
+    result = NumericsResult(tolerance=tolerance_for(reference).name)
+    tol = TOLERANCES[result.tolerance]
+    init = resolve(case.adapter, profile).init_lora_weights
+    ref_init, up_init = init_problems(reference, init), init_problems(upstream, init)
+    for path in sorted(ref_init.keys() | up_init.keys()):
+        result.divergences.append(
+            Divergence(path, "numerics.init", "; ".join(ref_init.get(path, ["ok"])), "; ".join(up_init.get(path, ["ok"])))
+        )
+    seed = case_seed(case)
+    inputs = make_inputs(case, upstream, seed)
+    ref_inputs = {k: v.to(next(reference.parameters()).device) for k, v in inputs.items()}
+    if init is True:
+        r, u = _init_output(reference, ref_inputs, seed), _init_output(upstream, inputs, seed)
+        if _error_class(r) is not None and _error_class(r) == _error_class(u):
+            result.note = f"init forward {u} on both sides"
+        elif r != "exact" or u != "exact":
+            result.divergences.append(Divergence(MODEL, "numerics.init_output", r, u))
+    missing = assign_shared_values(upstream, reference, seed)
+    if missing:  # structures agreed, so this is a harness bug: say so rather than compare garbage
+        result.divergences.append(Divergence(MODEL, "numerics.layout", "missing: " + ", ".join(missing[:5]), "present"))
+        return result
+    for prefix, train in (("", False), ("train_", True)):
+        run_seed = case_seed(case, prefix or "eval")
+        ref_run = run_model(reference, ref_inputs, train=train, seed=run_seed)
+        up_run = run_model(upstream, inputs, train=train, seed=run_seed)
+        _compare_runs(prefix, ref_run, up_run, tol, result)
+    return result

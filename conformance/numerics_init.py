@@ -1,0 +1,160 @@
+"""Initialisation properties of freshly created adapters, checked per side and per adapter.
+
+The checks are statements about distributions, not about particular random
+numbers, so they hold whatever order the two sides draw from the RNG in:
+
+* ``init_lora_weights=True`` (the default): B is exactly zero; A is not all zero and
+  every entry lies within the kaiming-uniform bound ``1/sqrt(fan_in)``
+  (``kaiming_uniform_(a=sqrt(5))``); A's mean square is that of ``U(-b, b)``.
+* ``"gaussian"``: B is exactly zero; A's standard deviation is ``1/r``.
+* ``False``: B is not zero.
+* ``lora_bias``: with ``init_lora_weights=True``, B's bias is exactly zero.
+* embeddings (``init_lora_weights`` not False): A is exactly zero and B is standard
+  normal; with ``False``, B is not zero.
+
+Statistical bounds are exact tail bounds with a failure probability of at most
+``exp(-TAIL)`` (about 4e-18) per check, for any sample size: a correct init
+cannot make them flake.  For the mean square ``m2`` of ``n`` draws of ``N(0, s^2)``,
+``n m2 / s^2`` is chi-square with ``n`` degrees of freedom and Laurent & Massart
+(2000, Lemma 1) give ``P(X - n >= 2 sqrt(n x) + 2x) <= e^-x`` and
+``P(n - X >= 2 sqrt(n x)) <= e^-x``.  For ``U(-b, b)`` draws, Hoeffding's inequality
+on the squares (each in ``[0, b^2]``) gives ``|m2 - b^2/3| <= b^2 sqrt(x / (2n))``.
+Small samples give wide bounds; every A of one side with the same ``r`` is also
+pooled into one sample, which gives the test its power on tiny layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.numerics_run import adapter_names, lora_layers
+
+__all__ = ["TAIL", "init_problems", "mean_square_bounds_normal", "mean_square_bounds_uniform"]
+
+TAIL = 40.0
+"""``x`` of the tail bounds: each check fails a correct init with probability <= e^-40."""
+
+_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 2.0**-52}
+
+
+def _rounding(t: torch.Tensor) -> float:
+    """Relative rounding of a value stored in ``t``'s dtype (after a cast from fp32)."""
+    return _EPS.get(t.dtype, 2.0**-7)
+
+
+def mean_square_bounds_normal(n: int, sigma: float, rounding: float = 0.0) -> tuple[float, float]:
+    """Bounds on the mean square of ``n`` draws of ``N(0, sigma^2)`` (chi-square tails)."""
+    root = 2.0 * math.sqrt(TAIL / n)
+    lo = sigma**2 * max(0.0, 1.0 - root) * (1.0 - rounding) ** 2
+    hi = sigma**2 * (1.0 + root + 2.0 * TAIL / n) * (1.0 + rounding) ** 2
+    return lo, hi
+
+
+def mean_square_bounds_uniform(n: int, bound: float, rounding: float = 0.0) -> tuple[float, float]:
+    """Bounds on the mean square of ``n`` draws of ``U(-bound, bound)`` (Hoeffding)."""
+    slack = bound**2 * math.sqrt(TAIL / (2.0 * n))
+    lo = max(0.0, bound**2 / 3.0 - slack) * (1.0 - rounding) ** 2
+    hi = (bound**2 / 3.0 + slack) * (1.0 + rounding) ** 2
+    return lo, hi
+
+
+def _ms(t: torch.Tensor) -> float:
+    return float(t.detach().double().pow(2).mean())
+
+
+def _max(t: torch.Tensor) -> float:
+    return float(t.detach().double().abs().max()) if t.numel() else 0.0
+
+
+def _zero(t: torch.Tensor) -> bool:
+    return bool((t.detach() == 0).all())
+
+
+def _check_ms(label: str, ms: float, bounds: tuple[float, float], n: int) -> str | None:
+    lo, hi = bounds
+    if lo <= ms <= hi:
+        return None
+    return f"{label} std {math.sqrt(ms):.4g} outside [{math.sqrt(lo):.4g}, {math.sqrt(hi):.4g}] (n={n})"
+
+
+def _linear_problems(module: nn.Module, name: str, init: Any, pooled: dict) -> list[str]:
+    a, b = module.lora_A[name].weight, module.lora_B[name].weight
+    bias = getattr(module.lora_B[name], "bias", None)
+    r = int(module.r[name])
+    out: list[str] = []
+    if init is False:
+        if _zero(b):
+            out.append("init_lora_weights=False: B is all zero")
+        return out
+    if not _zero(b):
+        out.append(f"B is not zero (max |B| {_max(b):.3g})")
+    if bias is not None and not _zero(bias):
+        out.append(f"lora_bias: B's bias is not zero (max {_max(bias):.3g})")
+    if _zero(a):
+        out.append("A is all zero")
+        return out
+    n = a.numel()
+    if init == "gaussian":
+        sigma = 1.0 / r
+        problem = _check_ms("gaussian A", _ms(a), mean_square_bounds_normal(n, sigma, _rounding(a)), n)
+        pooled["gaussian", sigma, a.dtype].append(a.detach().double().flatten())
+    else:
+        bound = 1.0 / math.sqrt(a.shape[1])
+        if _max(a) > bound * (1.0 + _rounding(a)):
+            out.append(f"A exceeds the kaiming-uniform bound: max |A| {_max(a):.4g} > 1/sqrt(fan_in) = {bound:.4g}")
+        problem = _check_ms("kaiming A", _ms(a), mean_square_bounds_uniform(n, bound, _rounding(a)), n)
+        pooled["uniform", bound, a.dtype].append(a.detach().double().flatten())
+    if problem:
+        out.append(problem)
+    return out
+
+
+def _embedding_problems(module: nn.Module, name: str, init: Any, pooled: dict) -> list[str]:
+    a, b = module.lora_embedding_A[name], module.lora_embedding_B[name]
+    if init is False:
+        return ["init_lora_weights=False: embedding B is all zero"] if _zero(b) else []
+    out = [] if _zero(a) else [f"embedding A is not zero (max |A| {_max(a):.3g})"]
+    problem = _check_ms("embedding B", _ms(b), mean_square_bounds_normal(b.numel(), 1.0, _rounding(b)), b.numel())
+    pooled["gaussian", 1.0, b.dtype].append(b.detach().double().flatten())
+    return out + ([problem] if problem else [])
+
+
+def init_problems(model: nn.Module, init: Any) -> dict[str, list[str]]:
+    """Init properties that ``model``'s adapters break, by module path (``<pooled>`` for
+    the pooled statistics); empty when every property holds.  ``init`` is the resolved
+    ``init_lora_weights`` of the case."""
+    out: dict[str, list[str]] = {}
+    pooled: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for path, module in lora_layers(model):
+        problems: list[str] = []
+        for name in adapter_names(module):
+            if name in getattr(module, "lora_embedding_A", {}):
+                found = _embedding_problems(module, name, init, pooled)
+            else:
+                found = _linear_problems(module, name, init, pooled)
+            problems += [f"[{name}] {p}" for p in found]
+        if problems:
+            out[path] = problems
+    pooled_problems = []
+    for (family, scale, dtype), parts in pooled.items():
+        if len(parts) < 2:
+            continue
+        values = torch.cat(parts)
+        n, ms = values.numel(), float(values.pow(2).mean())
+        rounding = _EPS.get(dtype, 2.0**-7)
+        bounds = (
+            mean_square_bounds_normal(n, scale, rounding)
+            if family == "gaussian"
+            else mean_square_bounds_uniform(n, scale, rounding)
+        )
+        problem = _check_ms(f"pooled {family}({scale:.4g})", ms, bounds, n)
+        if problem:
+            pooled_problems.append(problem)
+    if pooled_problems:
+        out["<pooled>"] = pooled_problems
+    return out
