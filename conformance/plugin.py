@@ -39,10 +39,12 @@ QUANT = "--conformance-quant"
 STRICT = "--conformance-strict"
 MARKDOWN = "--conformance-markdown"
 SHARD = "--conformance-shard"
+NUMERICS = "--conformance-numerics"
 
 LEVELS = ("peft", "trl", "all")
 QUANT_KINDS = ("none", "8bit", "4bit")
 DEVICES = ("auto", "cpu", "cuda")
+SWITCH = ("on", "off")
 _KEY = pytest.StashKey["Settings"]()
 
 
@@ -66,6 +68,8 @@ class Settings:
     """``--conformance-strict``: skips, stale entries, health-check suppressions and an empty run fail."""
     markdown: Path | None = None
     shard: Shard | None = None
+    numerics: bool = True
+    """``--conformance-numerics``: run the numerical checks on every agreeing example."""
     recorder: Recorder = field(default_factory=Recorder)
     stream_dir: Path | None = None
     """The xdist run directory of the workers' example streams (controller and workers)."""
@@ -152,6 +156,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="gating mode: skips, stale known-divergence entries, health-check suppressions, "
                     "crashed workers and an empty run fail the session")
     group.addoption(MARKDOWN, default=None, metavar="PATH", help="write a short markdown report (for PR comments)")
+    group.addoption(NUMERICS, type=_choice(NUMERICS, SWITCH), default="on",
+                    help="numerical checks (init properties, forward, loss, gradients, training mode) "
+                    "on every agreeing example: on (default) or off")
     group.addoption(SHARD, type=parse_shard, default=None, metavar="K/N",
                     help="check only shard K of N of model type x quantization (seed derived per shard)")
 
@@ -209,6 +216,7 @@ def pytest_configure(config: pytest.Config) -> None:
         strict=config.getoption(STRICT),
         markdown=Path(config.getoption(MARKDOWN)) if config.getoption(MARKDOWN) else None,
         shard=shard,
+        numerics=config.getoption(NUMERICS) == "on",
     )
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and workerinput.get("conformance_stream_dir"):
@@ -220,6 +228,9 @@ def pytest_configure(config: pytest.Config) -> None:
     from conformance import checks
 
     checks.configure(settings)
+    from conformance import numerics
+
+    numerics.configure(settings.numerics)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "conformance-xdist")
 
@@ -236,7 +247,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     replay = f"--hypothesis-seed={s.seed}" + (f" {SHARD}={s.shard}" if s.shard else "")
     return [
         f"conformance: profile={s.profile_name}{forced} level={s.level} device={s.device} "
-        f"quant={','.join(s.quant_kinds)} examples={s.examples} seed={s.seed}{shard} (replay: {replay})"
+        f"quant={','.join(s.quant_kinds)} examples={s.examples} numerics={'on' if s.numerics else 'off'} "
+        f"seed={s.seed}{shard} (replay: {replay})"
         + (" strict" if s.strict else ""),
         f"conformance stack: {stack}",
     ]
