@@ -1,11 +1,27 @@
-"""Sessions: the conformance suite, the harness's own tests, and lint.
+"""Sessions: the conformance suite, the regression gate, the harness's own tests, and lint.
 
-Every session installs the project with the pinned stack of ``constraints/<stack>.txt``;
-extra arguments after ``--`` pass through to the tool (pytest or ruff).
+A *stack* is a file ``constraints/<stack>.txt`` that pins torch, transformers, peft, trl,
+bitsandbytes and the rest.  Every stack gets one virtualenv, ``.nox/stack-<stack>``,
+shared by the sessions that run on it (``tests`` runs on ``current``), so a stack is
+installed once.  Extra arguments after ``--`` pass through to the tool (pytest, the
+gate's record/compare, or ruff), except these, which the sessions take themselves:
+
+* ``--peft-spec SPEC`` / ``--trl-spec SPEC``: run against a fork: SPEC is anything pip
+  installs (a local path, ``git+https://...@branch``, a wheel).  The fork is installed
+  over the stack's pin, in a virtualenv of its own (named after a hash of the specs),
+  so the stack's own virtualenv never holds it.
+
+    nox -s "conformance(stack='current')" -- --peft-spec ../my-peft --conformance-examples 100
+    nox -s gate -- seed current
+    nox -s gate -- current current --peft-spec ../my-peft
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import nox
@@ -13,6 +29,10 @@ import nox
 ROOT = Path(__file__).parent
 DEFAULT_STACK = "current"
 STACKS = sorted(p.stem for p in (ROOT / "constraints").glob("*.txt"))
+"""Every stack: the two of DESIGN.md plus release stacks for the gate (``peft-0.19.0``...)."""
+PINNED = ["current", "seed"]
+"""DESIGN.md's stacks: the parameters of the ``conformance`` and ``faults`` sessions."""
+FORK_OPTIONS = {"--peft-spec": "peft", "--trl-spec": "trl"}
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
@@ -25,38 +45,124 @@ def constraints(stack: str) -> str:
     return str(path)
 
 
-def install(session: nox.Session, stack: str = DEFAULT_STACK) -> None:
-    """The project, its upstream extras and test tools, pinned by the stack's constraints."""
-    # torch first, alone: with the pin satisfied, nothing later pulls a CUDA build.
+def split_forks(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Take ``--peft-spec X`` / ``--trl-spec X`` (or ``--peft-spec=X``) out of ``args``."""
+    forks: dict[str, str] = {}
+    rest: list[str] = []
+    it = iter(args)
+    for arg in it:
+        option, eq, value = arg.partition("=")
+        if option in FORK_OPTIONS:
+            if not eq:
+                value = next(it, "")
+            if not value:
+                raise SystemExit(f"{option} needs a pip requirement: a path, a VCS URL or a wheel")
+            forks[FORK_OPTIONS[option]] = value
+        else:
+            rest.append(arg)
+    return forks, rest
+
+
+def _bin(venv: Path, name: str) -> str:
+    return str(venv / ("Scripts" if os.name == "nt" else "bin") / name)
+
+
+def stack_python(session: nox.Session, stack: str, forks: dict[str, str] | None = None) -> str:
+    """The python of ``stack``'s virtualenv, created or brought up to date: torch first,
+    alone (with the pin satisfied, nothing later pulls a CUDA build), then the project
+    with its upstream extras pinned by the constraints, then any fork over its pin."""
     c = constraints(stack)
-    session.install("-c", c, "torch")
-    session.install("-c", c, "-e", ".[upstream,test]")
+    forks = forks or {}
+    name = stack
+    if forks:
+        digest = hashlib.sha256(repr(sorted(forks.items())).encode()).hexdigest()[:10]
+        name = f"{stack}-fork-{digest}"
+    venv = ROOT / ".nox" / f"stack-{name}"
+    python = _bin(venv, "python")
+    if not Path(python).exists():
+        session.run(sys.executable, "-m", "venv", str(venv), external=True)
+    pip = (python, "-m", "pip", "install", "-q", "--disable-pip-version-check")
+    session.run(*pip, "-c", c, "torch", external=True, silent=True)
+    session.run(*pip, "-c", c, "-e", f"{ROOT}[upstream,test]", external=True, silent=True)
+    for package, spec in sorted(forks.items()):
+        session.log(f"installing the {package} fork {spec} over the {stack} pin")
+        # Not under the constraints (a fork's version rarely equals the pin), no deps (the
+        # stack keeps its pinned companions), and always reinstalled (a path's code changes).
+        session.run(*pip, "--no-deps", "--force-reinstall", spec, external=True, silent=True)
+    return python
 
 
-@nox.session
-@nox.parametrize("stack", STACKS)
+def stack_env(stack: str) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": "1", "CONFORMANCE_CACHE": str(ROOT / ".cache" / stack),
+            "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@nox.session(venv_backend="none")
+@nox.parametrize("stack", PINNED)
 def conformance(session: nox.Session, stack: str) -> None:
-    """Run the conformance suite against one pinned stack (pytest args after --)."""
-    install(session, stack)
-    env = {"OMP_NUM_THREADS": "1", "CONFORMANCE_CACHE": str(ROOT / ".cache" / stack)}
-    session.run("python", "-m", "pytest", "conformance", *session.posargs, env=env)
+    """Run the conformance suite against one stack (pytest args after --; --peft-spec/--trl-spec for forks)."""
+    forks, args = split_forks(list(session.posargs))
+    python = stack_python(session, stack, forks)
+    session.run(python, "-m", "pytest", "conformance", *args, env=stack_env(stack), external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none", name="conformance-on")
+def conformance_on(session: nox.Session) -> None:
+    """Run the conformance suite on any stack, a release stack included: nox -s conformance-on -- STACK [pytest args]."""
+    forks, args = split_forks(list(session.posargs))
+    if not args or args[0].startswith("-"):
+        session.error(f"usage: nox -s conformance-on -- STACK [pytest args]; stacks: {', '.join(STACKS)}")
+    stack, args = args[0], args[1:]
+    python = stack_python(session, stack, forks)
+    session.run(python, "-m", "pytest", "conformance", *args, env=stack_env(stack), external=True)
+
+
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Run the harness's own tests (pytest args after --)."""
-    install(session)
-    session.run("python", "-m", "pytest", "tests", *(session.posargs or ["-q"]))
+    """Run the harness's own tests on the current stack (pytest args after --)."""
+    python = stack_python(session, DEFAULT_STACK)
+    session.run(python, "-m", "pytest", "tests", *(session.posargs or ["-q"]),
+                env=stack_env(DEFAULT_STACK), external=True)
 
 
-@nox.session
-@nox.parametrize("stack", STACKS)
+@nox.session(venv_backend="none")
+@nox.parametrize("stack", PINNED)
 def faults(session: nox.Session, stack: str) -> None:
     """Run the stack-dependent harness tests (trl faults, known-divergence reproductions) on one stack."""
-    install(session, stack)
-    env = {"CONFORMANCE_CACHE": str(ROOT / ".cache" / stack)}
-    session.run("python", "-m", "pytest", "tests/test_faults_trl.py", "tests/test_known_upstream.py",
-                *(session.posargs or ["-q", "-rs"]), env=env)
+    python = stack_python(session, stack)
+    session.run(python, "-m", "pytest", "tests/test_faults_trl.py", "tests/test_known_upstream.py",
+                *(session.posargs or ["-q", "-rs"]), env=stack_env(stack), external=True)
+
+
+@nox.session(venv_backend="none")
+def gate(session: nox.Session) -> None:
+    """What changed between two stacks: record a corpus under the first, compare under the second.
+
+    nox -s gate -- FROM TO [--cases N] [--seed S] [--level peft|trl|all] [--fail-on-change]
+                           [--peft-spec X] [--trl-spec X]
+
+    Fork specs apply to the TO side; --fail-on-change makes any change fail the session.  The corpus and the reports land in
+    reports/gate/FROM-to-TO/ (report.json, report.md).
+    """
+    forks, args = split_forks(list(session.posargs))
+    stacks = [a for a in args[:2] if not a.startswith("-")]
+    if len(stacks) != 2:
+        session.error("usage: nox -s gate -- FROM TO [--cases N] [--seed S] [--level L] [--peft-spec X] [--trl-spec X]")
+    before, after = stacks
+    options = args[2:]
+    compare_opts = [o for o in options if o == "--fail-on-change"]
+    record_opts = [o for o in options if o != "--fail-on-change"]
+    label = f"{before}-to-{after}" + ("-fork" if forks else "")
+    out = ROOT / "reports" / "gate" / label
+    corpus = out / "corpus"
+    shutil.rmtree(corpus, ignore_errors=True)
+    python = stack_python(session, before)
+    session.run(python, "-m", "conformance", "record", str(corpus.relative_to(ROOT)), *record_opts, env=stack_env(before), external=True)
+    python = stack_python(session, after, forks)
+    report, md = out / "report.json", out / "report.md"
+    session.run(python, "-m", "conformance", "compare", str(corpus.relative_to(ROOT)), "--report", str(report), "--markdown", str(md),
+                *compare_opts, env=stack_env(after), external=True)
+    session.log(f"gate {before} -> {after}: report {report}, markdown {md}")
 
 
 @nox.session

@@ -243,7 +243,8 @@ def _compare(args: argparse.Namespace) -> int:
         if args.case not in corpus.cases:
             print(f"compare: --case {args.case!r} is not in {args.corpus}", file=sys.stderr)
             return 2
-        changes = changes_of(args.case, corpus.observations[args.case], observe(corpus.cases[args.case]))
+        case = corpus.cases[args.case]
+        changes = changes_of(args.case, corpus.observations[args.case], observe(case), case.training.level)
         print(f"case: {corpus.cases[args.case].dumps()}")
         print(f"recorded under: {', '.join(f'{k} {v}' for k, v in corpus.stack.items())}")
         print(f"replayed under: {', '.join(f'{k} {v}' for k, v in stack_versions().items())}")

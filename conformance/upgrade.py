@@ -6,6 +6,8 @@ one and groups the differences by (field, module kind, parameter role):
 * a *field* is a snapshot field (``dtype``, ``requires_grad``, ``adapter[default].scaling``,
   ``<model>.gradient_checkpointing``...), or one of the status changes ``<build>.builds``,
   ``<error>.raised`` / ``<error>.kind``, ``<warning>.added`` / ``<warning>.removed``;
+* the *level* is the case's preparation level (``peft`` or ``trl``): the same field
+  often changes for different reasons at the two levels;
 * the *module kind* is the LoRA layer's base kind (``linear``, ``conv1d``, ``bnb4bit``...)
   of the module the difference is in, or ``-``;
 * the *parameter role* says what the parameter is to training: ``base weight``,
@@ -64,6 +66,7 @@ class Change:
     """One observable difference of one case."""
 
     case_id: str
+    level: str
     path: str
     field: str
     module_kind: str
@@ -108,28 +111,28 @@ def _field(d: Divergence) -> str:
     return d.field
 
 
-def changes_of(case_id: str, before: Observation, after: Observation) -> list[Change]:
-    """Every difference between two observations of one case."""
+def changes_of(case_id: str, before: Observation, after: Observation, level: str = "peft") -> list[Change]:
+    """Every difference between two observations of one case (at preparation ``level``)."""
     if before.status == "unbuildable" or after.status == "unbuildable":
         if before.status == after.status:
             return []
         describe = {"unbuildable": "no", "prepared": "yes", "raised": "yes"}
         b = describe[before.status] + (f" ({before.build_error})" if before.build_error else "")
         a = describe[after.status] + (f" ({after.build_error})" if after.build_error else "")
-        return [Change(case_id, "<build>", "<build>.builds", NO_KIND, "model", b, a)]
+        return [Change(case_id, level, "<build>", "<build>.builds", NO_KIND, "model", b, a)]
     out = []
     for d in diff(before.snapshot, after.snapshot):
         if _DUPLICATE_FIELD.search(d.field):
             continue  # the lora_A / lora_B parameters' own rows carry it
         kind = _module_kind(d.path, before.snapshot, after.snapshot)
-        out.append(Change(case_id, d.path, _field(d), kind, _role(d, kind), d.reference, d.upstream))
+        out.append(Change(case_id, level, d.path, _field(d), kind, _role(d, kind), d.reference, d.upstream))
     b_err, a_err = before.snapshot.error, after.snapshot.error
     if b_err is not None and a_err is not None and b_err.kind == a_err.kind == "other" and b_err.message != a_err.message:
-        out.append(Change(case_id, ERROR, "<error>.message", NO_KIND, "model", b_err.message[:200], a_err.message[:200]))
+        out.append(Change(case_id, level, ERROR, "<error>.message", NO_KIND, "model", b_err.message[:200], a_err.message[:200]))
     for message in sorted(set(after.warnings) - set(before.warnings)):
-        out.append(Change(case_id, "<warning>", "<warning>.added", NO_KIND, "model", None, message))
+        out.append(Change(case_id, level, "<warning>", "<warning>.added", NO_KIND, "model", None, message))
     for message in sorted(set(before.warnings) - set(after.warnings)):
-        out.append(Change(case_id, "<warning>", "<warning>.removed", NO_KIND, "model", message, None))
+        out.append(Change(case_id, level, "<warning>", "<warning>.removed", NO_KIND, "model", message, None))
     return out
 
 
@@ -137,7 +140,8 @@ def compare(corpus: Corpus, replayed: dict[str, Observation]) -> list[Change]:
     """All changes between ``corpus``'s observations and ``replayed`` (same ids)."""
     out: list[Change] = []
     for case_id in sorted(corpus.cases):
-        out.extend(changes_of(case_id, corpus.observations[case_id], replayed[case_id]))
+        level = corpus.cases[case_id].training.level
+        out.extend(changes_of(case_id, corpus.observations[case_id], replayed[case_id], level))
     return out
 
 
@@ -163,9 +167,9 @@ def report_json(corpus: Corpus, replayed: dict[str, Observation], to_stack: dict
                 corpus_path: str, max_values: int = 5) -> dict[str, Any]:
     """The upgrade report: stacks, totals and the grouped changes (largest groups first)."""
     changes = compare(corpus, replayed)
-    groups: dict[tuple[str, str, str], _Group] = {}
+    groups: dict[tuple[str, str, str, str], _Group] = {}
     for c in changes:
-        g = groups.setdefault((c.field, c.module_kind, c.role), _Group())
+        g = groups.setdefault((c.level, c.field, c.module_kind, c.role), _Group())
         g.count += 1
         g.cases.add(c.case_id)
         g.values[(repr(c.before), repr(c.after))] += 1
@@ -174,10 +178,11 @@ def report_json(corpus: Corpus, replayed: dict[str, Observation], to_stack: dict
             g.smallest = (size, c)
     from_stack = corpus.stack
     rows = []
-    for (field_name, kind, role), g in sorted(groups.items(), key=lambda kv: (-len(kv[1].cases), kv[0])):
+    for (level, field_name, kind, role), g in sorted(groups.items(), key=lambda kv: (-len(kv[1].cases), kv[0])):
         c: Change = g.smallest[1]
         values = [{"before": b, "after": a, "count": n} for (b, a), n in g.values.most_common(max_values)]
         rows.append({
+            "level": level,
             "field": field_name,
             "module_kind": kind,
             "role": role,
@@ -239,13 +244,13 @@ def markdown(report: dict[str, Any], max_rows: int = 30) -> str:
     if not report["changes"]:
         lines.append("No observable change in how these cases are prepared.")
         return "\n".join(lines) + "\n"
-    lines += ["| field | module kind | role | cases | before → after (most common) | smallest case |",
-              "| --- | --- | --- | ---: | --- | --- |"]
+    lines += ["| level | field | module kind | role | cases | before → after (most common) | smallest case |",
+              "| --- | --- | --- | --- | ---: | --- | --- |"]
     for row in report["changes"][:max_rows]:
         top = row["values"][0]
         more = len(row["values"]) - 1 + row["more_values"]
         change = f"`{_cell(top['before'], 50)}` → `{_cell(top['after'], 50)}`" + (f" (+{more} more)" if more else "")
-        lines.append(f"| `{row['field']}` | {row['module_kind']} | {row['role']} | {row['cases']} | {change} | "
+        lines.append(f"| {row['level']} | `{row['field']}` | {row['module_kind']} | {row['role']} | {row['cases']} | {change} | "
                      f"`{row['smallest']['id']}` |")
     if len(report["changes"]) > max_rows:
         lines.append(f"\n… and {len(report['changes']) - max_rows} smaller groups in the JSON report.")
