@@ -58,14 +58,14 @@ def test_profile_ranges_tile_the_seed_era_without_gaps():
     """Each profile's specifier starts where the previous one ends; the last is open."""
     specs = [p.peft for p in PROFILES.values()]
     assert specs[0].startswith(">=0.15,")
-    for before, after in zip(specs, specs[1:]):
+    for before, after in zip(specs, specs[1:], strict=False):
         assert before.split(",<")[1] == after.split(",")[0].removeprefix(">=")
     assert "<" not in specs[-1]
 
 
 def test_flow_ranges_tile_without_gaps():
     specs = [f.trl for f in TRL_FLOWS.values()]
-    for before, after in zip(specs, specs[1:]):
+    for before, after in zip(specs, specs[1:], strict=False):
         assert before.split(",<")[1] == after.split(",")[0].removeprefix(">=")
     assert "<" not in specs[-1]
 
