@@ -240,8 +240,13 @@ def settings_of(config: pytest.Config) -> Settings:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    from conformance.corpus import stack_versions
+    from reference.profiles import selection_notes
+
     s = settings_of(config)
-    stack = ", ".join(f"{k} {v}" for k, v in s.stack.items())
+    # Versions with their install source: a fork installed from a path or URL says so.
+    stack = ", ".join(f"{k} {v}" for k, v in stack_versions().items() if k != "python")
+    notes = [] if s.profile_forced else selection_notes(s.stack)
     forced = " (forced)" if s.profile_forced else ""
     shard = f" shard={s.shard} (draws with seed {shard_seed(s.seed, s.shard)})" if s.shard else ""
     replay = f"--hypothesis-seed={s.seed}" + (f" {SHARD}={s.shard}" if s.shard else "")
@@ -251,6 +256,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"seed={s.seed}{shard} (replay: {replay})"
         + (" strict" if s.strict else ""),
         f"conformance stack: {stack}",
+        *(f"conformance WARNING: {note}" for note in notes),
     ]
 
 

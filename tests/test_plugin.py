@@ -193,3 +193,16 @@ def test_cli_explain_builds_a_case_from_flags():
     assert '"r":4' in result.stdout and "outcome: known" in result.stdout
     bad = _cli("explain", "--model-type", "nope")
     assert bad.returncode != 0 and "--model-type='nope' is not one of" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_versions_newer_than_every_profile_are_announced_in_the_header(suite):
+    suite.makeconftest(
+        "import reference.profiles as profiles\n"
+        "_installed = profiles.installed_versions\n"
+        "profiles.installed_versions = lambda: {**_installed(), 'peft': '0.99.0', 'trl': '9.0.0'}\n"
+    )
+    result = suite.runpytest_subprocess("--collect-only", "-p", "no:warnings")
+    warnings = [line for line in result.stdout.lines if line.startswith("conformance WARNING: ")]
+    assert len(warnings) == 2, result.stdout.str()
+    assert "peft 0.99.0 is newer than the newest known profile" in warnings[0]
+    assert "trl 9.0.0" in warnings[1]
