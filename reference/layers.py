@@ -145,8 +145,10 @@ class LoraLinear(_LoraBase):
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(a.weight.dtype))
-            result = result + (b(a(h)) * self.scaling[name]).to(out_dtype)
-        return result
+            # Added in the promoted dtype (fp32 factors beside a bf16 base add in fp32) and
+            # rounded to the base output's dtype once, at the end.
+            result = result + b(a(h)) * self.scaling[name]
+        return result.to(out_dtype)
 
 
 class LoraEmbedding(_LoraBase):
@@ -175,6 +177,7 @@ class LoraEmbedding(_LoraBase):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
         base = self.base_layer
         for name in self.active_adapters:
             a = self.lora_embedding_A[name].T
@@ -187,8 +190,8 @@ class LoraEmbedding(_LoraBase):
             embed_scale = getattr(base, "embed_scale", None)
             if embed_scale is not None:
                 update = update * torch.as_tensor(embed_scale, device=update.device).to(update.dtype)
-            result = result + update.to(result.dtype)
-        return result
+            result = result + update
+        return result.to(out_dtype)
 
 
 class SavedModule(nn.Module):

@@ -61,6 +61,12 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules=r".*\.layers\.0\..*\.(q_proj)"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # peft < 0.18 adds the LoRA update of gemma3's scaled embedding without its embed_scale.
+    "lora-embedding-update-ignores-embed-scale": Case(
+        ModelSpec("gemma3_text", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules=("embed_tokens",), task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # "all-linear" on a fused-expert MoE becomes parameter targeting, which the reference lacks.
     "moe-experts-as-parameters": Case(
         ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
