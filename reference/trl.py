@@ -231,7 +231,15 @@ def _unload(model: nn.Module) -> None:
         if isinstance(module, SavedModule):
             model.set_submodule(name, module.modules_to_save[module.active_adapter])
         elif isinstance(module, (LoraLinear, LoraEmbedding)):
-            model.set_submodule(name, module.base_layer)
+            base = module.base_layer
+            state = getattr(getattr(base, "weight", None), "quant_state", None)
+            factors = list(getattr(module, "lora_B", {}).values())
+            if state is not None and factors:
+                # A bnb 4-bit weight is dequantized, the delta added and the sum requantized:
+                # the new quant state records the promoted dtype (observed: fp16 base + fp32
+                # LoRA -> float32, trl 0.25.1 / peft 0.21.2).
+                state.dtype = torch.promote_types(state.dtype, factors[0].weight.dtype)
+            model.set_submodule(name, base)
 
 
 def _helper_checkpointing(model: nn.Module, kwargs: dict) -> None:
