@@ -1,0 +1,209 @@
+"""Unit tests of the numerical checks (conformance.numerics and its helpers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from conformance import numerics
+from conformance.diff import Divergence
+from conformance.models import load_model
+from conformance.numerics import TOLERANCES, same_function, tolerance_for
+from conformance.numerics_init import init_problems, mean_square_bounds_normal, mean_square_bounds_uniform
+from conformance.numerics_run import bypassed, case_seed, lora_layers, make_inputs, run_model
+from conformance.runner import cache_dir, run_case
+from reference import prepare, select_profile
+from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
+
+pytest_plugins = ["pytester"]
+
+PROFILE = select_profile()
+NO_KBIT = TrainingSpec(prepare_kbit=False)
+
+
+def _case(**adapter) -> Case:
+    spec = dict(r=4, target_modules=("q_proj", "v_proj"))
+    spec.update(adapter)
+    return Case(ModelSpec("llama", "CAUSAL_LM", num_layers=2), adapter=AdapterSpec(**spec), training=NO_KBIT)
+
+
+def _prepared(case: Case) -> nn.Module:
+    return prepare(load_model(case.model, case.quant, cache_dir()), case.adapter, case.training, PROFILE)
+
+
+# -- statistical bounds --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [8, 64, 1024, 65536])
+def test_normal_bounds_hold_for_correct_draws_and_reject_a_doubled_std(n):
+    g = torch.Generator().manual_seed(n)
+    lo, hi = mean_square_bounds_normal(n, 0.25)
+    for _ in range(200):  # 200 independent draws: a correct init never leaves the bounds
+        ms = float((torch.randn(n, generator=g, dtype=torch.float64) * 0.25).pow(2).mean())
+        assert lo <= ms <= hi
+    if n >= 1024:
+        assert float((torch.randn(n, generator=g, dtype=torch.float64) * 0.5).pow(2).mean()) > hi
+
+
+@pytest.mark.parametrize("n", [64, 4096])
+def test_uniform_bounds_hold_for_correct_draws(n):
+    g = torch.Generator().manual_seed(n)
+    b = 1 / math.sqrt(64)
+    lo, hi = mean_square_bounds_uniform(n, b)
+    for _ in range(200):
+        ms = float(((torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * b).pow(2).mean())
+        assert lo <= ms <= hi
+    assert lo < b**2 / 3 < hi
+
+
+# -- init properties ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_reference_init_satisfies_the_properties(init):
+    case = _case(init_lora_weights=init, target_modules=("q_proj", "v_proj", "embed_tokens"))
+    assert init_problems(_prepared(case), init) == {}
+
+
+def test_lora_bias_must_be_zero_at_init():
+    model = _prepared(_case(lora_bias=True))
+    assert init_problems(model, True) == {}
+    path, layer = lora_layers(model)[0]
+    with torch.no_grad():
+        layer.lora_B["default"].bias.fill_(0.01)
+    assert "bias is not zero" in " ".join(init_problems(model, True)[path])
+
+
+def test_broken_inits_are_named():
+    model = _prepared(_case())
+    path, layer = lora_layers(model)[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.mul_(3)
+    assert "kaiming-uniform bound" in " ".join(init_problems(model, True)[path])
+    model = _prepared(_case(init_lora_weights=False))
+    path, layer = lora_layers(model)[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.zero_()
+    assert "B is all zero" in " ".join(init_problems(model, False)[path])
+
+
+# -- tolerances ------------------------------------------------------------------------------------------
+
+
+def test_tolerance_follows_the_loosest_precision():
+    assert tolerance_for(nn.Linear(2, 2)).name == "fp32"
+    assert tolerance_for(nn.Linear(2, 2).to(torch.bfloat16)).name == "bf16"
+    assert tolerance_for(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).half())).name == "fp16"
+    assert set(TOLERANCES) == {"fp32", "fp16", "bf16", "int8"}
+    assert TOLERANCES["fp32"].rtol < TOLERANCES["fp16"].rtol <= TOLERANCES["bf16"].rtol
+    for tol in TOLERANCES.values():
+        assert len(tol.why.split()) >= 10
+
+
+@pytest.mark.parametrize("quant, expected", [
+    (QuantSpec(kind="8bit"), "int8"),
+    (QuantSpec(kind="4bit", compute_dtype="bfloat16"), "bf16"),
+    (QuantSpec(kind="4bit", compute_dtype="float32"), "fp32"),
+])
+def test_tolerance_of_quantized_models(quant, expected):
+    model = load_model(ModelSpec("llama", num_layers=1), quant, cache_dir())
+    assert tolerance_for(model).name == expected
+
+
+# -- determinism and mechanics -----------------------------------------------------------------------------
+
+
+def test_seed_and_runs_leave_the_global_rng_alone():
+    case = _case(lora_dropout=0.1)
+    assert case_seed(case) == case_seed(Case.loads(case.dumps())) != case_seed(case, "x")
+    model = _prepared(case)
+    inputs = make_inputs(case, model, case_seed(case))
+    state = torch.get_rng_state()
+    a = run_model(model, inputs, train=True, seed=7)
+    b = run_model(model, inputs, train=True, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    c = run_model(model, inputs, train=True, seed=8)
+    b_grad = next(k for k in a.grads if "lora_B" in k)  # B is zero at init: the masks show in B's gradient
+    assert not torch.equal(a.grads[b_grad], c.grads[b_grad])  # dropout is really active in training mode
+    assert all(not m.training for m in model.modules())  # modes restored
+
+
+def test_bypassed_restores_the_lora_layers():
+    model = _prepared(_case())
+    before = [m for _, m in lora_layers(model)]
+    with bypassed(model):
+        assert lora_layers(model) == []
+    assert [m for _, m in lora_layers(model)] == before
+
+
+def test_same_function_allows_only_bookkeeping():
+    assert same_function([])
+    assert same_function([Divergence("<model>", "config_mutations", (), ("target_modules",))])
+    assert not same_function([Divergence("x.q_proj", "adapter[default].scaling", 1.0, 2.0)])
+
+
+# -- in the differential step ------------------------------------------------------------------------------
+
+
+def test_run_case_records_numerics_and_respects_the_switch(monkeypatch):
+    case = _case(lora_alpha=16, lora_dropout=0.05)
+    on = run_case(case, PROFILE, numerics=True)
+    assert on.status == "agree" and on.numerics["tolerance"] == "fp32"
+    assert on.to_json()["numerics"]["max_error_in_tolerances"] <= 1
+    assert run_case(case, PROFILE, numerics=False).numerics is None
+    monkeypatch.setattr(numerics, "_ENABLED", None)
+    monkeypatch.setenv("CONFORMANCE_NUMERICS", "off")
+    assert not numerics.enabled()
+    numerics.configure(True)
+    assert numerics.enabled()
+
+
+def test_a_numeric_divergence_fails_like_a_structural_one(monkeypatch):
+    """A corrupted upstream value becomes an unexpected divergence with a numerics field."""
+    import conformance.runner as runner
+
+    original = runner._upstream_prepared
+
+    def corrupted(case, raw=None):
+        snap, model = original(case, raw)
+        for m in model.modules():  # scale every base q_proj weight: the snapshot cannot see it
+            if hasattr(m, "base_layer") and hasattr(m, "lora_A"):
+                with torch.no_grad():
+                    m.base_layer.weight.mul_(1.5)
+        return snap, model
+
+    monkeypatch.setattr(runner, "_upstream_prepared", corrupted)
+    outcome = run_case(_case(), PROFILE, numerics=True)
+    assert outcome.status == "diverge"
+    assert {d.field for d in outcome.divergences} >= {"numerics.logits", "numerics.loss"}
+    assert all(d.field.startswith("numerics.") for d in outcome.divergences)
+    assert "numerics." in str(outcome.to_json()["divergences"])
+
+
+def test_plugin_option_is_validated(pytester):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    args = ["-p", "conformance.plugin"] if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else []
+    bad = pytester.runpytest_subprocess(*args, "--conformance-numerics=maybe")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--conformance-numerics='maybe' is not one of on, off" in bad.stderr.str()
+    off = pytester.runpytest_subprocess(*args, "--conformance-numerics=off")
+    assert off.ret == pytest.ExitCode.OK and "numerics=off" in off.stdout.str()
+
+
+def test_nan_never_passes():
+    result = numerics.NumericsResult(tolerance="fp32")
+    t = torch.tensor([1.0, float("nan")])
+    numerics._compare("<model>", "numerics.logits", t, t.clone(), TOLERANCES["fp32"], result)
+    assert [d.upstream for d in result.divergences] == ["non-finite: 1 nan, 0 inf"]
+
+
+def test_dataclass_of_result_serialises():
+    result = numerics.NumericsResult(tolerance="bf16", max_rel_error=0.5, note="x")
+    assert result.to_json() == {"tolerance": "bf16", "max_error_in_tolerances": 0.5, "note": "x"}
+    assert dataclasses.is_dataclass(result)
