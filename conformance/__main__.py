@@ -152,7 +152,7 @@ def _cases(args: argparse.Namespace) -> int:
 
 
 def _profiles(args: argparse.Namespace) -> int:
-    from reference.profiles import PROFILES, installed_versions, select_profile
+    from reference.profiles import PROFILES, installed_versions, select_profile, selection_notes
 
     versions = installed_versions()
     chosen = select_profile(None, versions)
@@ -160,6 +160,14 @@ def _profiles(args: argparse.Namespace) -> int:
     for name, profile in PROFILES.items():
         mark = "*" if name == chosen.name else " "
         print(f"{mark} {name:<10} peft {profile.peft:<14} {profile.description}")
+    from reference.trl import TRL_FLOWS, select_trl_flow
+
+    flow = select_trl_flow()
+    print("trl flows:")
+    for name, f in TRL_FLOWS.items():
+        print(f"{'*' if name == flow.name else ' '} {name:<12} trl {f.trl:<14} shape {f.shape}")
+    for note in selection_notes(versions):
+        print(f"WARNING: {note}")
     return 0
 
 

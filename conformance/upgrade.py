@@ -188,6 +188,7 @@ def report_json(corpus: Corpus, replayed: dict[str, Observation], to_stack: dict
             "role": role,
             "count": g.count,
             "cases": len(g.cases),
+            "case_ids": sorted(g.cases),
             "values": values,
             "more_values": max(0, len(g.values) - max_values),
             "smallest": {
