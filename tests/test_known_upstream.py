@@ -67,6 +67,12 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules=("embed_tokens",), task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # SFTTrainer turns on the MoE router's auxiliary loss in the config; the reference's trl flow does not.
+    "trl-moe-router-aux-loss-enabled": Case(
+        ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules=("q_proj",), task_type="CAUSAL_LM"),
+        training=TrainingSpec(level="trl", prepare_kbit=False),
+    ),
     # "all-linear" on a fused-expert MoE becomes parameter targeting, which the reference lacks.
     "moe-experts-as-parameters": Case(
         ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
