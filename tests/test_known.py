@@ -14,7 +14,7 @@ from conformance.diff import Divergence
 from conformance.known import REGISTRY_PATH, Entry, Registry, load_registry
 from reference import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec
 
-STACK = {"peft": "0.21.2", "transformers": "5.23.0", "torch": "2.13.0", "trl": "absent"}
+STACK = {"peft": "0.21.2", "transformers": "5.23.0", "torch": "2.13.0", "trl": "1.16.0"}
 
 
 def write(tmp_path, text: str, name: str = "registry.toml"):
@@ -72,8 +72,8 @@ def test_shipped_registry_parses_and_documents_every_entry():
 
 SEED_ONLY = {"layers-to-transform-zero-read-as-missing", "orphan-lora-inside-saved-module",
              "lora-embedding-update-ignores-embed-scale"}
-# Entries for upstream ranges between the pinned stacks (trl 0.20 - 0.23).
-NEITHER = {"trl-kbit-step-freezes-passed-peft-model"}
+# Entries for upstream ranges between the pinned stacks (trl 0.20 - 0.23; peft < 0.21.2 with transformers >= 5.18).
+NEITHER = {"trl-kbit-step-freezes-passed-peft-model", "seq2seq-peft-model-transformers-5-18"}
 
 
 def test_shipped_entries_are_active_for_their_stacks_and_not_for_an_old_one():
@@ -82,7 +82,9 @@ def test_shipped_entries_are_active_for_their_stacks_and_not_for_an_old_one():
     seed = load_registry(REGISTRY_PATH, versions={"peft": "0.15.2", "transformers": "4.53.3"})
     assert SEED_ONLY <= {e.id for e in seed.active} and not NEITHER & {e.id for e in seed.active}
     middle = load_registry(REGISTRY_PATH, versions={"peft": "0.17.1", "transformers": "4.56.0", "trl": "0.21.0"})
-    assert NEITHER <= {e.id for e in middle.active}
+    assert "trl-kbit-step-freezes-passed-peft-model" in {e.id for e in middle.active}
+    release = load_registry(REGISTRY_PATH, versions={"peft": "0.19.0", "transformers": "5.23.0", "trl": "1.16.0"})
+    assert "seq2seq-peft-model-transformers-5-18" in {e.id for e in release.active}
     old = load_registry(REGISTRY_PATH, versions={"peft": "0.10.0", "transformers": "4.40.0"})
     assert old.active == []
 
