@@ -41,6 +41,22 @@ def _headline(report: dict[str, Any]) -> str:
     )
 
 
+def _numerics_line(report: dict[str, Any]) -> str:
+    """How many examples the numerical checks ran on, by tolerance class, and the worst error."""
+    checked = [e["numerics"] for e in report.get("examples", []) if e.get("numerics")]
+    prepared = [e for e in report.get("examples", [])
+                if e.get("outcome") in ("agree", "known") and "upstream_error" not in e]
+    if not checked and not prepared:
+        return ""
+    by_class: dict[str, int] = {}
+    for n in checked:
+        by_class[n.get("tolerance", "?")] = by_class.get(n.get("tolerance", "?"), 0) + 1
+    worst = max((n.get("max_error_in_tolerances", 0.0) for n in checked), default=0.0)
+    classes = ", ".join(f"{k} x{v}" for k, v in sorted(by_class.items()))
+    return (f"numerics: checked on {len(checked)} of {len(prepared)} examples that prepared and agreed structurally"
+            + (f" ({classes}); worst error {worst:.3g} of its tolerance" if checked else ""))
+
+
 def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> list[str]:
     """The terminal summary: the coverage table, divergences by field and module kind, registry, skips.
 
@@ -58,6 +74,9 @@ def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> li
         for g in groups:
             shown = ", ".join(f"#{i}" for i in g["examples"][:5])
             lines.append(f"  {g['field']} on {g['module_kind']}: x{g['count']} (examples {shown})")
+    numerics = _numerics_line(report)
+    if numerics:
+        lines.append(numerics)
     if report["known"]:
         lines.append("known divergences matched: " + ", ".join(f"{k} x{v}" for k, v in report["known"].items()))
     if report["stale_known"]:

@@ -121,3 +121,19 @@ def test_merge_cli_exit_status_and_outputs(tmp_path):
     assert strict.returncode == 1 and "STRICT MODE FAILED" in strict.stdout and "stale known-divergence" in strict.stdout
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "none.json"), "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("merge: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_summary_counts_the_numerics_checks():
+    from conformance.summary import _numerics_line
+
+    examples = [
+        {"outcome": "agree", "numerics": {"tolerance": "fp32", "max_error_in_tolerances": 0.0}},
+        {"outcome": "known", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 0.25}},
+        {"outcome": "agree"},  # numerics off, or a known structural difference
+        {"outcome": "agree", "upstream_error": "ValueError[x]"},  # both rejected: nothing to run
+        {"outcome": "diverge"},
+    ]
+    line = _numerics_line({"examples": examples})
+    assert line == ("numerics: checked on 2 of 3 examples that prepared and agreed structurally "
+                    "(bf16 x1, fp32 x1); worst error 0.25 of its tolerance")
+    assert _numerics_line({"examples": []}) == ""
