@@ -73,6 +73,18 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules=("q_proj",), task_type="CAUSAL_LM"),
         training=TrainingSpec(level="trl", prepare_kbit=False),
     ),
+    # peft < 0.21.2's PeftModelForSeq2SeqLM reads a generation helper transformers 5.18 removed.
+    "seq2seq-peft-model-transformers-5-18": Case(
+        ModelSpec("t5", "SEQ_2_SEQ_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules=("q",), task_type="SEQ_2_SEQ_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # peft 0.19.0's MoE config conversion splits a string target into its characters: nothing is targeted.
+    "moe-string-targets-split-into-characters": Case(
+        ModelSpec("mixtral", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # "all-linear" on a fused-expert MoE becomes parameter targeting, which the reference lacks.
     "moe-experts-as-parameters": Case(
         ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
