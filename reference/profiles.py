@@ -115,8 +115,9 @@ class Profile:
     gradient_checkpointing_default: bool = True
     """``prepare_model_for_kbit_training(use_gradient_checkpointing=...)`` default."""
     adapter_dtype_follows_4bit_compute: bool = True
-    """New factors on a bnb 4-bit layer follow its compute dtype (peft >= 0.16; before,
-    the uint8 weight dtype was not a float, so they stayed fp32)."""
+    """New factors on a bnb 4-bit layer follow its compute dtype (peft >= 0.19, PR #2893,
+    issue #2889; before, the uint8 weight dtype was not a float, so they stayed fp32 even
+    with ``autocast_adapter_dtype=False``: observed on 0.15.2 and 0.18.1)."""
     embedding_keeps_fan_in_fan_out: bool = True
     """An Embedding LoRA layer records the shared ``fan_in_fan_out`` flag (peft >= 0.19,
     where LoRA layers are built from the LoraConfig; peft 0.15 - 0.18 drop the flag for
@@ -168,7 +169,7 @@ _SEED = Profile(
     saved_module_may_be_lora=True,
     bias_all_substring=True,
 )
-# peft 0.16.0: 4-bit adapters follow the compute dtype, SEQ_CLS heads guarded before targeting,
+# peft 0.16.0: SEQ_CLS heads guarded before targeting,
 # modules_to_save over a LoRA layer is a TypeError, bias="all" by name suffix, new default-target
 # families (see the 0.15 notes, docs/spec/).  The greedy layer-index regexes stay until 0.20.
 _PEFT_0_16 = dataclasses.replace(
@@ -177,7 +178,6 @@ _PEFT_0_16 = dataclasses.replace(
     peft=">=0.16,<0.18",
     description="peft 0.16 - 0.17",
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_16),
-    adapter_dtype_follows_4bit_compute=True,
     guarded_task_heads=("SEQ_CLS", "TOKEN_CLS"),
     saved_guard_counts_as_excluded=True,
     saved_module_may_be_lora=False,
@@ -194,6 +194,9 @@ _PEFT_0_18 = dataclasses.replace(
 )
 # peft 0.19.0: LoRA layers are built from the LoraConfig, so an Embedding layer records the
 # shared fan_in_fan_out flag (0.18 dropped it from the embedding kwargs: observed False);
+# new factors on a bnb 4-bit layer follow its compute dtype, so autocast_adapter_dtype=False keeps
+# e.g. fp16 factors (huggingface/peft PR #2893, issue #2889; 0.16 - 0.18 read the uint8 storage
+# dtype and kept fp32: observed on 0.18.1, and 0.16.0's source has no compute-dtype branch);
 # gemma4 defaults.  (peft 0.19 also converts MoE configs for transformers 5: registry entries.)
 _PEFT_0_19 = dataclasses.replace(
     _PEFT_0_18,
@@ -202,6 +205,7 @@ _PEFT_0_19 = dataclasses.replace(
     description="peft 0.19",
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_19),
     embedding_keeps_fan_in_fan_out=True,
+    adapter_dtype_follows_4bit_compute=True,
 )
 # peft 0.20.0: the layer index is the *first* digit segment after two leading segments (lazy
 # `.*?`; before, the greedy `.*` took the last one, e.g. an MoE expert index instead of the
