@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["enable_gradient_checkpointing", "is_kbit", "prepare_for_kbit_training"]
+__all__ = ["enable_gradient_checkpointing", "is_kbit", "prepare_for_kbit_training", "prepare_for_kbit_training_norms_only"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -38,4 +38,23 @@ def prepare_for_kbit_training(
             param.data = param.data.to(torch.float32)
     if is_kbit(model) and use_gradient_checkpointing:
         enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
+    return model
+
+
+def prepare_for_kbit_training_norms_only(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> nn.Module:
+    """trl 0.25's own k-bit step (trl PR #4335, used by SFTTrainer in 0.25.x only): freeze every
+    parameter, upcast to fp32 only the fp16/bf16 parameters whose name contains "norm" (any
+    letter case; embeddings, heads, biases and unquantized linears keep their dtype), and for a
+    quantized model with checkpointing make the input embeddings' outputs require grad
+    *whatever* ``use_reentrant`` says, then turn checkpointing on with the given kwargs.
+    Observed on trl 0.25.1 (bart / llama 8-bit and falcon 4-bit, fp16 load)."""
+    for name, param in model.named_parameters():
+        param.requires_grad = False
+        if param.dtype in _HALF and "norm" in name.lower():
+            param.data = param.data.to(torch.float32)
+    if is_kbit(model) and use_gradient_checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(gradient_checkpointing_kwargs or {}))
     return model

@@ -33,7 +33,7 @@ from packaging.version import Version
 from torch import nn
 
 from reference.errors import InvalidConfig
-from reference.kbit import is_kbit, prepare_for_kbit_training
+from reference.kbit import is_kbit, prepare_for_kbit_training, prepare_for_kbit_training_norms_only
 from reference.layers import LoraEmbedding, LoraLinear, SavedModule
 from reference.prepare import prepare
 from reference.profiles import Profile, _release
@@ -68,6 +68,12 @@ class TrlFlow:
     """LoRA on the output head is an error."""
     bf16_cast_skips_dora_magnitude: bool = True
     """The bf16 cast of a quantized model's trainables leaves DoRA magnitudes in fp32."""
+    kbit_step: str = "peft"
+    """Which k-bit step the classic / helper shapes run: ``peft`` (peft's
+    ``prepare_model_for_kbit_training``: every fp16/bf16 parameter that is not 4-bit-packed
+    to fp32, input grads only with reentrant checkpointing) or ``norms`` (trl 0.25's own
+    copy: only parameters named like a norm to fp32, input grads whenever checkpointing is
+    on).  Unused by the inline shape, which has no k-bit step."""
 
 
 # Each era is the previous one with the rules that changed; a change is written once, here.
@@ -85,12 +91,17 @@ _HELPER = dataclasses.replace(
 )
 # trl 0.23.0, PR #3981 (fixes #3980): `args.gradient_checkpointing = False` instead of
 # `dataclasses.replace(args, ...)`, so the trainer's args lose checkpointing after the k-bit step.
-_HELPER_023 = dataclasses.replace(_HELPER, name="helper-0.23", trl=">=0.23,<0.26", kbit_step_turns_off_trainer_gc=True)
+_HELPER_023 = dataclasses.replace(_HELPER, name="helper-0.23", trl=">=0.23,<0.25", kbit_step_turns_off_trainer_gc=True)
+# trl 0.25.0, PR #4335 ("Added custom prepare_model_for_kbit_training to save VRAM"): prepare_peft_model
+# calls trl's own k-bit step, which upcasts only norm parameters (by name) and arranges input grads
+# whatever use_reentrant says; embeddings, heads, biases and unquantized linears keep the load dtype
+# (observed on trl 0.25.1: bart / llama 8-bit fp16 keep fp16 embeddings, falcon 4-bit its FalconLinears).
+_HELPER_025 = dataclasses.replace(_HELPER_023, name="helper-0.25", trl=">=0.25,<0.26", kbit_step="norms")
 # trl 0.26.0, PR #4577 ("Clean up model preparation"): prepare_peft_model dropped from SFTTrainer; no k-bit
 # step, no checkpointing at construction, input grads whenever checkpointing is on, and every trainable
 # parameter of a quantized model cast to bf16 (QLoRA paper; peft issue #2889).
 _INLINE = dataclasses.replace(
-    _HELPER_023, name="inline", trl=">=0.26,<0.27", shape="inline", kbit_step_turns_off_trainer_gc=False,
+    _HELPER_025, name="inline", trl=">=0.26,<0.27", shape="inline", kbit_step_turns_off_trainer_gc=False,
 )
 # trl 0.27.0, PR #4713: a PeftModel together with a peft_config is rejected (was merged and unloaded).
 _INLINE_027 = dataclasses.replace(_INLINE, name="inline-0.27", trl=">=0.27,<1.15", peft_model_with_config="reject")
@@ -100,7 +111,7 @@ _CURRENT = dataclasses.replace(
     _INLINE_027, name="current", trl=">=1.15", rejects_head_lora=True, bf16_cast_skips_dora_magnitude=True,
 )
 
-TRL_FLOWS: dict[str, TrlFlow] = {f.name: f for f in (_CLASSIC, _HELPER, _HELPER_023, _INLINE, _INLINE_027, _CURRENT)}
+TRL_FLOWS: dict[str, TrlFlow] = {f.name: f for f in (_CLASSIC, _HELPER, _HELPER_023, _HELPER_025, _INLINE, _INLINE_027, _CURRENT)}
 _NEWEST_FLOW = "current"
 _NEWEST_KNOWN_TRL = (1, 16)
 """The newest trl release whose flow was checked; a newer one selects the newest flow, with a warning."""
@@ -313,7 +324,8 @@ def prepare_trl(
         quantized, sharded = is_kbit(model), _sharded_4bit(model)
         trainer_gc = gc
         if quantized and not sharded:
-            prepare_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kwargs)
+            kbit_step = prepare_for_kbit_training_norms_only if flow.kbit_step == "norms" else prepare_for_kbit_training
+            kbit_step(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kwargs)
             if flow.kbit_step_turns_off_trainer_gc:
                 trainer_gc = False
         elif gc and flow.shape == "helper":

@@ -22,7 +22,7 @@ TRL_RELEASES = {
     "0.19.0": "classic", "0.19.1": "classic", "0.20.0": "classic", "0.21.0": "classic",
     "0.22.0": "helper", "0.22.1": "helper", "0.22.2": "helper",
     "0.23.0": "helper-0.23", "0.23.1": "helper-0.23", "0.24.0": "helper-0.23",
-    "0.25.0": "helper-0.23", "0.25.1": "helper-0.23",
+    "0.25.0": "helper-0.25", "0.25.1": "helper-0.25",
     "0.26.0": "inline", "0.26.1": "inline", "0.26.2": "inline",
     "0.27.0": "inline-0.27", "0.27.1": "inline-0.27", "0.27.2": "inline-0.27", "0.28.0": "inline-0.27",
     "0.29.0": "inline-0.27", "0.29.1": "inline-0.27",
@@ -108,17 +108,20 @@ def test_forced_names():
 
 def test_flow_rules_change_where_upstream_changed():
     f = TRL_FLOWS
-    assert [f[n].peft_model_with_config for n in f] == ["ignore", "merge", "merge", "merge", "reject", "reject"]
-    assert [f[n].gradient_checkpointing_default for n in f] == [False, True, True, True, True, True]
-    assert [f[n].kbit_step_turns_off_trainer_gc for n in f] == [False, False, True, False, False, False]
-    assert [f[n].rejects_head_lora for n in f] == [False] * 5 + [True]
-    assert [f[n].bf16_cast_skips_dora_magnitude for n in f] == [False] * 5 + [True]
-    assert [f[n].shape for n in f] == ["classic", "helper", "helper", "inline", "inline", "inline"]
+    assert list(f) == ["classic", "helper", "helper-0.23", "helper-0.25", "inline", "inline-0.27", "current"]
+    assert [f[n].peft_model_with_config for n in f] == ["ignore", "merge", "merge", "merge", "merge", "reject", "reject"]
+    assert [f[n].gradient_checkpointing_default for n in f] == [False, True, True, True, True, True, True]
+    assert [f[n].kbit_step_turns_off_trainer_gc for n in f] == [False, False, True, True, False, False, False]
+    assert [f[n].kbit_step for n in f][:4] == ["peft", "peft", "peft", "norms"]  # trl 0.25: trl's own k-bit step
+    assert [f[n].rejects_head_lora for n in f] == [False] * 6 + [True]
+    assert [f[n].bf16_cast_skips_dora_magnitude for n in f] == [False] * 6 + [True]
+    assert [f[n].shape for n in f] == ["classic", "helper", "helper", "helper", "inline", "inline", "inline"]
 
 
 def test_profile_rules_change_where_upstream_changed():
     p = PROFILES
     assert [p[n].embedding_keeps_fan_in_fan_out for n in p] == [False, False, False, True, True, True]
+    assert [p[n].adapter_dtype_follows_4bit_compute for n in p] == [False, False, False, True, True, True]
     assert [p[n].warns_lora_bias_without_base_bias for n in p] == [False, False, True, True, True, True]
     assert [p[n].warns_unused_patterns for n in p] == [False] * 5 + [True]
     assert ["gemma4" in p[n].default_targets for n in p] == [False, False, False, True, True, True]
