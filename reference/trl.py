@@ -250,6 +250,13 @@ def _unload(model: nn.Module) -> None:
                 # the new quant state records the promoted dtype (observed: fp16 base + fp32
                 # LoRA -> float32, trl 0.25.1 / peft 0.21.2).
                 state.dtype = torch.promote_types(state.dtype, factors[0].weight.dtype)
+            lora_bias = getattr(factors[0], "bias", None) if factors else None
+            base_bias = getattr(base, "bias", None)
+            if lora_bias is not None and base_bias is not None and type(base).__name__ in ("Linear4bit", "Linear8bitLt"):
+                # With lora_bias, a bnb layer's merged bias is the out-of-place sum of the base and
+                # LoRA biases, so it takes the promoted dtype (fp16 + fp32 -> fp32); a plain Linear
+                # keeps its bias dtype (observed: trl 0.25.1 / peft 0.21.2, bart 4-bit fp16).
+                base_bias.data = base_bias.data.to(torch.promote_types(base_bias.dtype, lora_bias.dtype))
             model.set_submodule(name, base)
 
 
