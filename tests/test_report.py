@@ -128,12 +128,13 @@ def test_summary_counts_the_numerics_checks():
 
     examples = [
         {"outcome": "agree", "numerics": {"tolerance": "fp32", "max_error_in_tolerances": 0.0}},
-        {"outcome": "known", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 0.25}},
+        {"outcome": "agree", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 0.25}},
+        {"outcome": "known", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 3.5}},  # explained
         {"outcome": "agree"},  # numerics off, or a known structural difference
         {"outcome": "agree", "upstream_error": "ValueError[x]"},  # both rejected: nothing to run
         {"outcome": "diverge"},
     ]
     line = _numerics_line({"examples": examples})
-    assert line == ("numerics: checked on 2 of 3 examples that prepared and agreed structurally "
-                    "(bf16 x1, fp32 x1); worst error 0.25 of its tolerance")
+    assert line == ("numerics: checked on 3 of 4 examples that prepared and agreed structurally "
+                    "(bf16 x2, fp32 x1); worst error 0.25 of its tolerance (known divergences reach 3.5)")
     assert _numerics_line({"examples": []}) == ""
