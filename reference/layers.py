@@ -142,12 +142,17 @@ class LoraLinear(_LoraBase):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
+        # Plain Linear / Conv1D: the update is added in the promoted dtype (fp32 factors beside
+        # a bf16 base add in fp32) and the sum rounded to the base output's dtype once, at the
+        # end.  bitsandbytes bases: the scaled update is first rounded to the base output's
+        # dtype, then added in that dtype: two roundings (observed in peft 0.15 - 0.21; it shows
+        # as ~1e-3 gradient differences when a 4-bit model's activations stay fp16/bf16).
+        round_update = type(self.base_layer).__module__.startswith("bitsandbytes")
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(a.weight.dtype))
-            # Added in the promoted dtype (fp32 factors beside a bf16 base add in fp32) and
-            # rounded to the base output's dtype once, at the end.
-            result = result + b(a(h)) * self.scaling[name]
+            update = b(a(h)) * self.scaling[name]
+            result = result + (update.to(out_dtype) if round_update else update)
         return result.to(out_dtype)
 
 

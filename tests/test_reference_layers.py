@@ -12,7 +12,7 @@ from torch import nn
 from reference import TrainingSpec
 from reference import errors
 from reference.dispatch import wrap
-from reference.layers import LoraEmbedding, LoraLinear
+from reference.layers import AdapterParams, LoraEmbedding, LoraLinear
 from reference.rules import adapter_dtype
 from reference_helpers import (  # noqa: F401 - the shared helpers and fixtures
     REPO,
@@ -321,3 +321,32 @@ def test_saved_copies_are_never_autocast():
     assert model.lm_head.original_module.weight.dtype == torch.bfloat16
 
 
+
+
+class _FakeBnbLinear(nn.Linear):
+    """A half-precision Linear that reports itself as a bitsandbytes layer (the rounding rule
+    keys on the base layer's module, not on the quantization itself)."""
+
+
+_FakeBnbLinear.__module__ = "bitsandbytes.nn.modules"
+
+
+@pytest.mark.parametrize("bnb", [False, True], ids=["plain-one-rounding", "bnb-update-rounded-first"])
+def test_lora_update_rounding_follows_the_base_kind(bnb):
+    torch.manual_seed(0)
+    base = (_FakeBnbLinear if bnb else nn.Linear)(64, 64).to(torch.float16)
+    layer = LoraLinear(base, 64, 64, False)
+    layer.add_adapter("default", AdapterParams(r=4, alpha=8, dropout=0.0, use_rslora=False, init=False,
+                                               lora_bias=False, autocast=True))
+    for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        assert p.dtype == torch.float32
+    x = torch.randn(3, 64).to(torch.float16)
+    with torch.no_grad():
+        base_out = base(x)
+        update = layer.lora_B["default"](layer.lora_A["default"](x.float())) * layer.scaling["default"]
+        got = layer(x)
+    expected = (base_out + update.half()) if bnb else (base_out + update).half()
+    assert got.dtype == torch.float16
+    assert torch.equal(got, expected)
+    other = (base_out + update).half() if bnb else (base_out + update.half())
+    assert not torch.equal(other, expected), "the two rounding orders must differ on this input"
