@@ -169,6 +169,8 @@ def run_case(
     if wanted and ref_model is not None and up_model is not None and same_function(found):
         checked = check_numerics(case, profile, ref_model, up_model)
         facts = checked.to_json()
+        if checked.divergences:
+            facts["explained_divergences"] = len(checked.divergences)  # (unexplained ones return below)
         more, more_known = registry.explain(case, checked.divergences)
         known += [k for k in more_known if k not in known]
         if more:

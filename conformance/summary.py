@@ -46,7 +46,7 @@ def _numerics_line(report: dict[str, Any]) -> str:
     checked = [e["numerics"] for e in report.get("examples", []) if e.get("numerics")]
     # An example whose numerics divergence a registry entry explains is "known": its error
     # may exceed the tolerance, so it is reported apart from the worst passing error.
-    passing = [e["numerics"] for e in report.get("examples", []) if e.get("numerics") and e.get("outcome") == "agree"]
+    passing = [n for n in checked if not n.get("explained_divergences")]
     prepared = [e for e in report.get("examples", [])
                 if e.get("outcome") in ("agree", "known") and "upstream_error" not in e]
     if not checked and not prepared:

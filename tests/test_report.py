@@ -129,7 +129,7 @@ def test_summary_counts_the_numerics_checks():
     examples = [
         {"outcome": "agree", "numerics": {"tolerance": "fp32", "max_error_in_tolerances": 0.0}},
         {"outcome": "agree", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 0.25}},
-        {"outcome": "known", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 3.5}},  # explained
+        {"outcome": "known", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 3.5, "explained_divergences": 1}},
         {"outcome": "agree"},  # numerics off, or a known structural difference
         {"outcome": "agree", "upstream_error": "ValueError[x]"},  # both rejected: nothing to run
         {"outcome": "diverge"},
