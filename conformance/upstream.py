@@ -141,6 +141,7 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
 # patterns name the distinctive part of each message, observed in peft 0.15-0.21.
 _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("invalid_r", r"`r` should be a positive integer"),
+    ("merge_lora_bias_without_base_bias", r"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias"),
     ("no_default_targets", r"Please specify `target_modules`"),
     ("layers_with_regex_targets", r"`layers_to_transform` cannot be used when `target_modules` is a str"),
     ("layers_with_regex_targets", r"`layers_pattern` cannot be used when `target_modules` is a str"),

@@ -14,6 +14,7 @@ __all__ = [
     "InvalidConfig",
     "InvalidRank",
     "LoraBiasUnsupported",
+    "MergeImpossible",
     "NoDefaultTargets",
     "NoTargetMatched",
     "PreparationError",
@@ -77,6 +78,17 @@ class LoraBiasUnsupported(PreparationError, ValueError):
     """``lora_bias=True`` on a base layer that has no LoRA bias (e.g. Embedding)."""
 
     kind = "lora_bias_unsupported"
+
+
+class MergeImpossible(PreparationError, RuntimeError):
+    """Merging an adapter into its base layer cannot be done: a LoRA bias (``lora_bias=True``)
+    has no base bias to be added to.  Reached when trl merges a passed-in PeftModel
+    (``merge_and_unload``) before applying a new ``peft_config``.
+
+    Remedy: pass a PeftModel without ``lora_bias``, or do not pass a ``peft_config`` with it.
+    """
+
+    kind = "merge_lora_bias_without_base_bias"
 
 
 class SavedModuleIsLora(PreparationError, TypeError):

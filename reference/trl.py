@@ -32,7 +32,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
 
-from reference.errors import InvalidConfig
+from reference.errors import InvalidConfig, MergeImpossible
 from reference.kbit import is_kbit, prepare_for_kbit_training, prepare_for_kbit_training_norms_only
 from reference.layers import LoraEmbedding, LoraLinear, SavedModule
 from reference.prepare import prepare
@@ -252,6 +252,11 @@ def _unload(model: nn.Module) -> None:
                 state.dtype = torch.promote_types(state.dtype, factors[0].weight.dtype)
             lora_bias = getattr(factors[0], "bias", None) if factors else None
             base_bias = getattr(base, "bias", None)
+            if lora_bias is not None and base_bias is None:
+                # A LoRA bias is merged into the base bias; without one, the merge is refused
+                # (observed: trl 0.26.0 / peft 0.21.2, gptj all-linear with lora_bias=True).
+                raise MergeImpossible(f"Impossible to merge LoRA with lora_bias=True into {name}: "
+                                      "the base layer has no bias.")
             if lora_bias is not None and base_bias is not None and type(base).__name__ in ("Linear4bit", "Linear8bitLt"):
                 # With lora_bias, a bnb layer's merged bias is the out-of-place sum of the base and
                 # LoRA biases, so it takes the promoted dtype (fp16 + fp32 -> fp32); a plain Linear

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from conformance.runner import Outcome, run_case
 from fault_kit import GPT2, PROFILE, QLORA, QLORA_8BIT, REPO, _llama, candidates, wrap_update_layer
-from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, TrainingSpec
+from reference.spec import ABSENT, AdapterSpec, Case
 
 pytest_plugins = ["pytester"]
 

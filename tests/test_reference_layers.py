@@ -350,3 +350,22 @@ def test_lora_update_rounding_follows_the_base_kind(bnb):
     assert torch.equal(got, expected)
     other = (base_out + update).half() if bnb else (base_out + update.half())
     assert not torch.equal(other, expected), "the two rounding orders must differ on this input"
+
+
+def test_merging_a_lora_bias_without_a_base_bias_is_refused():
+    from reference.errors import MergeImpossible
+    from reference.trl import _unload
+
+    model = nn.Sequential(nn.Linear(8, 8, bias=False))
+    layer = LoraLinear(model[0], 8, 8, False)
+    layer.add_adapter("default", AdapterParams(r=2, alpha=2, dropout=0.0, use_rslora=False, init=True,
+                                               lora_bias=True, autocast=True))
+    model[0] = layer
+    with pytest.raises(RuntimeError) as info:
+        _unload(model)
+    assert isinstance(info.value, MergeImpossible) and info.value.kind == "merge_lora_bias_without_base_bias"
+    with_bias = nn.Sequential(LoraLinear(nn.Linear(8, 8), 8, 8, False))
+    with_bias[0].add_adapter("default", AdapterParams(r=2, alpha=2, dropout=0.0, use_rslora=False, init=True,
+                                                      lora_bias=True, autocast=True))
+    _unload(with_bias)
+    assert type(with_bias[0]) is nn.Linear
