@@ -68,6 +68,9 @@ class TrlFlow:
     """LoRA on the output head is an error."""
     bf16_cast_skips_dora_magnitude: bool = True
     """The bf16 cast of a quantized model's trainables leaves DoRA magnitudes in fp32."""
+    syncs_router_aux_loss: bool = True
+    """The trainer writes the MoE router's auxiliary loss switch into the model config
+    (``output_router_logits`` on whenever the coefficient is non-zero)."""
     kbit_step: str = "peft"
     """Which k-bit step the classic / helper shapes run: ``peft`` (peft's
     ``prepare_model_for_kbit_training``: every fp16/bf16 parameter that is not 4-bit-packed
@@ -80,6 +83,7 @@ class TrlFlow:
 _CLASSIC = TrlFlow(
     "classic", ">=0.15,<0.22", gradient_checkpointing_default=False, classic=True, shape="classic",
     peft_model_with_config="ignore", rejects_head_lora=False, bf16_cast_skips_dora_magnitude=False,
+    syncs_router_aux_loss=False,
 )
 # trl 0.22.0: _prepare_peft_model became the module-level helper trl.models.utils.prepare_peft_model:
 # SFTConfig.gradient_checkpointing defaults to True; with checkpointing and no k-bit step the model's
@@ -104,14 +108,19 @@ _INLINE = dataclasses.replace(
     _HELPER_025, name="inline", trl=">=0.26,<0.27", shape="inline", kbit_step_turns_off_trainer_gc=False,
 )
 # trl 0.27.0, PR #4713: a PeftModel together with a peft_config is rejected (was merged and unloaded).
-_INLINE_027 = dataclasses.replace(_INLINE, name="inline-0.27", trl=">=0.27,<1.15", peft_model_with_config="reject")
+_INLINE_027 = dataclasses.replace(_INLINE, name="inline-0.27", trl=">=0.27,<1.7", peft_model_with_config="reject")
+# trl 1.7.0: SFTTrainer keeps an MoE config's router aux loss in sync with `router_aux_loss_coef`
+# (SFTConfig's, else the config's own): `output_router_logits` is turned on when the coefficient is
+# non-zero, so the training loss includes the load-balancing term (read from the 1.7.0 - 1.16.0
+# wheels, absent from 1.6.0; observed on 1.16.0 as a loss difference on mixtral / qwen*_moe).
+_INLINE_17 = dataclasses.replace(_INLINE_027, name="inline-1.7", trl=">=1.7,<1.15", syncs_router_aux_loss=True)
 # trl 1.15.0: LoRA on the output head is rejected (the loss reads lm_head.weight directly), and the QLoRA
 # bf16 cast skips DoRA's lora_magnitude_vector (trl issue #7268).
 _CURRENT = dataclasses.replace(
-    _INLINE_027, name="current", trl=">=1.15", rejects_head_lora=True, bf16_cast_skips_dora_magnitude=True,
+    _INLINE_17, name="current", trl=">=1.15", rejects_head_lora=True, bf16_cast_skips_dora_magnitude=True,
 )
 
-TRL_FLOWS: dict[str, TrlFlow] = {f.name: f for f in (_CLASSIC, _HELPER, _HELPER_023, _HELPER_025, _INLINE, _INLINE_027, _CURRENT)}
+TRL_FLOWS: dict[str, TrlFlow] = {f.name: f for f in (_CLASSIC, _HELPER, _HELPER_023, _HELPER_025, _INLINE, _INLINE_027, _INLINE_17, _CURRENT)}
 _NEWEST_FLOW = "current"
 _NEWEST_KNOWN_TRL = (1, 16)
 """The newest trl release whose flow was checked; a newer one selects the newest flow, with a warning."""
@@ -322,10 +331,32 @@ def _current_after_peft(model: nn.Module, gc: bool, quantized: bool, flow: TrlFl
     return _finish(model, gc)
 
 
+def _sync_router_aux_loss(model: nn.Module) -> None:
+    """trl >= 1.7: an MoE config with a ``router_aux_loss_coef`` gets ``output_router_logits``
+    on when the coefficient is non-zero (the harness never sets SFTConfig's, so the config's
+    own coefficient decides), off otherwise."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text_config = get_text() if get_text is not None else config
+    if text_config is not None and hasattr(text_config, "router_aux_loss_coef"):
+        text_config.output_router_logits = (
+            hasattr(text_config, "output_router_logits") and text_config.router_aux_loss_coef != 0.0
+        )
+
+
 def prepare_trl(
     model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile, flow: TrlFlow
 ) -> TrlResult:
     """Prepare ``model`` as ``SFTTrainer(model, args, peft_config=...)`` does at construction."""
+    result = _prepare_trl(model, adapter, training, profile, flow)
+    if flow.syncs_router_aux_loss:
+        _sync_router_aux_loss(result.model)
+    return result
+
+
+def _prepare_trl(
+    model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile, flow: TrlFlow
+) -> TrlResult:
     gc = training.gradient_checkpointing
     gc = flow.gradient_checkpointing_default if gc is ABSENT else bool(gc)
     if training.peft_model_in:

@@ -67,12 +67,6 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules=("embed_tokens",), task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
-    # SFTTrainer turns on the MoE router's auxiliary loss in the config; the reference's trl flow does not.
-    "trl-moe-router-aux-loss-enabled": Case(
-        ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
-        adapter=AdapterSpec(target_modules=("q_proj",), task_type="CAUSAL_LM"),
-        training=TrainingSpec(level="trl", prepare_kbit=False),
-    ),
     # peft < 0.21.2's PeftModelForSeq2SeqLM reads a generation helper transformers 5.18 removed.
     "seq2seq-peft-model-transformers-5-18": Case(
         ModelSpec("t5", "SEQ_2_SEQ_LM", num_layers=1),

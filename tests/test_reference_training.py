@@ -252,3 +252,20 @@ def test_profile_lora_defaults_apply_to_absent_fields():
     q = layers["model.layers.0.self_attn.q_proj"]
     assert (q.r["default"], q.scaling["default"]) == (8, 1.0)
     assert isinstance(q.lora_dropout["default"], nn.Identity)
+
+
+@pytest.mark.parametrize("coef, expected", [(0.001, True), (0.0, False)])
+def test_trl_17_syncs_the_moe_router_aux_loss_into_the_config(coef, expected):
+    from transformers import LlamaConfig, MixtralConfig
+
+    from reference.trl import _sync_router_aux_loss
+
+    model = nn.Module()
+    model.config = MixtralConfig(router_aux_loss_coef=coef, output_router_logits=not expected)
+    _sync_router_aux_loss(model)
+    assert model.config.output_router_logits is expected
+    dense = nn.Module()
+    dense.config = LlamaConfig()  # a dense model's config has no coefficient: left alone
+    dense.config.output_router_logits = "untouched"
+    _sync_router_aux_loss(dense)
+    assert dense.config.output_router_logits == "untouched"
