@@ -22,7 +22,6 @@ import datetime
 import hashlib
 import json
 import platform
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -299,7 +298,3 @@ def load_corpus(directory: Path) -> Corpus:
     if missing := sorted(corpus.cases.keys() - corpus.observations.keys()):
         raise CorpusError(f"{directory / OBSERVATIONS}: no observation for {len(missing)} cases, e.g. {missing[0]!r}")
     return corpus
-
-
-def _print_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
