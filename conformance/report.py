@@ -177,6 +177,9 @@ def strict_failures(report: dict[str, Any], *, judge_stale: bool = True) -> list
         out.append(f"{t['diverge']} examples diverge from the reference")
     for reason, n in report.get("skips", {}).items():
         out.append(f"{n} examples skipped: {reason}")
+    inconclusive = sum(1 for e in report.get("examples", []) if (e.get("numerics") or {}).get("inconclusive"))
+    if inconclusive:
+        out.append(f"{inconclusive} examples with inconclusive numerics (non-finite in the same places on both sides)")
     for test, reason in report.get("skipped_tests", {}).items():
         out.append(f"test skipped: {test}: {reason}")
     if judge_stale:

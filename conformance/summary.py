@@ -58,8 +58,13 @@ def _numerics_line(report: dict[str, Any]) -> str:
     worst_known = max((n.get("max_error_in_tolerances", 0.0) for n in checked), default=0.0)
     classes = ", ".join(f"{k} x{v}" for k, v in sorted(by_class.items()))
     known = f" (known divergences reach {worst_known:.3g})" if worst_known > max(worst, 1.0) else ""
-    return (f"numerics: checked on {len(checked)} of {len(prepared)} examples that prepared and agreed structurally"
+    inconclusive = sum(1 for n in checked if n.get("inconclusive"))
+    line = (f"numerics: checked on {len(checked)} of {len(prepared)} examples that prepared and agreed structurally"
             + (f" ({classes}); worst error {worst:.3g} of its tolerance{known}" if checked else ""))
+    if inconclusive:
+        line += (f"; inconclusive on {inconclusive} (non-finite in the same places on both sides: "
+                 "the shared kernels overflow; see `inconclusive` in the JSON report)")
+    return line
 
 
 def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> list[str]:

@@ -200,11 +200,49 @@ def test_plugin_option_is_validated(pytester):
 def test_nan_never_passes():
     result = numerics.NumericsResult(tolerance="fp32")
     t = torch.tensor([1.0, float("nan")])
-    numerics._compare("<model>", "numerics.logits", t, t.clone(), TOLERANCES["fp32"], result)
-    assert [d.upstream for d in result.divergences] == ["non-finite: 1 nan, 0 inf"]
+    numerics._compare("<model>", "numerics.logits", t, torch.tensor([1.0, 2.0]), TOLERANCES["fp32"], result)
+    assert [d.reference for d in result.divergences] == ["non-finite: 1 nan, 0 inf"]
+    # The same NaN on both sides is not a pass either: inconclusive (counted, fails strict mode).
+    same = numerics.NumericsResult(tolerance="fp32")
+    numerics._compare("<model>", "numerics.logits", t, t.clone(), TOLERANCES["fp32"], same)
+    assert same.inconclusive and not same.divergences
 
 
 def test_dataclass_of_result_serialises():
     result = numerics.NumericsResult(tolerance="bf16", max_rel_error=0.5, note="x")
     assert result.to_json() == {"tolerance": "bf16", "max_error_in_tolerances": 0.5, "note": "x"}
     assert dataclasses.is_dataclass(result)
+
+
+def test_non_finite_values_never_pass_but_a_shared_overflow_is_inconclusive():
+    from conformance.numerics import TOLERANCES, NumericsResult, _compare
+
+    tol = TOLERANCES["fp32"]
+    nan = float("nan")
+    ref = torch.tensor([1.0, nan, 3.0])
+    cases = {
+        "one side": (ref, torch.tensor([1.0, 2.0, 3.0])),
+        "other places": (ref, torch.tensor([nan, 2.0, 3.0])),
+        "other infinity": (torch.tensor([float("inf"), 2.0]), torch.tensor([float("-inf"), 2.0])),
+        "finite part differs": (ref, torch.tensor([1.0, nan, 4.0])),
+    }
+    for why, (r, u) in cases.items():
+        result = NumericsResult()
+        _compare("p", "numerics.grad", r, u, tol, result)
+        assert result.divergences, why
+    same = NumericsResult()
+    _compare("p", "numerics.grad", ref, ref.clone(), tol, same)
+    assert not same.divergences
+    assert same.inconclusive == ["p numerics.grad: non-finite: 1 nan, 0 inf on both sides"]
+    assert same.to_json()["inconclusive"] == same.inconclusive
+
+
+def test_inconclusive_numerics_are_counted_and_fail_strict_mode():
+    from conformance.report import strict_failures
+    from conformance.summary import _numerics_line
+
+    examples = [{"outcome": "agree", "numerics": {"tolerance": "int8", "max_error_in_tolerances": 0.0,
+                                                  "inconclusive": ["p numerics.grad: ..."]}}]
+    report = {"totals": {"examples": 1, "diverge": 0}, "examples": examples, "skips": {}}
+    assert "inconclusive on 1" in _numerics_line(report)
+    assert any("inconclusive numerics" in why for why in strict_failures(report, judge_stale=False))
