@@ -30,20 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _draw(level: str, kind: str, n: int, seed_value: int) -> list:
-    from hypothesis import HealthCheck, given, seed, settings
+    from strategies import cases, sample
 
-    from strategies import cases
-
-    out: list = []
-
-    @seed(seed_value)
-    @settings(max_examples=n, database=None, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(cases(level=level, quant_kinds=(kind,)))
-    def collect(case) -> None:
-        out.append(case)
-
-    collect()
-    return out
+    return sample(cases(level=level, quant_kinds=(kind,)), n, seed_value, distinct=False)
 
 
 def _best(fn, repeat: int = 2) -> tuple[float, object]:
@@ -80,8 +69,8 @@ def main() -> int:
                 run_case(case, profile, numerics=False)
             off, on, checked = [], [], []
             for case in batch:
-                t_off, _ = _best(lambda: run_case(case, profile, numerics=False))
-                t_on, outcome = _best(lambda: run_case(case, profile, numerics=True))
+                t_off, _ = _best(lambda c=case: run_case(c, profile, numerics=False))
+                t_on, outcome = _best(lambda c=case: run_case(c, profile, numerics=True))
                 off.append(t_off)
                 on.append(t_on)
                 statuses[outcome.status] += 1

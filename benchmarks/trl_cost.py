@@ -19,20 +19,11 @@ import warnings
 
 
 def _draw(level: str, per_kind: int, seed_value: int) -> list:
-    from hypothesis import HealthCheck, given, seed, settings
-
-    from strategies import cases
+    from strategies import cases, sample
 
     out: list = []
     for kind in ("none", "8bit", "4bit"):
-
-        @seed(seed_value)
-        @settings(max_examples=per_kind, database=None, deadline=None, suppress_health_check=list(HealthCheck))
-        @given(cases(level=level, quant_kinds=(kind,)))
-        def collect(case) -> None:
-            out.append(case)
-
-        collect()
+        out += sample(cases(level=level, quant_kinds=(kind,)), per_kind, seed_value, distinct=False)
     return out
 
 

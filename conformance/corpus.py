@@ -127,37 +127,19 @@ def _install_source(metadata: Any, name: str) -> str:
     return f" ({url})" if url else ""
 
 
-def _draw(strategy: Any, want: int, seed: int) -> list[Case]:
-    """``want`` distinct examples of ``strategy``, deterministic for ``seed``."""
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hseed
-
-    seen: dict[str, Case] = {}
-
-    @hseed(seed)
-    @settings(max_examples=want * 4, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(strategy)
-    def collect(case: Case) -> None:
-        if len(seen) < want:
-            seen.setdefault(case.dumps(), case)
-
-    collect()
-    return list(seen.values())
-
-
 def generate_cases(count: int, seed: int, levels: Iterable[str]) -> list[tuple[str, Case]]:
     """``count`` distinct cases, spread evenly over level x quantization kind, generated
     deterministically from ``seed`` (same Hypothesis version and strategies, same cases).
     Ids name the stratum: ``peft-4bit-0007``."""
     from strategies import cases as case_strategy
+    from strategies import sample
 
     strata = [(level, kind) for level in levels for kind in QUANT_KINDS]
     out: list[tuple[str, Case]] = []
     for i, (level, kind) in enumerate(strata):
         want = count // len(strata) + (1 if i < count % len(strata) else 0)
         if want:
-            drawn = _draw(case_strategy(level=level, quant_kinds=(kind,)), want, seed * 1009 + i)
+            drawn = sample(case_strategy(level=level, quant_kinds=(kind,)), want, seed * 1009 + i, budget=want * 4)
             out.extend((f"{level}-{kind}-{n:04d}", case) for n, case in enumerate(drawn))
     return out
 

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, seed, settings
 from torch import nn
 
 from conformance.runner import Outcome, run_case
 from reference import select_profile
 from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
-from strategies import cases
+from strategies import cases, sample
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,21 +39,7 @@ def corpus() -> tuple[Case, ...]:
     """``CORPUS_PER_KIND`` drawn cases per quantization kind; the same on every run."""
     drawn: dict[Case, None] = {}
     for kind in QUANT_KINDS:
-
-        @seed(CORPUS_SEED)
-        @settings(
-            max_examples=CORPUS_PER_KIND,
-            database=None,
-            deadline=None,
-            derandomize=False,
-            phases=[Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(cases(level="peft", quant_kinds=(kind,)))
-        def collect(case: Case) -> None:
-            drawn.setdefault(case, None)
-
-        collect()
+        drawn.update(dict.fromkeys(sample(cases(level="peft", quant_kinds=(kind,)), CORPUS_PER_KIND, CORPUS_SEED)))
     return tuple(c for c in drawn if c.dumps() not in EXCLUDED_FROM_CORPUS)
 
 
