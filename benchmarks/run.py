@@ -5,8 +5,8 @@
 For each case of a fixed corpus (Hypothesis, fixed seed, the default peft-level
 mix of quantization kinds), timed with the same loader state:
 
-* (a) upstream only: ``load_model`` + ``conformance.upstream.prepare_peft`` + ``snapshot_of``;
-* (b) the full differential example: ``conformance.runner.run_case`` (both
+* (a) upstream only: ``load_model`` + ``conformance.engine.upstream.prepare_peft`` + ``snapshot_of``;
+* (b) the full differential example: ``conformance.engine.runner.run_case`` (both
   preparations, both snapshots, the diff and the known-divergence registry).
 
 It writes ``overhead_ratio`` (sum of b / sum of a, both with the pristine-model
@@ -59,10 +59,10 @@ def corpus(n: int, seed: int = SEED) -> list:
 
 def upstream_only(case) -> Any:
     """(a): what one upstream preparation costs inside the harness."""
-    from conformance import upstream
-    from conformance.models import load_model
-    from conformance.runner import cache_dir
-    from conformance.snapshot import error_snapshot, snapshot_of
+    from conformance.engine import upstream
+    from conformance.engine.models import load_model
+    from conformance.engine.runner import cache_dir
+    from conformance.engine.snapshot import error_snapshot, snapshot_of
 
     model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
     with warnings.catch_warnings(record=True):
@@ -82,8 +82,8 @@ def _timed(fn, *args) -> tuple[float, Any]:
 
 
 def measure_corpus(cases: list, profile) -> dict[str, Any]:
-    from conformance.models import clear_model_cache
-    from conformance.runner import run_case
+    from conformance.engine.models import clear_model_cache
+    from conformance.engine.runner import run_case
 
     for case in cases:  # write the quantized checkpoints to disk once; not part of any figure
         run_case(case, profile)
@@ -122,7 +122,7 @@ def measure_corpus(cases: list, profile) -> dict[str, Any]:
 
 def measure_layers(cases: list, profile, layers=(1, 4, 16)) -> dict[str, Any]:
     """Cost per example when the same cases are built with 1, 4 and 16 layers."""
-    from conformance.runner import run_case
+    from conformance.engine.runner import run_case
 
     rows = []
     for n in layers:

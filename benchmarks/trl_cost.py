@@ -38,7 +38,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from conformance.runner import run_case
+    from conformance.engine.runner import run_case
     from reference import installed_versions, select_profile
 
     profile = select_profile()

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 from hypothesis import example, given
 
-from conformance import checks
+from conformance.plugin import checks
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies import cases
 

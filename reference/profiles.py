@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from types import MappingProxyType
 from typing import Mapping
 
-__all__ = ["PROFILES", "Profile", "installed_versions", "peft_selection_note", "select_profile", "selection_notes"]
+from reference.versions import installed_versions, release
+
+__all__ = ["PROFILES", "Profile", "installed_versions", "peft_selection_note", "select_profile"]
 
 _QV = ("q_proj", "v_proj")
 
@@ -238,76 +239,31 @@ _NEWEST = "current"
 _NEWEST_KNOWN_PEFT = (0, 21)
 
 
-def installed_versions() -> dict[str, str]:
-    """Versions of the stack packages, from metadata; missing ones are ``"absent"``."""
-    out = {}
-    for name in ("torch", "transformers", "bitsandbytes", "peft", "trl", "accelerate"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
-def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not piece.isdigit():
-            break
-    return tuple(parts)
-
-
 def peft_selection_note(version: str) -> str | None:
     """Why the profile for peft ``version`` is a guess (newer than the newest known profile),
     or None when a profile covers it."""
-    release = _release(version)
-    if release and release[:2] > _NEWEST_KNOWN_PEFT:
+    found = release(version)
+    if found and found[:2] > _NEWEST_KNOWN_PEFT:
         return (
             f"peft {version} is newer than the newest known profile "
             f"({_NEWEST!r}, peft <= {'.'.join(map(str, _NEWEST_KNOWN_PEFT))}); using it anyway"
         )
-    if release and release[:2] < (0, 15):
+    if found and found[:2] < (0, 15):
         return f"peft {version} is older than the oldest known profile ('seed', peft >= 0.15); using it anyway"
     return None
-
-
-def selection_notes(versions: Mapping[str, str] | None = None) -> list[str]:
-    """Loud notes for the run header: every installed upstream package whose version is
-    outside the known profiles (peft) or trl flows (trl), so the newest (or oldest) one is
-    used as a guess.  Empty when everything is covered.  ``versions`` defaults to the
-    installed ones (package metadata; peft and trl are never imported)."""
-    from reference.trl import trl_selection_note  # reference.trl imports this module
-
-    versions = dict(versions or installed_versions())
-    notes = []
-    peft = versions.get("peft", "absent")
-    if peft != "absent":
-        note = peft_selection_note(peft)
-        if note:
-            notes.append(note)
-    trl = versions.get("trl", "absent")
-    if trl != "absent":
-        note = trl_selection_note(trl)
-        if note:
-            notes.append(note)
-    return notes
 
 
 def select_profile(name: str | None = None, versions: Mapping[str, str] | None = None) -> Profile:
     """The profile named ``name``, or the one matching the installed peft version.
 
     A peft newer than the newest known profile selects it with a warning (the same text
-    :func:`selection_notes` gives the header)."""
+    :func:`reference.selection.selection_notes` gives the header)."""
     if name is not None:
         if name not in PROFILES:
             raise ValueError(f"profile={name!r} is not one of {', '.join(PROFILES)}")
         return PROFILES[name]
     versions = dict(versions or installed_versions())
-    peft = _release(versions.get("peft", "absent"))
+    peft = release(versions.get("peft", "absent"))
     if not peft:
         return PROFILES[_NEWEST]
     note = peft_selection_note(versions["peft"])
@@ -319,15 +275,15 @@ def select_profile(name: str | None = None, versions: Mapping[str, str] | None =
     return PROFILES["seed"] if peft < (0, 16) else PROFILES[_NEWEST]
 
 
-def _in_range(release: tuple[int, ...], spec: str) -> bool:
-    """``release`` within a profile's ``>=A,<B`` specifier (release tuples, so pre-releases
+def _in_range(version: tuple[int, ...], spec: str) -> bool:
+    """``version`` (release numbers) within a profile's ``>=A,<B`` specifier (release tuples, so pre-releases
     and local builds of a version count as that version)."""
     for clause in spec.split(","):
         clause = clause.strip()
         op = clause[:2] if clause[:2] in (">=", "<=", "==") else clause[:1]
-        bound = _release(clause[len(op):])
-        value = release[: len(bound)] if op != "<" else release
+        bound = release(clause[len(op):])
+        value = version[: len(bound)] if op != "<" else version
         if not {">=": value >= bound, "<=": value <= bound, "==": value == bound, ">": value > bound,
-                "<": release < bound}[op]:
+                "<": version < bound}[op]:
             return False
     return True

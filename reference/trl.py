@@ -36,7 +36,8 @@ from reference.errors import InvalidConfig, MergeImpossible
 from reference.kbit import is_kbit, prepare_for_kbit_training, prepare_for_kbit_training_norms_only
 from reference.layers import LoraEmbedding, LoraLinear, SavedModule
 from reference.prepare import prepare
-from reference.profiles import Profile, _release
+from reference.profiles import Profile
+from reference.versions import release
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
 
 __all__ = ["TRL_FLOWS", "TrlFlow", "TrlResult", "prepare_trl", "select_trl_flow", "trl_selection_note"]
@@ -141,13 +142,13 @@ def trl_selection_note(version: str | None) -> str | None:
     than the oldest), or None when a flow covers it."""
     if version is None:
         return None
-    release = _release(version)
-    if release and release[:2] > _NEWEST_KNOWN_TRL:
+    found = release(version)
+    if found and found[:2] > _NEWEST_KNOWN_TRL:
         return (
             f"trl {version} is newer than the newest known trl flow "
             f"({_NEWEST_FLOW!r}, trl <= {'.'.join(map(str, _NEWEST_KNOWN_TRL))}); using it anyway"
         )
-    if release and release[:2] < _OLDEST_TRL:
+    if found and found[:2] < _OLDEST_TRL:
         return f"trl {version} is older than the oldest known trl flow ('classic', trl >= 0.15); using it anyway"
     return None
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import pytest
 from torch import nn
 
-from conformance.runner import Outcome, run_case
+from conformance.engine.runner import Outcome, run_case
 from reference import select_profile
 from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies import cases, sample

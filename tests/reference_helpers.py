@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import nn
 
-from conformance.models import build_model, load_model
+from conformance.engine.models import build_model, load_model
 from reference import PROFILES, AdapterSpec, ModelSpec, QuantSpec, TrainingSpec
 from reference import prepare
 from reference.layers import LoraEmbedding, LoraLinear

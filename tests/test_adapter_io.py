@@ -18,10 +18,10 @@ import json
 import pytest
 import torch
 
-from conformance.models import load_model
+from conformance.engine.models import load_model
 from conformance.numerics import tolerance_for
-from conformance.numerics_run import assign_shared_values, case_seed, make_inputs, run_model
-from conformance.runner import cache_dir
+from conformance.numerics.run import assign_shared_values, case_seed, make_inputs, run_model
+from conformance.engine.runner import cache_dir
 from reference import prepare, select_profile
 from reference.adapter_io import (
     CONFIG_NAME,

@@ -2,7 +2,7 @@
 
 Each ``test_catches_*`` test monkeypatches one small, realistic fault into
 upstream peft (it wraps the real function, calls it, and corrupts the result),
-runs the differential step (:func:`conformance.runner.run_case`) over the cases
+runs the differential step (:func:`conformance.engine.runner.run_case`) over the cases
 that can expose it, and asserts that an unexpected divergence is reported and
 that it names the field the fault corrupts.  The reference never sees the fault:
 it does not import peft.
@@ -32,7 +32,7 @@ import pytest
 import torch
 from torch import nn
 
-from conformance.runner import run_case
+from conformance.engine.runner import run_case
 from reference.spec import ABSENT, Case
 from strategies.zoo import ZOO
 from fault_kit import (  # noqa: F401 - the corpus, scenarios and fault helpers

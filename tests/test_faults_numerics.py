@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conformance.runner import Outcome, run_case
+from conformance.engine.runner import Outcome, run_case
 from fault_kit import GPT2, PROFILE, QLORA, QLORA_8BIT, REPO, _llama, candidates, wrap_update_layer
 from reference.spec import ABSENT, AdapterSpec, Case
 

@@ -15,7 +15,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from conformance.runner import run_case
+from conformance.engine.runner import run_case
 from reference import select_profile
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from reference.trl import select_trl_flow

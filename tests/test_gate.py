@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conformance.__main__ import main
-from conformance.corpus import VERSION, CorpusError, Observation, generate_cases, load_corpus, record
-from conformance.snapshot import ErrorFacts, Snapshot
-from conformance.upgrade import changes_of, markdown, param_role, report_json
+from conformance.cli import main
+from conformance.gate.corpus import VERSION, CorpusError, Observation, generate_cases, load_corpus, record
+from conformance.engine.snapshot import ErrorFacts, Snapshot
+from conformance.gate.upgrade import changes_of, markdown, param_role, report_json
 from fault_kit import REPO
 
 CASES = 12

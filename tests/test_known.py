@@ -10,8 +10,8 @@ import tomllib
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from conformance.diff import Divergence
-from conformance.known import REGISTRY_PATH, Entry, Registry, load_registry
+from conformance.engine.diff import Divergence
+from conformance.engine.known import REGISTRY_PATH, Entry, Registry, load_registry
 from reference import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec
 
 STACK = {"peft": "0.21.2", "transformers": "5.23.0", "torch": "2.13.0", "trl": "1.16.0"}

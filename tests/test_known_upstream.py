@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.known import default_registry
-from conformance.runner import run_case
+from conformance.engine.known import default_registry
+from conformance.engine.runner import run_case
 from reference import select_profile
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 

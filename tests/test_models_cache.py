@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conformance.models import clear_model_cache, load_fresh, load_model
+from conformance.engine.models import clear_model_cache, load_fresh, load_model
 from reference.spec import ModelSpec, QuantSpec
 
 QUANTS = [

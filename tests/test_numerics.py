@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from conformance import numerics
-from conformance.diff import Divergence
-from conformance.models import load_model
+from conformance.engine.diff import Divergence
+from conformance.engine.models import load_model
 from conformance.numerics import TOLERANCES, same_function, tolerance_for
-from conformance.numerics_init import init_problems, mean_square_bounds_normal, mean_square_bounds_uniform
-from conformance.numerics_run import bypassed, case_seed, lora_layers, make_inputs, run_model
-from conformance.runner import cache_dir, run_case
+from conformance.numerics.init import init_problems, mean_square_bounds_normal, mean_square_bounds_uniform
+from conformance.numerics.run import bypassed, case_seed, lora_layers, make_inputs, run_model
+from conformance.engine.runner import cache_dir, run_case
 from reference import prepare, select_profile
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 
@@ -167,7 +167,7 @@ def test_run_case_records_numerics_and_respects_the_switch(monkeypatch):
 
 def test_a_numeric_divergence_fails_like_a_structural_one(monkeypatch):
     """A corrupted upstream value becomes an unexpected divergence with a numerics field."""
-    import conformance.runner as runner
+    import conformance.engine.runner as runner
 
     original = runner._upstream_prepared
 
@@ -238,8 +238,8 @@ def test_non_finite_values_never_pass_but_a_shared_overflow_is_inconclusive():
 
 
 def test_inconclusive_numerics_are_counted_and_fail_strict_mode():
-    from conformance.report import strict_failures
-    from conformance.summary import _numerics_line
+    from conformance.plugin.report import strict_failures
+    from conformance.plugin.summary import _numerics_line
 
     examples = [{"outcome": "agree", "numerics": {"tolerance": "int8", "max_error_in_tolerances": 0.0,
                                                   "inconclusive": ["p numerics.grad: ..."]}}]

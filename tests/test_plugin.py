@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance.report import Recorder
+from conformance.plugin.report import Recorder
 
 pytest_plugins = ["pytester"]
 
@@ -154,7 +154,7 @@ def test_a_shard_draws_only_its_model_types_and_replays(suite, tmp_path):
 
 CRASHING_WORKER = """
 import os, signal
-from conformance import checks
+from conformance.plugin import checks
 
 _check = checks.check_case
 _done = []

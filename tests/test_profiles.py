@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 
-from reference.profiles import PROFILES, peft_selection_note, select_profile, selection_notes
+from reference.profiles import PROFILES, peft_selection_note, select_profile
+from reference.selection import selection_notes
 from reference.trl import TRL_FLOWS, select_trl_flow, trl_selection_note
 
 # Every peft and trl release from the seed era on (peft 0.15+, trl 0.19+), as published on PyPI.

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 from transformers import LlamaModel
 
-from conformance.models import make_config
+from conformance.engine.models import make_config
 from reference import AdapterSpec, ModelSpec, PreparationError
 from reference import builtin_class
 from reference import errors
@@ -61,7 +61,7 @@ _NO_PEFT_SCRIPT = textwrap.dedent(
 
     from reference import AdapterSpec, ModelSpec, QuantSpec, TrainingSpec, prepare, select_profile
     from reference.layers import LoraLinear
-    from conformance.models import build_model, load_model
+    from conformance.engine.models import build_model, load_model
 
     profile = select_profile()  # by installed versions: metadata only, no import
     model = build_model(ModelSpec("llama", num_layers=2))

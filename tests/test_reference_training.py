@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conformance.models import build_model
+from conformance.engine.models import build_model
 from reference import ABSENT, PROFILES, AdapterSpec, ModelSpec, TrainingSpec
 from reference import select_profile
 from reference import errors

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from conformance.merge import MergeError, load_reports, merge_reports
-from conformance.report import Recorder, build_report, strict_failures, write_report
-from conformance.stream import ExampleStream, read_stream, read_streams, stream_files
-from conformance.summary import markdown, summary_lines
+from conformance.plugin.merge import MergeError, load_reports, merge_reports
+from conformance.plugin.report import Recorder, build_report, strict_failures, write_report
+from conformance.plugin.stream import ExampleStream, read_stream, read_streams, stream_files
+from conformance.plugin.summary import markdown, summary_lines
 from reference.profiles import installed_versions
 
 STACK = installed_versions()
@@ -124,7 +124,7 @@ def test_merge_cli_exit_status_and_outputs(tmp_path):
 
 
 def test_summary_counts_the_numerics_checks():
-    from conformance.summary import _numerics_line
+    from conformance.plugin.summary import _numerics_line
 
     examples = [
         {"outcome": "agree", "numerics": {"tolerance": "fp32", "max_error_in_tolerances": 0.0}},

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conformance.shard import QUANT_ORDER, Shard, parse_shard, partition, shard_seed
+from conformance.plugin.shard import QUANT_ORDER, Shard, parse_shard, partition, shard_seed
 
 TYPES = tuple(f"type{i}" for i in range(38))
 
@@ -29,7 +29,7 @@ def test_shards_are_disjoint_and_cover_every_pair(n):
 def test_the_partition_depends_only_on_names_and_count():
     assert partition(TYPES, 4) == partition(tuple(reversed(TYPES)), 4)
     # a fresh interpreter (another hash salt) deals the same way
-    code = "from conformance.shard import partition; print(sorted(map(sorted, partition([f'type{i}' for i in range(38)], 4))))"
+    code = "from conformance.plugin.shard import partition; print(sorted(map(sorted, partition([f'type{i}' for i in range(38)], 4))))"
     env = {"PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == str(sorted(map(sorted, partition(TYPES, 4))))

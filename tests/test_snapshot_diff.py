@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
-from conformance.diff import ERROR, MODEL, Divergence, diff, format_table
-from conformance.models import build_model, load_model
-from conformance.snapshot import (
+from conformance.engine.diff import ERROR, MODEL, Divergence, diff, format_table
+from conformance.engine.models import build_model, load_model
+from conformance.engine.snapshot import (
     AdapterFacts,
     LoraModuleFacts,
     ParamFacts,

@@ -11,8 +11,8 @@ import torch
 from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
-from conformance import models
-from conformance.models import build_model, checkpoint_path, load_model, quantization_config
+from conformance.engine import models
+from conformance.engine.models import build_model, checkpoint_path, load_model, quantization_config
 from reference.spec import ModelSpec, QuantSpec
 from strategies.zoo import NUM_LABELS, TASKS, ZOO
 

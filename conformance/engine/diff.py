@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from conformance.snapshot import Snapshot
+from conformance.engine.snapshot import Snapshot
 
 __all__ = ["Divergence", "diff", "format_table"]
 

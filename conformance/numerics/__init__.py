@@ -5,11 +5,11 @@ dropout in the wrong place or a non-zero bias at init.  For every example whose
 snapshots agree, :func:`check_numerics` takes the two prepared models and
 
 1. checks the initialisation properties of every adapter on each side
-   (``numerics.init``, :mod:`conformance.numerics_init`) and, for
+   (``numerics.init``, :mod:`conformance.numerics.init`) and, for
    ``init_lora_weights=True``, that each prepared model's output equals its own
    output with every LoRA layer bypassed, exactly (``numerics.init_output``);
 2. gives upstream's adapters fresh non-zero values (B included) and copies every
-   trainable parameter into the reference by path (:mod:`conformance.numerics_run`);
+   trainable parameter into the reference by path (:mod:`conformance.numerics.run`);
 3. runs both on the same random inputs in eval mode (dropout off) and compares the
    logits, the loss and the gradient of every trainable parameter
    (``numerics.logits``, ``numerics.loss``, ``numerics.grad``);
@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.diff import Divergence
-from conformance.numerics_init import init_problems
-from conformance.numerics_run import Run, assign_shared_values, bypassed, case_seed, make_inputs, run_model
+from conformance.engine.diff import Divergence
+from conformance.numerics.init import init_problems
+from conformance.numerics.run import Run, assign_shared_values, bypassed, case_seed, make_inputs, run_model
 from reference.config import resolve
 from reference.profiles import Profile
 from reference.spec import Case
@@ -128,7 +128,7 @@ def configure(on: bool) -> None:
 
 
 def enabled() -> bool:
-    """Whether :func:`conformance.runner.run_case` runs the numerical checks by default."""
+    """Whether :func:`conformance.engine.runner.run_case` runs the numerical checks by default."""
     if _ENABLED is not None:
         return _ENABLED
     return os.environ.get("CONFORMANCE_NUMERICS", "on").lower() not in ("off", "0", "false", "no")

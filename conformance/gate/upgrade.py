@@ -24,9 +24,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from conformance.corpus import Corpus, Observation
-from conformance.diff import ERROR, MODEL, Divergence, diff
-from conformance.snapshot import Snapshot
+from conformance.gate.corpus import Corpus, Observation
+from conformance.engine.diff import ERROR, MODEL, Divergence, diff
+from conformance.engine.snapshot import Snapshot
 
 __all__ = ["Change", "compare", "markdown", "param_role", "report_json"]
 

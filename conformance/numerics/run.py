@@ -2,7 +2,7 @@
 
 Everything here duck-types on PEFT's public module layout (``base_layer``,
 ``lora_A``/``lora_B`` ModuleDicts, ``lora_embedding_A``/``_B``), like
-:mod:`conformance.snapshot`, so the same code drives the reference's model and
+:mod:`conformance.engine.snapshot`, so the same code drives the reference's model and
 upstream's and never imports peft.
 
 Nothing reads or advances the global RNG state: inputs and values come from

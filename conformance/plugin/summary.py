@@ -1,6 +1,6 @@
 """Rendering a report: the terminal summary, and the short markdown for pull-request comments.
 
-Both read only the report object (``conformance.report.build_report``), so a
+Both read only the report object (``conformance.plugin.report.build_report``), so a
 merged report renders exactly like a single run's.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conformance.report import OUTCOMES
+from conformance.plugin.report import OUTCOMES
 
 __all__ = ["CELL_COLUMNS", "markdown", "replay_command", "summary_lines"]
 
@@ -18,7 +18,7 @@ QUANT_KINDS = ("none", "8bit", "4bit")
 
 
 def replay_command(report: dict[str, Any], entry: dict[str, Any]) -> str:
-    """The command that replays one example of ``report`` (as ``conformance.runner.replay_command``)."""
+    """The command that replays one example of ``report`` (as ``conformance.engine.runner.replay_command``)."""
     payload = json.dumps(entry["case"], sort_keys=True, separators=(",", ":")).replace("'", "'\"'\"'")
     return f"python -m conformance explain --profile {report['profile']} --case '{payload}'"
 

@@ -13,8 +13,8 @@ from typing import Any
 from hypothesis import HealthCheck, event, settings
 from hypothesis.control import current_build_context
 
-from conformance.diff import format_table
-from conformance.runner import Outcome, replay_command, run_case
+from conformance.engine.diff import format_table
+from conformance.engine.runner import Outcome, replay_command, run_case
 from reference import select_profile
 from reference.spec import ABSENT, Case
 

@@ -5,7 +5,7 @@ Settings are resolved once in ``pytest_configure``; later hooks only read them.
 
 Under pytest-xdist the controller chooses a run directory and a seed and hands
 both to the workers (``workerinput``); each worker streams its finished examples
-to a JSONL file there (``conformance.stream``), and the controller merges the
+to a JSONL file there (``conformance.plugin.stream``), and the controller merges the
 files at the end, so a crashed worker loses nothing it finished.
 """
 
@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from conformance.report import Recorder, build_report, strict_failures, write_report
-from conformance.shard import Shard, parse_shard, shard_seed
-from conformance.stream import ExampleStream, read_streams, stream_files
-from conformance.summary import markdown, summary_lines
+from conformance.plugin.report import Recorder, build_report, strict_failures, write_report
+from conformance.plugin.shard import Shard, parse_shard, shard_seed
+from conformance.plugin.stream import ExampleStream, read_streams, stream_files
+from conformance.plugin.summary import markdown, summary_lines
 
 __all__ = ["Settings", "settings_of"]
 
@@ -225,7 +225,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_KEY] = settings
     if workerinput is None:
         config.pluginmanager.register(_SkipCollector(settings), "conformance-skips")
-    from conformance import checks
+    from conformance.plugin import checks
 
     checks.configure(settings)
     from conformance import numerics
@@ -240,8 +240,8 @@ def settings_of(config: pytest.Config) -> Settings:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from conformance.corpus import stack_versions
-    from reference.profiles import selection_notes
+    from conformance.gate.corpus import stack_versions
+    from reference.selection import selection_notes
 
     s = settings_of(config)
     # Versions with their install source: a fork installed from a path or URL says so.

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from conformance.diff import Divergence
+from conformance.engine.diff import Divergence
 from reference.profiles import installed_versions
 from reference.spec import Case
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from conformance.report import build_report
+from conformance.plugin.report import build_report
 
 __all__ = ["MergeError", "load_reports", "merge_reports"]
 
@@ -61,7 +61,7 @@ def _shards(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def merge_reports(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """One report from ``(name, report)`` pairs; entries repeated across reports (explicit examples) count once."""
-    from conformance.known import load_registry
+    from conformance.engine.known import load_registry
 
     if not reports:
         raise MergeError("no reports to merge")

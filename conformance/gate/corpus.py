@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from conformance.snapshot import Snapshot
+from conformance.engine.snapshot import Snapshot
 from reference.spec import Case
 
 __all__ = [
@@ -146,7 +146,7 @@ def generate_cases(count: int, seed: int, levels: Iterable[str]) -> list[tuple[s
 
 def observe(case: Case) -> Observation:
     """Prepare ``case`` with upstream in this environment."""
-    from conformance.runner import _upstream_side
+    from conformance.engine.runner import _upstream_side
 
     raw: list[str] = []
     try:

@@ -1,4 +1,4 @@
-"""The JSON report of the contract, and the strict-mode judgement of it (rendering: ``conformance.summary``)."""
+"""The JSON report of the contract, and the strict-mode judgement of it (rendering: ``conformance.plugin.summary``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from conformance.stream import ExampleStream
+from conformance.plugin.stream import ExampleStream
 
 __all__ = ["OUTCOMES", "Recorder", "build_report", "strict_failures", "write_report"]
 
@@ -26,7 +26,7 @@ class Recorder:
         self.entries: list[dict[str, Any]] = []
         self.touched = False
         self.stream = stream
-        """Under xdist, each worker also streams its examples to disk (see ``conformance.stream``)."""
+        """Under xdist, each worker also streams its examples to disk (see ``conformance.plugin.stream``)."""
         self._first_failure: dict[str, dict[str, Any]] = {}
         self._shrinking: set[str] = set()
 
@@ -105,7 +105,7 @@ def build_report(
     skipped tests, health-check suppressions) verbatim.
     """
     if registry is None:
-        from conformance.known import default_registry
+        from conformance.engine.known import default_registry
 
         registry = default_registry()
     summary: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(Counter))

@@ -96,8 +96,8 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from conformance import offline
-    from conformance.models import quantization_config
+    from conformance.engine import offline
+    from conformance.engine.models import quantization_config
 
     t = case.training
     out = tempfile.mkdtemp(prefix="conformance-trl-")

@@ -19,13 +19,13 @@ from typing import Any
 
 from torch import nn
 
-from conformance import upstream
-from conformance.diff import Divergence, diff
-from conformance.known import Registry, default_registry
-from conformance.models import checkpoint_path, load_model
+from conformance.engine import upstream
+from conformance.engine.diff import Divergence, diff
+from conformance.engine.known import Registry, default_registry
+from conformance.engine.models import checkpoint_path, load_model
 from conformance.numerics import check_numerics, same_function
 from conformance.numerics import enabled as numerics_enabled
-from conformance.snapshot import Snapshot, error_snapshot, snapshot_of
+from conformance.engine.snapshot import Snapshot, error_snapshot, snapshot_of
 from reference import PreparationError, Profile, builtin_class, prepare
 from reference.notices import PreparationWarning
 from reference.trl import prepare_trl, select_trl_flow

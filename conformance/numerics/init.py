@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.numerics_run import adapter_names, lora_layers
+from conformance.numerics.run import adapter_names, lora_layers
 
 __all__ = ["TAIL", "init_problems", "mean_square_bounds_normal", "mean_square_bounds_uniform"]
 
