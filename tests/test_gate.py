@@ -18,7 +18,12 @@ import pytest
 import torch
 
 from conformance.cli import main
-from conformance.gate.corpus import VERSION, CorpusError, Observation, generate_cases, load_corpus, record
+from conformance.gate import design
+from reference.spec import ABSENT
+from conformance.gate.corpus import (
+    INVALID_SHARE, MIN_INVALID_SHARE, VERSION, CorpusError, Observation, design_corpus, generate_cases, load_corpus,
+    prepared_coverage, record,
+)
 from conformance.engine.snapshot import ErrorFacts, Snapshot
 from conformance.gate.upgrade import changes_of, markdown, param_role, report_json
 from fault_kit import REPO
@@ -54,6 +59,109 @@ def test_generation_is_deterministic_and_stratified():
         level, kind, _ = case_id.split("-")
         assert (case.training.level, case.quant.kind) == (level, kind)
     assert [c.dumps() for _, c in generate_cases(12, seed=10, levels=("peft", "trl"))] != [c.dumps() for _, c in first]
+
+
+@pytest.fixture(scope="module")
+def default_corpus():
+    """The cases of a default-size corpus (``record``'s ``--cases`` default), generated only."""
+    return design_corpus(300, seed=1, levels=("peft", "trl"))
+
+
+def test_default_size_covers_every_combination(default_corpus):
+    # Measured here from the cases themselves, independently of the corpus's own report.
+    from strategies.covering import coverage
+
+    assert default_corpus.rows_recorded == default_corpus.rows_total and default_corpus.complete
+    by_stratum: dict[str, list] = {}
+    for case_id, case in default_corpus.cases:
+        if not case.invalid:
+            by_stratum.setdefault(case_id.rsplit("-", 1)[0], []).append(design.features(case))
+    strata = design.strata(("peft", "trl"))
+    assert {s.name for s in strata} == set(by_stratum)
+    for s in strata:
+        for name, measured in coverage(by_stratum[s.name], s.factors, s.groups, valid=s.valid).items():
+            assert measured.complete, f"{name}: {measured.covered}/{measured.required}, missing e.g. {measured.missing[:3]}"
+    groups = {g.name: g for s in strata for g in s.groups}
+    assert groups["peft-4bit: quantization x training"].strength == 3
+    assert groups["trl-4bit: adapter"].strength == 2
+    assert "quant.quant_storage" in groups["peft-4bit: quantization x training"].factors
+    assert "quant.int8_threshold" in groups["trl-8bit: quantization x training"].factors
+
+
+def test_default_size_holds_peft_pr_2893(default_corpus):
+    """peft PR #2893 (0.19.0): 4-bit LoRA factors follow the compute dtype; visible only with
+    autocast off, a half-precision compute dtype and uint8 storage, at the peft level."""
+    found = {c.quant.compute_dtype for _, c in default_corpus.cases
+             if not c.invalid and c.training.level == "peft" and c.quant.kind == "4bit"
+             and c.training.autocast_adapter_dtype is False and c.quant.quant_storage == "uint8"}
+    assert {"bfloat16", "float16"} <= found
+
+
+def test_default_size_spreads_model_types_and_keeps_invalid_cases(default_corpus):
+    from strategies.zoo import model_types
+
+    cases = [c for _, c in default_corpus.cases]
+    assert len(cases) == 300 and len({c.dumps() for c in cases}) == 300
+    for level, types in (("peft", model_types()), ("trl", model_types("CAUSAL_LM"))):
+        counts = {t: sum(1 for c in cases if c.training.level == level and c.model.model_type == t) for t in types}
+        # Spread evenly: default targets narrow some rows' choice, so allow one case of slack.
+        assert min(counts.values()) >= 1 and max(counts.values()) - min(counts.values()) <= 2, counts
+    invalid = sum(c.invalid for c in cases)
+    assert round(300 * MIN_INVALID_SHARE) <= invalid <= round(300 * INVALID_SHARE)
+    valid = [c for c in cases if not c.invalid]
+    # The strategies' validity rules survive the pinning of covering rows.
+    assert not any(c.adapter.lora_bias is True and c.adapter.init_lora_weights == "gaussian" for c in valid)
+    assert not any(isinstance(c.adapter.target_modules, str) and c.adapter.layers_to_transform is not ABSENT
+                   for c in valid)
+    report = default_corpus.to_json()
+    assert report["complete"] and report["rows_total"] == sum(report["rows"].values())
+    assert all(g["missing"] == [] for g in report["groups"].values())
+
+
+def test_a_short_corpus_says_its_coverage_is_partial(corpus_dir):
+    manifest = json.loads((corpus_dir / "corpus.json").read_text())
+    cov = manifest["coverage"]
+    assert cov["complete"] is False and cov["rows_recorded"] < cov["rows_total"] < cov["cases_needed"]
+    group = cov["groups"]["peft-4bit: quantization x training"]
+    assert group["covered"] < group["required"] and 0 < len(group["missing"]) <= 5
+    assert set(group["missing"][0]) <= set(group["factors"])
+    # What the recording stack prepared: a combination held only by rejected cases is masked.
+    assert group["prepared_covered"] + group["masked"] == group["covered"]
+
+
+def test_combinations_held_only_by_rejected_cases_are_masked():
+    cases = generate_cases(12, seed=5, levels=("peft",))
+    everything = prepared_coverage(cases, {i for i, _ in cases}, ("peft",))
+    nothing = prepared_coverage(cases, set(), ("peft",))
+    name = "peft-none: adapter"
+    assert everything[name]["masked"] == 0 and everything[name]["prepared_covered"] > 0
+    assert nothing[name]["prepared_covered"] == 0 and nothing[name]["masked"] == everything[name]["prepared_covered"]
+    assert len(nothing[name]["masked_first"]) == 5
+
+
+def test_record_strict_refuses_a_partial_corpus(tmp_path, capsys):
+    target = tmp_path / "partial"
+    assert main(["record", str(target), "--cases", "12", "--seed", "1", "--level", "peft", "--strict"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("record: ")]
+    assert len(lines) == 1 and "PARTIAL" in lines[0] and "--cases" in lines[0], err
+    assert not (target / "corpus.json").exists()  # refused before anything was prepared
+
+
+def test_record_strict_refuses_unbuildable_cases(tmp_path, capsys, monkeypatch):
+    import conformance.gate.corpus as corpus_module
+    from conformance.gate.generate import Generated
+
+    cases = generate_cases(2, seed=1, levels=("peft",))
+    complete = Generated(cases, {"peft-none": 2}, 2, 2, {})  # no group left to cover
+    monkeypatch.setattr(corpus_module, "design_corpus", lambda count, seed, levels: complete)
+    monkeypatch.setattr(corpus_module, "prepared_coverage", lambda cases, prepared, levels: {})
+    monkeypatch.setattr(corpus_module, "observe", lambda case: Observation("unbuildable", build_error="KeyError: 'x'"))
+    target = tmp_path / "unbuildable"
+    assert main(["record", str(target), "--cases", "2", "--level", "peft", "--strict"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("record: ")]
+    assert len(lines) == 1 and "2 cases are unbuildable" in lines[0] and "KeyError" in lines[0]
+    assert len(load_corpus(target).cases) == 2  # the corpus is written all the same
 
 
 def test_corpus_round_trips(corpus_dir):

@@ -225,7 +225,8 @@ def _record(args: argparse.Namespace) -> int:
     print(f"recording {args.cases} cases (seed {args.seed}, level {args.level}) under "
           f"{', '.join(f'{k} {v}' for k, v in stack_versions().items())}", file=sys.stderr)
     try:
-        corpus = record(Path(args.corpus), args.cases, args.seed, levels, progress=lambda m: print(m, file=sys.stderr))
+        corpus = record(Path(args.corpus), args.cases, args.seed, levels, progress=lambda m: print(m, file=sys.stderr),
+                        strict=args.strict)
     except CorpusError as exc:
         print(f"record: {exc}", file=sys.stderr)
         return 2
@@ -233,6 +234,12 @@ def _record(args: argparse.Namespace) -> int:
     for obs in corpus.observations.values():
         counts[obs.status] = counts.get(obs.status, 0) + 1
     print(f"wrote {len(corpus.cases)} cases to {args.corpus} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})")
+    unbuildable = sorted(i for i, o in corpus.observations.items() if o.status == "unbuildable")
+    if args.strict and unbuildable:
+        first = corpus.observations[unbuildable[0]].build_error
+        print(f"record: --strict: {len(unbuildable)} cases are unbuildable under this stack (first: {unbuildable[0]}: "
+              f"{first}); record under a stack that builds them, or drop --strict", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -311,9 +318,12 @@ def _parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("record", help="record upstream's preparation of a generated corpus of cases")
     rec.add_argument("corpus", metavar="CORPUS_DIR", help="a new (or empty) directory to write the corpus to")
-    rec.add_argument("--cases", type=_positive, default=300, help="how many cases (spread over level x quantization)")
+    rec.add_argument("--cases", type=_positive, default=300,
+                     help="how many cases: covering rows per level x quantization kind, then invalid cases")
     rec.add_argument("--seed", type=int, default=0, help="generation seed: the same seed gives the same cases")
     rec.add_argument("--level", choices=("peft", "trl", "all"), default="all")
+    rec.add_argument("--strict", action="store_true",
+                     help="exit 2 when the cases do not cover every required combination, or any is unbuildable")
     rec.set_defaults(run=_record)
 
     cmp_ = sub.add_parser("compare", help="replay a corpus here and report every change against the recording")

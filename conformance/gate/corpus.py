@@ -3,7 +3,9 @@
 A corpus is a directory:
 
 * ``corpus.json``: the manifest: format name and version, the stack it was recorded
-  under, how the cases were generated, and a SHA-256 and line count per data file;
+  under, how the cases were generated, the coverage they achieve (``coverage``: per
+  group of factors, the combinations required, covered, infeasible and the first few
+  missing; see :func:`design_corpus`), and a SHA-256 and line count per data file;
 * ``cases.jsonl``: one ``{"id", "case"}`` object a line;
 * ``observations.jsonl``: one ``{"id", "status", "snapshot", "warnings", "build_error"}``
   object a line: what upstream did with the case in the recording stack.
@@ -27,16 +29,25 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from conformance.engine.snapshot import Snapshot
+from conformance.gate.generate import (
+    INVALID_SHARE, MIN_INVALID_SHARE, Generated, coverage_line, design_corpus, prepared_coverage,
+)
 from reference.spec import Case
 
 __all__ = [
     "FORMAT",
+    "INVALID_SHARE",
+    "MIN_INVALID_SHARE",
     "VERSION",
     "Corpus",
     "CorpusError",
     "Observation",
+    "Generated",
+    "design_corpus",
     "generate_cases",
+    "coverage_line",
     "load_corpus",
+    "prepared_coverage",
     "observe",
     "record",
     "stack_versions",
@@ -128,20 +139,8 @@ def _install_source(metadata: Any, name: str) -> str:
 
 
 def generate_cases(count: int, seed: int, levels: Iterable[str]) -> list[tuple[str, Case]]:
-    """``count`` distinct cases, spread evenly over level x quantization kind, generated
-    deterministically from ``seed`` (same Hypothesis version and strategies, same cases).
-    Ids name the stratum: ``peft-4bit-0007``."""
-    from strategies import cases as case_strategy
-    from strategies import sample
-
-    strata = [(level, kind) for level in levels for kind in QUANT_KINDS]
-    out: list[tuple[str, Case]] = []
-    for i, (level, kind) in enumerate(strata):
-        want = count // len(strata) + (1 if i < count % len(strata) else 0)
-        if want:
-            drawn = sample(case_strategy(level=level, quant_kinds=(kind,)), want, seed * 1009 + i, budget=want * 4)
-            out.extend((f"{level}-{kind}-{n:04d}", case) for n, case in enumerate(drawn))
-    return out
+    """The cases of :func:`design_corpus` (ids name the stratum: ``peft-4bit-0007``)."""
+    return design_corpus(count, seed, levels).cases
 
 
 def observe(case: Case) -> Observation:
@@ -175,20 +174,37 @@ def record(
     seed: int,
     levels: Iterable[str],
     progress: Callable[[str], None] | None = None,
+    strict: bool = False,
 ) -> Corpus:
-    """Generate a corpus of ``count`` cases, prepare each with upstream, write it to ``directory``."""
+    """Generate a corpus of ``count`` cases, prepare each with upstream, write it to ``directory``.
+
+    ``strict``: refuse (before preparing anything) a corpus whose coverage is incomplete."""
     import hypothesis
 
     levels = tuple(levels)
     directory.mkdir(parents=True, exist_ok=True)
     if any(directory.iterdir()):
         raise CorpusError(f"{directory}: not empty; record into a new directory")
-    cases = generate_cases(count, seed, levels)
+    generated = design_corpus(count, seed, levels)
+    if progress is not None:
+        progress(coverage_line(generated))
+    if strict and not generated.complete:
+        raise CorpusError(f"--strict: {coverage_line(generated)}")
+    cases = generated.cases
     observations: dict[str, Observation] = {}
     for n, (case_id, case) in enumerate(cases, 1):
         observations[case_id] = observe(case)
         if progress is not None and (n % 25 == 0 or n == len(cases)):
             progress(f"recorded {n}/{len(cases)} cases")
+    coverage = generated.to_json()
+    prepared = {i for i, o in observations.items() if o.status == "prepared"}
+    for name, shown in prepared_coverage(cases, prepared, levels).items():
+        coverage["groups"][name].update(shown)
+    if progress is not None:
+        masked = sum(g.get("masked", 0) for g in coverage["groups"].values())
+        progress(f"{masked} required combinations are held only by cases this stack did not prepare "
+                 "(corpus.json: coverage.groups.*.masked)" if masked else
+                 "every covered combination is held by a case this stack prepared")
     files = {
         CASES: _write_jsonl(directory / CASES, ({"id": i, "case": c.to_json()} for i, c in cases)),
         OBSERVATIONS: _write_jsonl(
@@ -209,6 +225,7 @@ def record(
                                  f"--seed {seed}", f"--level {'all' if len(levels) > 1 else levels[0]}"]),
         },
         "files": {name: {"sha256": _sha256(directory / name), "lines": lines} for name, lines in files.items()},
+        "coverage": coverage,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return Corpus(manifest, dict(cases), observations)
