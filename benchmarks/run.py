@@ -68,7 +68,7 @@ def upstream_only(case) -> Any:
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         try:
-            prepared, _ = upstream.prepare_peft(model, case)
+            prepared, _, _ = upstream.prepare_peft(model, case)
         except Exception as exc:  # noqa: BLE001 - a rejection is an outcome, as in the runner
             cls, kind = upstream.classify_error(exc)
             return error_snapshot(cls, kind, str(exc))

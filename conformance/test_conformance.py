@@ -2,22 +2,31 @@
 
 Run with ``python -m pytest conformance``; options are ``--conformance-*``.
 
-There is one test per level and quantization kind: each gets
-``--conformance-examples`` examples, so every kind is exercised equally, and
-Hypothesis's mutation of previous examples (which keeps the model type) cannot
-crowd out model types.
+Two families of tests:
+
+* **cell tests** (``test_peft_cell[...]``, ``test_trl_cell[...]``): one test per cell of
+  ``strategies.coverage.cells``, so every model type meets every quantization kind and
+  every target kind (peft level) in every run, whatever Hypothesis draws.  Hypothesis
+  explores the rest of the case inside the cell, with a seed derived from the run's seed
+  and the cell, and shrinks a failure inside it.  Each runs ``Settings.cell_examples``
+  examples (the first is the cell's simplest case: every optional field left out);
+* **free tests**: one per level and quantization kind, ``--conformance-examples``
+  examples each, drawn from the whole zoo (Hypothesis decides the cells there), with the
+  explicit seed scenario as ``@example``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, seed
 
 from conformance.plugin import checks
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies import cases
+from strategies.coverage import Cell, cells
 
 # The seed scenario: nf4 QLoRA of a Llama-style model, bf16 compute, r=8, rsLoRA off and on.
 SEED_SCENARIO = tuple(
@@ -46,6 +55,49 @@ TRL_SEED_SCENARIO = tuple(
     )
     for case in SEED_SCENARIO
 )
+
+
+def _cell_seed(run_seed: int, cell: Cell) -> int:
+    """The Hypothesis seed of one cell test: the run's seed and the cell, nothing else, so a
+    run replays and no two cells share a random stream."""
+    return int.from_bytes(hashlib.sha256(f"{run_seed}|{cell.level}|{cell.id}".encode()).digest()[:8], "little")
+
+
+def _run_cell(cell: Cell, request: pytest.FixtureRequest) -> None:
+    # (cells the options exclude are deselected by the plugin)
+    conf = checks.current()
+    strategy = cases(level=cell.level, model_types=(cell.model_type,), quant_kinds=(cell.quantization,),
+                     target_kinds=(cell.target_kind,), tasks=(cell.task,))
+
+    @seed(_cell_seed(conf.seed, cell))
+    @checks.hypothesis_settings(max_examples=conf.cell_examples, test_id=request.node.nodeid)
+    @given(case=strategy)
+    def run(case: Case) -> None:
+        checks.check_case(case, conf, request.node.nodeid)
+
+    run()
+
+
+def _cells(level: str) -> tuple[Cell, ...]:
+    """The cells of ``level`` for this run's options: the kinds rotate over the quantization kinds
+    the run checks, so a restricted run still meets every target kind; a shard keeps its own.
+    (An excluded level keeps its full list, which the plugin deselects.)"""
+    conf = checks.current()
+    keep = (lambda c: conf.in_shard(c.model_type, c.quantization)) if conf.shard else None
+    chosen = cells(level, quant_kinds=conf.quant_kinds, keep=keep) if conf.wants(level) else ()
+    return chosen or cells(level)
+
+
+@pytest.mark.parametrize("cell", _cells("peft"), ids=lambda c: c.id)
+def test_peft_cell(cell: Cell, request):
+    """peft level, one cell: prepare_model_for_kbit_training (when asked) + get_peft_model agree."""
+    _run_cell(cell, request)
+
+
+@pytest.mark.parametrize("cell", _cells("trl"), ids=lambda c: c.id)
+def test_trl_cell(cell: Cell, request):
+    """trl level, one cell: SFTTrainer's preparation agrees with the reference's trl flow."""
+    _run_cell(cell, request)
 
 
 def _level(level: str, case: Case, request: pytest.FixtureRequest) -> None:

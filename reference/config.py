@@ -38,6 +38,10 @@ class LoraSettings:
     init_lora_weights: Any
     fan_in_fan_out: bool
     task_type: str | None
+    given_layers: Any = None
+    """``layers_to_transform`` as given (an int stays an int): what the stored config holds."""
+    given_layers_pattern: Any = None
+    """``layers_pattern`` as given."""
 
 
 def _names(value: Any) -> Any:
@@ -107,4 +111,6 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         init_lora_weights=init,
         fan_in_fan_out=bool(get("fan_in_fan_out")),
         task_type=get("task_type"),
+        given_layers=layers,
+        given_layers_pattern=pattern,
     )

@@ -59,10 +59,17 @@ class NoDefaultTargets(PreparationError, ValueError):
 class NoTargetMatched(PreparationError, ValueError):
     """No module of the model matched the targets (after excludes and layer filters).
 
-    Remedy: check the names against ``model.named_modules()``.
+    ``kind`` says what the walk over the modules saw, as upstream's message does:
+    ``targets_not_found`` (nothing was excluded), ``nothing_targeted`` (some modules were
+    excluded, by ``exclude_modules`` or as modules to save), ``all_excluded`` (every module
+    was excluded).  Remedy: check the names against ``model.named_modules()``.
     """
 
-    kind = "no_target_matched"
+    kind = "targets_not_found"
+
+    def __init__(self, message: str, kind: str = "targets_not_found") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class UnsupportedModule(PreparationError, ValueError):

@@ -9,11 +9,12 @@ from reference.dispatch import wrap
 from reference.errors import InvalidBias, SavedModuleIsLora
 from reference.kbit import prepare_for_kbit_training
 from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModule
+from reference.peft_model import PeftWrapper, condensed_targets, stored_config, wrapper_of
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
-from reference.targets import iter_targets
+from reference.targets import effective_targets, iter_targets
 
-__all__ = ["ADAPTER", "TASK_HEADS", "prepare"]
+__all__ = ["ADAPTER", "TASK_HEADS", "prepare", "prepare_wrapped"]
 
 ADAPTER = "default"
 
@@ -69,6 +70,14 @@ def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, prof
     target resolution, layer dispatch and creation, trainability, and finally the
     modules-to-save wrappers.
     """
+    return prepare_wrapped(model, adapter, training, profile)[0]
+
+
+def prepare_wrapped(
+    model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile
+) -> tuple[nn.Module, PeftWrapper]:
+    """:func:`prepare`, and what the PEFT wrapper around the result holds (its class, active
+    adapters and stored adapter config: ``reference.peft_model``)."""
     settings = resolve(adapter, profile)
     if training.prepare_kbit:
         use_gc = training.gradient_checkpointing
@@ -83,7 +92,10 @@ def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, prof
     autocast = profile.autocast_adapter_dtype_default if autocast is ABSENT else bool(autocast)
 
     fan_in_fan_out = settings.fan_in_fan_out
-    for target in iter_targets(model, settings, profile, _saved_names(settings, profile, guarded=True)):
+    resolved = effective_targets(model, settings, profile)
+    stored_targets = condensed_targets(resolved, (name for name, _ in model.named_modules()))
+    saved_guard = _saved_names(settings, profile, guarded=True)
+    for target in iter_targets(model, settings, profile, saved_guard, targets=resolved):
         layer, fan_in_fan_out = wrap(target.name, target.module, fan_in_fan_out, profile.embedding_keeps_fan_in_fan_out)
         layer.add_adapter(
             ADAPTER,
@@ -102,4 +114,4 @@ def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, prof
         model.set_submodule(target.name, layer)
     _mark_trainable(model, settings.bias, profile.bias_all_substring)
     _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora)
-    return model
+    return model, wrapper_of(settings, stored_config(settings, stored_targets, fan_in_fan_out), ADAPTER)

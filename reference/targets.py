@@ -143,19 +143,22 @@ class Target:
 
 
 def iter_targets(
-    model: nn.Module, settings: LoraSettings, profile: Profile, saved_names: Iterable[str] = ()
+    model: nn.Module, settings: LoraSettings, profile: Profile, saved_names: Iterable[str] = (),
+    targets: object = None,
 ) -> Iterator[Target]:
     """The modules to wrap, lazily in ``named_modules`` order (so errors surface in that order).
 
-    Raises :class:`NoTargetMatched` at the end when none matched.
+    ``targets`` are the effective targets when the caller resolved them already.  Raises
+    :class:`NoTargetMatched` at the end when none matched.
     """
-    targets = effective_targets(model, settings, profile)
+    targets = effective_targets(model, settings, profile) if targets is None else targets
     saved_names = tuple(saved_names)
     found = False
-    excluded = 0
+    excluded = unmatched = 0
     chosen: list[str] = []
     for key, module in list(model.named_modules()):
         if not key:
+            unmatched += 1
             continue
         if match_names(key, settings.exclude_modules):
             excluded += 1
@@ -165,9 +168,11 @@ def iter_targets(
             continue
         how = _match(key, targets)
         if how is None:
+            unmatched += 1
             continue
         # The layer filter applies to suffix matches only: a full name is taken as given.
         if how == "suffix" and settings.layers_to_transform is not None and not _in_layers(key, settings, profile):
+            unmatched += 1
             continue
         found = True
         chosen.append(key)
@@ -175,9 +180,12 @@ def iter_targets(
         alpha = pattern_value(key, settings.alpha_pattern, settings.lora_alpha)
         yield Target(key, module, r, alpha)
     if not found:
+        # Upstream words the rejection by what the walk saw (peft 0.15 - 0.21).
+        kind = "all_excluded" if excluded and not unmatched else "nothing_targeted" if excluded else "targets_not_found"
         raise NoTargetMatched(
             f"target_modules={settings.target_modules!r} (exclude_modules={settings.exclude_modules!r}, "
-            f"layers_to_transform={settings.layers_to_transform!r}) matched no module of the model"
+            f"layers_to_transform={settings.layers_to_transform!r}) matched no module of the model",
+            kind,
         )
     _warn_unused(settings, profile, excluded, chosen)
 

@@ -35,7 +35,8 @@ from torch import nn
 from reference.errors import InvalidConfig, MergeImpossible
 from reference.kbit import is_kbit, prepare_for_kbit_training, prepare_for_kbit_training_norms_only
 from reference.layers import LoraEmbedding, LoraLinear, SavedModule
-from reference.prepare import prepare
+from reference.peft_model import PeftWrapper
+from reference.prepare import prepare_wrapped
 from reference.profiles import Profile
 from reference.versions import release
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
@@ -72,6 +73,8 @@ class TrlFlow:
     syncs_router_aux_loss: bool = True
     """The trainer writes the MoE router's auxiliary loss switch into the model config
     (``output_router_logits`` on whenever the coefficient is non-zero)."""
+    mirrors_pad_token: bool = True
+    """The trainer writes its tokenizer's pad token id into the model's (text) config."""
     kbit_step: str = "peft"
     """Which k-bit step the classic / helper shapes run: ``peft`` (peft's
     ``prepare_model_for_kbit_training``: every fp16/bf16 parameter that is not 4-bit-packed
@@ -84,7 +87,7 @@ class TrlFlow:
 _CLASSIC = TrlFlow(
     "classic", ">=0.15,<0.22", gradient_checkpointing_default=False, classic=True, shape="classic",
     peft_model_with_config="ignore", rejects_head_lora=False, bf16_cast_skips_dora_magnitude=False,
-    syncs_router_aux_loss=False,
+    syncs_router_aux_loss=False, mirrors_pad_token=False,
 )
 # trl 0.22.0: _prepare_peft_model became the module-level helper trl.models.utils.prepare_peft_model:
 # SFTConfig.gradient_checkpointing defaults to True; with checkpointing and no k-bit step the model's
@@ -114,14 +117,21 @@ _INLINE_027 = dataclasses.replace(_INLINE, name="inline-0.27", trl=">=0.27,<1.7"
 # (SFTConfig's, else the config's own): `output_router_logits` is turned on when the coefficient is
 # non-zero, so the training loss includes the load-balancing term (read from the 1.7.0 - 1.16.0
 # wheels, absent from 1.6.0; observed on 1.16.0 as a loss difference on mixtral / qwen*_moe).
-_INLINE_17 = dataclasses.replace(_INLINE_027, name="inline-1.7", trl=">=1.7,<1.15", syncs_router_aux_loss=True)
+_INLINE_17 = dataclasses.replace(_INLINE_027, name="inline-1.7", trl=">=1.7,<1.14", syncs_router_aux_loss=True)
+# trl 1.14.0: without a data collator, SFTTrainer mirrors the tokenizer's pad token onto the model
+# ("the model must agree with the tokenizer on the pad token from construction"): the text config's
+# pad_token_id (and the generation config's) become the tokenizer's (read from the 1.14.0 and 1.15.0
+# wheels, absent from 1.13.0; found by the harness on 1.16.0 as a model.config write).
+_INLINE_114 = dataclasses.replace(_INLINE_17, name="inline-1.14", trl=">=1.14,<1.15", mirrors_pad_token=True)
 # trl 1.15.0: LoRA on the output head is rejected (the loss reads lm_head.weight directly), and the QLoRA
 # bf16 cast skips DoRA's lora_magnitude_vector (trl issue #7268).
 _CURRENT = dataclasses.replace(
-    _INLINE_17, name="current", trl=">=1.15", rejects_head_lora=True, bf16_cast_skips_dora_magnitude=True,
+    _INLINE_114, name="current", trl=">=1.15", rejects_head_lora=True, bf16_cast_skips_dora_magnitude=True,
 )
 
-TRL_FLOWS: dict[str, TrlFlow] = {f.name: f for f in (_CLASSIC, _HELPER, _HELPER_023, _HELPER_025, _INLINE, _INLINE_027, _INLINE_17, _CURRENT)}
+TRL_FLOWS: dict[str, TrlFlow] = {
+    f.name: f for f in (_CLASSIC, _HELPER, _HELPER_023, _HELPER_025, _INLINE, _INLINE_027, _INLINE_17, _INLINE_114, _CURRENT)
+}
 _NEWEST_FLOW = "current"
 _NEWEST_KNOWN_TRL = (1, 16)
 """The newest trl release whose flow was checked; a newer one selects the newest flow, with a warning."""
@@ -198,6 +208,8 @@ class TrlResult:
 
     model: nn.Module
     trainer_gradient_checkpointing: bool
+    wrapper: PeftWrapper
+    """The PEFT wrapper the trainer holds (``trainer.model``)."""
 
 
 def _sharded_4bit(model: nn.Module) -> bool:
@@ -236,10 +248,10 @@ def _trainer_writes_use_cache() -> bool:
     return int(transformers.__version__.split(".")[0]) >= 5
 
 
-def _finish(model: nn.Module, trainer_gc: bool) -> TrlResult:
+def _finish(model: nn.Module, trainer_gc: bool, wrapper: PeftWrapper) -> TrlResult:
     if _trainer_writes_use_cache() and getattr(model, "config", None) is not None:
         model.config.use_cache = False
-    return TrlResult(model, trainer_gc)
+    return TrlResult(model, trainer_gc, wrapper)
 
 
 def _unload(model: nn.Module) -> None:
@@ -297,27 +309,28 @@ def _peft_model_in(model: nn.Module, adapter: AdapterSpec, training: TrainingSpe
     """
     quantized = is_kbit(model)
     # The PeftModel is built first (its own errors come first), then handed to the trainer.
-    prepare(model, adapter, dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT), profile)
+    _, wrapper = prepare_wrapped(
+        model, adapter, dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT), profile)
     if flow.classic:
-        return _finish(model, gc)
+        return _finish(model, gc, wrapper)
     if training.peft_config_too:
         if flow.peft_model_with_config == "reject":
             raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
         if flow.peft_model_with_config == "merge":
             _unload(model)
             return prepare_trl(model, adapter, dataclasses.replace(training, peft_model_in=False), profile, flow)
-        return _finish(model, gc)
+        return _finish(model, gc, wrapper)
     if flow.shape == "helper":
         kwargs = {} if training.use_reentrant is ABSENT else {"use_reentrant": training.use_reentrant}
         if gc:
             _helper_checkpointing(model, kwargs)
         if training.bf16 and getattr(model, "is_loaded_in_4bit", False) and not _sharded_4bit(model):
             _cast_for_bf16(model)
-        return _finish(model, gc)
-    return _current_after_peft(model, gc, quantized, flow)
+        return _finish(model, gc, wrapper)
+    return _current_after_peft(model, gc, quantized, flow, wrapper)
 
 
-def _current_after_peft(model: nn.Module, gc: bool, quantized: bool, flow: TrlFlow) -> TrlResult:
+def _current_after_peft(model: nn.Module, gc: bool, quantized: bool, flow: TrlFlow, wrapper: PeftWrapper) -> TrlResult:
     """inline trl, once the model is a PEFT model: input grads with checkpointing, the bf16
     cast of a quantized model's trainables (not DoRA magnitudes, trl 1.15+)."""
     if gc:
@@ -329,16 +342,14 @@ def _current_after_peft(model: nn.Module, gc: bool, quantized: bool, flow: TrlFl
             if flow.bf16_cast_skips_dora_magnitude and "lora_magnitude_vector" in name:
                 continue
             param.data = param.data.to(torch.bfloat16)
-    return _finish(model, gc)
+    return _finish(model, gc, wrapper)
 
 
 def _sync_router_aux_loss(model: nn.Module) -> None:
     """trl >= 1.7: an MoE config with a ``router_aux_loss_coef`` gets ``output_router_logits``
     on when the coefficient is non-zero (the harness never sets SFTConfig's, so the config's
     own coefficient decides), off otherwise."""
-    config = getattr(model, "config", None)
-    get_text = getattr(config, "get_text_config", None)
-    text_config = get_text() if get_text is not None else config
+    text_config = _text_config(model)
     if text_config is not None and hasattr(text_config, "router_aux_loss_coef"):
         text_config.output_router_logits = (
             hasattr(text_config, "output_router_logits") and text_config.router_aux_loss_coef != 0.0
@@ -346,13 +357,23 @@ def _sync_router_aux_loss(model: nn.Module) -> None:
 
 
 def prepare_trl(
-    model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile, flow: TrlFlow
+    model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile, flow: TrlFlow,
+    *, pad_token_id: int | None = None,
 ) -> TrlResult:
-    """Prepare ``model`` as ``SFTTrainer(model, args, peft_config=...)`` does at construction."""
+    """Prepare ``model`` as ``SFTTrainer(model, args, peft_config=..., processing_class=tokenizer)``
+    does at construction; ``pad_token_id`` is the tokenizer's."""
     result = _prepare_trl(model, adapter, training, profile, flow)
     if flow.syncs_router_aux_loss:
         _sync_router_aux_loss(result.model)
+    if flow.mirrors_pad_token and pad_token_id is not None:
+        _text_config(result.model).pad_token_id = pad_token_id
     return result
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if get_text is not None else config
 
 
 def _prepare_trl(
@@ -378,14 +399,14 @@ def _prepare_trl(
             model.enable_input_require_grads()
         if sharded:
             peft_step = dataclasses.replace(peft_step, autocast_adapter_dtype=False)
-        prepare(model, adapter, peft_step, profile)
+        _, wrapper = prepare_wrapped(model, adapter, peft_step, profile)
         if training.bf16 and getattr(model, "is_loaded_in_4bit", False) and not sharded:
             _cast_for_bf16(model)
         if flow.rejects_head_lora:
             _reject_head_lora(model)
-        return _finish(model, trainer_gc)
+        return _finish(model, trainer_gc, wrapper)
     quantized = is_kbit(model)
-    prepare(model, adapter, peft_step, profile)
+    _, wrapper = prepare_wrapped(model, adapter, peft_step, profile)
     if flow.rejects_head_lora:
         _reject_head_lora(model)
-    return _current_after_peft(model, gc, quantized, flow)
+    return _current_after_peft(model, gc, quantized, flow, wrapper)

@@ -35,6 +35,7 @@ from torch import nn
 from conformance.engine.runner import run_case
 from reference.spec import ABSENT, Case
 from strategies.zoo import ZOO
+from strategies.coverage import cells
 from fault_kit import (  # noqa: F401 - the corpus, scenarios and fault helpers
     REPO,
     PROFILE,
@@ -488,4 +489,5 @@ def test_real_suite_fails_on_injected_fault(pytester):
     (pytester.path / "conftest.py").unlink()
     clean = _run_real_suite(pytester, None)
     assert clean.ret == pytest.ExitCode.OK, clean.stdout.str()[-3000:]
-    clean.assert_outcomes(passed=6)  # peft and trl level, one test per quantization kind each
+    # every cell test, and the six free tests (peft and trl level, one per quantization kind)
+    clean.assert_outcomes(passed=len(cells("peft")) + len(cells("trl")) + 6)

@@ -11,6 +11,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 
 from conformance.engine.diff import Divergence
+from conformance.engine.features import FEATURES
 from conformance.engine.known import REGISTRY_PATH, Entry, Registry, load_registry
 from reference import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec
 
@@ -32,7 +33,7 @@ def case(model_type: str = "llama", quant: str = "none", **adapter) -> Case:
     return Case(ModelSpec(model_type), QuantSpec(kind=quant), AdapterSpec(**adapter))
 
 
-ERR_CLS = Divergence("<error>", "cls", "ValueError", "RuntimeError")
+ERR_CLS = Divergence("<error>", "error", "ValueError[saved_module_quantized]", "RuntimeError[saved_module_quantized]")
 
 
 # -- the shipped file ----------------------------------------------------------------------------------
@@ -58,12 +59,13 @@ def test_shipped_registry_parses_and_documents_every_entry():
         assert len(e.explanation.split()) >= 10, e.id
         assert e.link.startswith("https://"), e.id
         assert e.matches, e.id
-        for path, field, ref, up in e.matches:
-            for pattern in (path, field, ref, up):
+        for m in e.matches:
+            for pattern in (m.path, m.field, m.reference, m.upstream):
                 if isinstance(pattern, str):
-                    re.compile(pattern)
+                    re.compile(re.sub(r"\{\w+\}", "x", pattern))
         for dotted, allowed in e.when:
-            assert dotted in fields, f"{e.id}: when-key {dotted!r} is not a Case field"
+            assert dotted in fields or dotted.removeprefix("feature.") in FEATURES, \
+                f"{e.id}: when-key {dotted!r} is neither a Case field nor a feature"
             assert allowed, e.id
         for package, spec in e.versions:
             assert package in ("peft", "transformers", "torch", "trl", "bitsandbytes", "accelerate"), e.id
@@ -99,8 +101,7 @@ BASIC = """
 [[divergence]]
 id = "by-version"
 versions = { peft = ">=0.19,<0.22", transformers = ">=5.0" }
-path = "<error>"
-field = "cls"
+match = [{ path = "<error>", field = "error" }]
 explanation = "explains class divergences on peft 0.19 to 0.21 with transformers 5"
 link = "https://example.org/1"
 """
@@ -130,21 +131,21 @@ WHEN = """
 [[divergence]]
 id = "quantized"
 when = { "quant.kind" = ["4bit", "8bit"] }
-path = ".*"
+match = [{ path = ".*", field = "error" }]
 explanation = "only quantized cases are explained by this test entry"
 link = "https://example.org/q"
 
 [[divergence]]
 id = "default-targets"
 when = { "adapter.target_modules" = ["<absent>", "<none>"], "model.model_type" = "mixtral" }
-path = ".*"
+match = [{ path = ".*", field = "error" }]
 explanation = "only mixtral cases without targets are explained by this entry"
 link = "https://example.org/d"
 
 [[divergence]]
 id = "listed-targets"
 when = { "adapter.target_modules" = [["q_proj", "v_proj"]], "adapter.task_type" = "<absent>" }
-path = ".*"
+match = [{ path = ".*", field = "error" }]
 explanation = "only cases whose targets are exactly q_proj, v_proj are explained"
 link = "https://example.org/l"
 """
@@ -184,26 +185,22 @@ def test_when_reads_absent_and_none(tmp_path):
 REGEX = r"""
 [[divergence]]
 id = "paths"
-path = '.*\.mlp\.(experts|gate)(\..*)?'
-field = 'dtype|shape'
+match = [{ path = '.*\.mlp\.(experts|gate)(\..*)?', field = 'dtype|shape' }]
 explanation = "dtype and shape divergences of expert modules only"
 link = "https://example.org/p"
 
 [[divergence]]
 id = "values"
-path = "<error>"
-field = "cls|kind"
-reference = "ValueError|saved_module_quantized"
-upstream = "RuntimeError|other"
+match = [{ path = "<error>", field = "error", reference = 'ValueError\[saved_module_quantized\]', upstream = 'RuntimeError\[saved_module_quantized\]' }]
 explanation = "error divergences with exactly these values on each side"
 link = "https://example.org/v"
 
 [[divergence]]
 id = "listed"
 match = [
-    { path = "<model>", field = "trainable_params" },
+    { path = "<model>", field = 'warnings\.exclude_unused' },
     { path = "<error>", field = "raised", upstream = 'ValueError\[other\]: .*ParamWrapper.*' },
-    { field = "adapter\\[default\\]\\.scaling", reference = "2\\.0" },
+    { path = ".*", field = 'adapter\[default\]\.scaling', reference = '2\.0' },
 ]
 explanation = "a list of alternatives, each with its own value regexes"
 link = "https://example.org/m"
@@ -218,13 +215,12 @@ link = "https://example.org/m"
         (Divergence("model.layers.0.mlp.experts", "requires_grad", True, False), None),  # field regex
         (Divergence("model.layers.0.mlp.experts_extra", "dtype", "a", "b"), None),  # full match on path
         (Divergence("x.model.layers.0.mlp.gate_proj", "dtype", "a", "b"), None),
-        (Divergence("<error>", "cls", "ValueError", "RuntimeError"), "values"),
-        (Divergence("<error>", "kind", "saved_module_quantized", "other"), "values"),
-        (Divergence("<error>", "cls", "ValueError", "TypeError"), None),  # upstream value regex
-        (Divergence("<error>", "cls", "TypeError", "RuntimeError"), None),  # reference value regex
-        (Divergence("<error>", "cls", "ValueErrorX", "RuntimeError"), None),  # values full-match
-        (Divergence("<model>", "trainable_params", 1, 2), "listed"),
-        (Divergence("<model>", "total_params", 1, 2), None),
+        (ERR_CLS, "values"),
+        (Divergence("<error>", "error", "ValueError[saved_module_quantized]", "RuntimeError[other]"), None),
+        (Divergence("<error>", "error", "ValueError[saved_module_quantized]", "TypeError[saved_module_quantized]"), None),
+        (Divergence("<error>", "error", "TypeError[saved_module_quantized]", "RuntimeError[saved_module_quantized]"), None),
+        (Divergence("<model>", "warnings.exclude_unused", False, True), "listed"),
+        (Divergence("<model>", "warnings.conv1d_fan_in_fan_out", False, True), None),
         (Divergence("<error>", "raised", "no error", "ValueError[other]: ValueError: lora.ParamWrapper no"), "listed"),
         (Divergence("<error>", "raised", "no error", "TypeError[other]: ParamWrapper"), None),
         (Divergence("a.q_proj", "adapter[default].scaling", 2.0, 4.0), "listed"),  # str() of a float
@@ -243,10 +239,10 @@ def test_path_field_and_value_regexes(tmp_path, d, explained_by):
 def test_explain_splits_and_reports_each_entry_once(tmp_path):
     registry = load_registry(write(tmp_path, REGEX), versions=STACK)
     found = [
-        Divergence("<model>", "trainable_params", 1, 2),
+        Divergence("<model>", "warnings.exclude_unused", False, True),
         Divergence("some.param", "requires_grad", True, False),
         Divergence("m.mlp.experts", "dtype", "a", "b"),
-        Divergence("<model>", "trainable_params", 3, 4),
+        Divergence("x.q_proj", "adapter[default].scaling", 2.0, 1.0),
         Divergence("<model>", "use_cache", True, False),
     ]
     unexplained, used = registry.explain(case(), found)
@@ -261,7 +257,7 @@ def test_stale_lists_active_entries_without_hits(tmp_path):
         [[divergence]]
         id = "old-only"
         versions = { peft = "<0.15" }
-        path = ".*"
+        match = [{ path = ".*", field = "error" }]
         explanation = "an entry for an old stack that never applies here"
         link = "https://example.org/o"
         """
@@ -284,17 +280,19 @@ def test_entry_fields(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('[[divergence]]\npath = ".*"\nexplanation = "x"\nlink = "https://e"\n', r"'\?' lacks \['id'\]"),
-        ('[[divergence]]\nid = "a"\npath = ".*"\nlink = "https://e"\n', r"'a' lacks \['explanation'\]"),
-        ('[[divergence]]\nid = "a"\npath = ".*"\nexplanation = "x"\n', r"'a' lacks \['link'\]"),
-        ('[[divergence]]\nid = "a"\nexplanation = "x"\nlink = "https://e"\n', r"lacks \['path/field or match'\]"),
+        ('[[divergence]]\nmatch = []\nexplanation = "x"\nlink = "https://e"\n', r"'\?' lacks \['id'\]"),
+        ('[[divergence]]\nid = "a"\nmatch = []\nlink = "https://e"\n', r"'a' lacks \['explanation'\]"),
+        ('[[divergence]]\nid = "a"\nmatch = []\nexplanation = "x"\n', r"'a' lacks \['link'\]"),
+        ('[[divergence]]\nid = "a"\nexplanation = "x"\nlink = "https://e"\n', r"lacks \['match'\]"),
+        ('[[divergence]]\nid = "a"\nmatch = [{ path = ".*" }]\nexplanation = "x"\nlink = "https://e"\n',
+         "a match row needs path and field"),
         (
-            '[[divergence]]\nid = "a"\npath = ".*"\nexplanation = "x"\nlink = "https://e"\n'
-            '[[divergence]]\nid = "a"\nfield = ".*"\nexplanation = "y"\nlink = "https://e"\n',
+            '[[divergence]]\nid = "a"\nmatch = []\nexplanation = "x"\nlink = "https://e"\n'
+            '[[divergence]]\nid = "a"\nmatch = []\nexplanation = "y"\nlink = "https://e"\n',
             "duplicate ids",
         ),
     ],
-    ids=["missing-id", "missing-explanation", "missing-link", "missing-match", "duplicate-id"],
+    ids=["missing-id", "missing-explanation", "missing-link", "missing-match", "row-without-field", "duplicate-id"],
 )
 def test_malformed_registry_raises_with_the_path(tmp_path, text, message):
     path = write(tmp_path, text, "broken.toml")
@@ -307,5 +305,5 @@ def test_malformed_registry_raises_with_the_path(tmp_path, text, message):
 def test_empty_registry(tmp_path):
     registry = load_registry(write(tmp_path, "# nothing yet\n"), versions=STACK)
     assert registry.entries == [] and registry.active == []
-    d = Divergence("<error>", "cls", "a", "b")
+    d = Divergence("<error>", "error", "a", "b")
     assert registry.explain(case(), [d]) == ([d], [])

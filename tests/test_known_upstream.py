@@ -31,6 +31,19 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules="all-linear", task_type="TOKEN_CLS"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # ...and the head does not count as excluded: an exclude_modules that matches nothing warns as unused.
+    "token-classification-head-not-counted-as-excluded": Case(
+        ModelSpec("llama", "TOKEN_CLS", num_layers=1),
+        adapter=AdapterSpec(target_modules=("q_proj",), exclude_modules=("nothing_here",), task_type="TOKEN_CLS"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # ...nor in the wording of a rejection: targets that reach nothing are "not found" upstream.
+    "token-classification-head-not-counted-as-excluded-in-rejection": Case(
+        ModelSpec("llama", "TOKEN_CLS", num_layers=1),
+        adapter=AdapterSpec(target_modules=("q_pro",), task_type="TOKEN_CLS"),
+        training=TrainingSpec(prepare_kbit=False),
+        invalid=True,
+    ),
     # peft's MoE config conversion empties target_modules=None before the default table is read.
     "moe-default-targets-lost": Case(
         ModelSpec("mixtral", "CAUSAL_LM", num_layers=1),

@@ -38,10 +38,33 @@ def test_a_copy_is_exact_and_shares_no_storage(quant, cache):
             assert da.keys() == df.keys() and all(torch.equal(da[k], df[k]) for k in da), name
         if getattr(f, "SCB", None) is not None:
             assert torch.equal(a.SCB, f.SCB), name
+    for copy_, original in ((first, fresh), (second, fresh)):
+        for (name, module), (_, fresh_module) in zip(copy_.named_modules(), original.named_modules(), strict=True):
+            weight = getattr(module, "weight", None)
+            if type(weight).__name__ != "Params4bit":
+                continue
+            # A copy is linked like a fresh load: its weight points at its own layer, never the cached
+            # original's, and the layer and its weight hold one quant state.
+            assert (weight.module is module) == (fresh_module.weight.module is fresh_module) is True, name
+            assert (module.quant_state is weight.quant_state) == (
+                fresh_module.quant_state is fresh_module.weight.quant_state) is True, name
     assert getattr(first, "is_loaded_in_4bit", False) == getattr(fresh, "is_loaded_in_4bit", False)
     assert getattr(first, "is_loaded_in_8bit", False) == getattr(fresh, "is_loaded_in_8bit", False)
     next(first.parameters()).data.zero_()  # a caller mutating its copy leaves the next copy untouched
     assert torch.equal(_bytes(next(load_model(spec, quant, cache).parameters())), _bytes(next(fresh.parameters())))
+
+
+def test_zoo_models_have_no_constant_parameters():
+    """Biases and norm weights carry seeded noise, so that a fault in their values shows."""
+    from conformance.engine.models import build_model
+
+    for model_type in ("llama", "bert", "gpt2", "gemma", "t5"):
+        task = "SEQ_CLS" if model_type in ("bert", "t5") else "CAUSAL_LM"
+        model = build_model(ModelSpec(model_type, task, num_layers=1))
+        constant = [n for n, p in model.named_parameters() if p.numel() > 1 and bool(p.min() == p.max())]
+        assert not constant, (model_type, constant)
+        again = build_model(ModelSpec(model_type, task, num_layers=1))
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
 
 
 def test_the_cache_can_be_turned_off(cache, monkeypatch):

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from conformance import numerics
-from conformance.engine.diff import Divergence
 from conformance.engine.models import load_model
-from conformance.numerics import TOLERANCES, same_function, tolerance_for
+from conformance.numerics import TOLERANCES, tolerance_for
+from conformance.engine.runner import same_structure
+from conformance.engine.snapshot import ErrorFacts, ModelFacts, ParamFacts, Snapshot
 from conformance.numerics.init import init_problems, mean_square_bounds_normal, mean_square_bounds_uniform
 from conformance.numerics.run import bypassed, case_seed, lora_layers, make_inputs, run_model
 from conformance.engine.runner import cache_dir, run_case
@@ -143,10 +144,16 @@ def test_bypassed_restores_the_lora_layers():
     assert [m for _, m in lora_layers(model)] == before
 
 
-def test_same_function_allows_only_bookkeeping():
-    assert same_function([])
-    assert same_function([Divergence("<model>", "config_mutations", (), ("target_modules",))])
-    assert not same_function([Divergence("x.q_proj", "adapter[default].scaling", 1.0, 2.0)])
+def test_same_structure_pairs_every_tensor():
+    a = Snapshot(params=(ParamFacts("w", (2, 2), "float32", True, "plain"),), model=_MODEL)
+    assert same_structure(a, a)
+    assert same_structure(a, Snapshot(params=(ParamFacts("w", (2, 2), "bfloat16", False, "plain"),), model=_MODEL))
+    assert not same_structure(a, Snapshot(params=(ParamFacts("w", (2, 3), "float32", True, "plain"),), model=_MODEL))
+    assert not same_structure(a, Snapshot(params=(ParamFacts("v", (2, 2), "float32", True, "plain"),), model=_MODEL))
+    assert not same_structure(a, Snapshot(error=ErrorFacts("ValueError", "x")))
+
+
+_MODEL = ModelFacts(False, False, False, False, 4, 4)
 
 
 # -- in the differential step ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conformance.plugin.report import Recorder
+from strategies.coverage import cells
 
 pytest_plugins = ["pytester"]
 
@@ -48,26 +49,33 @@ def test_cuda_without_cuda_is_an_error(suite):
     assert "--conformance-device=cuda was asked for" in result.stderr.str()
 
 
+# The runs below keep to llama's cells and the free tests (the whole suite is the real suite's business).
+ONLY = "llama or level"
+LLAMA_NONE_CELLS = [c for level in ("peft", "trl") for c in cells(level, quant_kinds=("none",)) if c.model_type == "llama"]
+assert len(LLAMA_NONE_CELLS) == 5  # a restricted run still gives llama all four target kinds at the peft level
+
+
 def _run(suite: pytest.Pytester, tmp_path: Path, seed: int, *extra: str) -> tuple[pytest.RunResult, dict]:
     report = tmp_path / f"report-{seed}.json"
     result = suite.runpytest_subprocess(
         "--conformance-examples", "4", "--conformance-quant", "none", "--hypothesis-seed", str(seed),
-        "--conformance-report", str(report), "-p", "no:warnings", *extra,
+        "--conformance-report", str(report), "-p", "no:warnings", "-k", ONLY, *extra,
     )
     return result, json.loads(report.read_text())
 
 
 def test_a_run_writes_the_report_header_and_summary(suite, tmp_path):
     result, report = _run(suite, tmp_path, 3)
-    # peft and trl level: the 8-bit and 4-bit tests of each are excluded by --conformance-quant
-    result.assert_outcomes(passed=2, skipped=4)
+    # llama's unquantized cells, and the unquantized free tests of both levels; the other free tests
+    # are skipped by --conformance-quant (the excluded cells are deselected)
+    result.assert_outcomes(passed=len(LLAMA_NONE_CELLS) + 2, skipped=4, deselected=None)
     out = result.stdout.str()
     assert "conformance: profile=current" in out and "seed=3 (replay: --hypothesis-seed=3)" in out
     assert "conformance stack: torch" in out and "peft 0.21.2" in out
     assert "LoRA conformance summary" in out and "(cells: agree/diverge/known/skip/invalid;" in out
     assert {"stack", "profile", "device", "examples", "summary"} <= report.keys()
     assert report["profile"] == "current" and report["device"] == "cpu"
-    assert len(report["examples"]) == 8  # 4 per level
+    assert len(report["examples"]) == 2 * len(LLAMA_NONE_CELLS) + 8  # 2 per cell, 4 per free test
     for entry in report["examples"]:
         assert {"model_type", "quantization", "load_dtype", "level", "invalid", "outcome"} <= entry.keys()
         assert entry["quantization"] == "none" and entry["outcome"] in ("agree", "known")
@@ -134,15 +142,20 @@ def test_strict_fails_an_empty_run_with_a_clear_reason(suite):
     assert "STRICT MODE FAILED" in out and "empty run: no example was executed" in out
 
 
-def test_strict_fails_a_run_with_stale_entries_and_writes_the_markdown(suite, tmp_path):
+def test_strict_fails_a_run_with_unreached_cells_and_writes_the_markdown(suite, tmp_path):
     md = tmp_path / "run.md"
     result, report = _run(suite, tmp_path, 5, "--conformance-strict", "--conformance-markdown", str(md))
     assert result.ret == pytest.ExitCode.TESTS_FAILED  # the tests passed; strict mode fails the session
-    result.assert_outcomes(passed=2, skipped=4)  # the quant-excluded tests were skipped on purpose: not a failure
+    # the quant-excluded tests were skipped on purpose (not a failure); -k left the other cells out (a gap)
+    result.assert_outcomes(passed=len(LLAMA_NONE_CELLS) + 2, skipped=4, deselected=None)
     out = result.stdout.str()
-    assert "STRICT MODE FAILED" in out and "stale known-divergence entry moe-default-targets-lost" in out
+    assert "STRICT MODE FAILED" in out and "coverage gap: peft: model_type x quantization: " in out
+    assert "MISSING peft: model_type x target_kind" in out
     assert "test skipped" not in out
-    assert report["strict"] is True and any("stale" in why for why in report["strict_failures"])
+    assert report["strict"] is True and any("coverage gap" in why for why in report["strict_failures"])
+    peft_none = cells("peft", quant_kinds=("none",))
+    assert report["coverage"]["peft: model_type x quantization"]["total"] == len({c.model_type for c in peft_none})
+    assert report["coverage"]["peft: model_type x target_kind"]["total"] == len(peft_none)
     assert md.read_text().startswith("## LoRA conformance: ❌ failed") and "Strict mode failed" in md.read_text()
 
 

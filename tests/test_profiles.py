@@ -31,8 +31,8 @@ TRL_RELEASES = {
     "1.4.0": "inline-0.27", "1.5.0": "inline-0.27", "1.5.1": "inline-0.27", "1.6.0": "inline-0.27",
     "1.7.0": "inline-1.7", "1.7.1": "inline-1.7", "1.8.0": "inline-1.7", "1.9.0": "inline-1.7",
     "1.9.1": "inline-1.7", "1.9.2": "inline-1.7", "1.10.0": "inline-1.7", "1.11.0": "inline-1.7",
-    "1.12.0": "inline-1.7", "1.13.0": "inline-1.7", "1.14.0": "inline-1.7", "1.14.1": "inline-1.7",
-    "1.14.2": "inline-1.7",
+    "1.12.0": "inline-1.7", "1.13.0": "inline-1.7", "1.14.0": "inline-1.14", "1.14.1": "inline-1.14",
+    "1.14.2": "inline-1.14",
     "1.15.0": "current", "1.16.0": "current",
 }
 
@@ -109,15 +109,16 @@ def test_forced_names():
 
 def test_flow_rules_change_where_upstream_changed():
     f = TRL_FLOWS
-    assert list(f) == ["classic", "helper", "helper-0.23", "helper-0.25", "inline", "inline-0.27", "inline-1.7", "current"]
-    assert [f[n].peft_model_with_config for n in f] == ["ignore", "merge", "merge", "merge", "merge", "reject", "reject", "reject"]
-    assert [f[n].gradient_checkpointing_default for n in f] == [False] + [True] * 7
-    assert [f[n].kbit_step_turns_off_trainer_gc for n in f] == [False, False, True, True, False, False, False, False]
+    assert list(f) == ["classic", "helper", "helper-0.23", "helper-0.25", "inline", "inline-0.27", "inline-1.7", "inline-1.14", "current"]
+    assert [f[n].peft_model_with_config for n in f] == ["ignore"] + ["merge"] * 4 + ["reject"] * 4
+    assert [f[n].gradient_checkpointing_default for n in f] == [False] + [True] * 8
+    assert [f[n].kbit_step_turns_off_trainer_gc for n in f] == [False, False, True, True] + [False] * 5
     assert [f[n].kbit_step for n in f][:4] == ["peft", "peft", "peft", "norms"]  # trl 0.25: trl's own k-bit step
-    assert [f[n].rejects_head_lora for n in f] == [False] * 7 + [True]
-    assert [f[n].bf16_cast_skips_dora_magnitude for n in f] == [False] * 7 + [True]
-    assert [f[n].syncs_router_aux_loss for n in f] == [False] * 6 + [True, True]  # trl 1.7
-    assert [f[n].shape for n in f] == ["classic", "helper", "helper", "helper", "inline", "inline", "inline", "inline"]
+    assert [f[n].rejects_head_lora for n in f] == [False] * 8 + [True]
+    assert [f[n].bf16_cast_skips_dora_magnitude for n in f] == [False] * 8 + [True]
+    assert [f[n].syncs_router_aux_loss for n in f] == [False] * 6 + [True] * 3  # trl 1.7
+    assert [f[n].mirrors_pad_token for n in f] == [False] * 7 + [True] * 2  # trl 1.14
+    assert [f[n].shape for n in f] == ["classic"] + ["helper"] * 3 + ["inline"] * 5
 
 
 def test_profile_rules_change_where_upstream_changed():

@@ -97,17 +97,25 @@ def invalid_kind(case: Case) -> str | None:
         return "unknown_bias"
     if isinstance(a.r, int) and a.r is not ABSENT and a.r <= 0:
         return "r_not_positive"
+    if case.training.peft_model_in and case.training.peft_config_too:
+        return "peft_model_with_config"
     if isinstance(targets, str) and a.layers_to_transform not in (ABSENT, None):
         return "layers_with_regex_targets"
     if a.layers_to_transform is ABSENT and a.layers_pattern not in (ABSENT, None):
         return "layers_pattern_without_layers"
+    if a.layers_to_transform == 7 or a.layers_pattern == "blocks":
+        return "layer_filter_matches_nothing"
     if a.lora_bias is True and targets == entry.embedding_names[:1]:
         return "lora_bias_on_embedding"
+    if a.lora_bias is True and a.init_lora_weights == "gaussian":
+        return "lora_bias_with_gaussian_init"
     if targets in (ABSENT, None) and case.model.model_type not in CURRENT.default_targets:
         return "no_default_targets"
     if targets == (entry.layer_container,):
         return "container_target"
     if isinstance(targets, tuple) and targets and all(near_miss(t, entry) for t in targets):
+        return "targets_match_nothing"
+    if isinstance(targets, str) and targets != "all-linear" and (targets.startswith("(") or targets.endswith(r")\.")):
         return "targets_match_nothing"
     return "unclassified"
 
@@ -192,8 +200,8 @@ REACHABLE = {
     "undotted_suffix_near_miss": _undotted_suffix_near_miss,  # "_proj"
     "uppercase_near_miss": lambda c: isinstance(c.adapter.target_modules, tuple) and any(
         n != n.lower() and n.lower() in ZOO[c.model.model_type].linear_names for n in c.adapter.target_modules),  # "Q_PROJ"
-    "near_miss_regex": lambda c: _regex(c) and (c.adapter.target_modules.startswith("(")
-                                                or c.adapter.target_modules.endswith(r")\.")),
+    "near_miss_regex": lambda c: c.invalid and str_targets(c) and (c.adapter.target_modules.startswith("(")
+                                                                  or c.adapter.target_modules.endswith(r")\.")),
     "rank_and_alpha_pattern": _rank_pattern,
     "layers_with_pattern": _layers_with_pattern,
     "modules_to_save": lambda c: isinstance(c.adapter.modules_to_save, tuple) and len(c.adapter.modules_to_save) == 2,
@@ -222,7 +230,9 @@ def test_cases_reach_every_invalid_kind(sample):
             continue
         # not in the sample: search for it (no_default_targets needs a type without defaults)
         types = NO_DEFAULTS if kind == "no_default_targets" else None
-        found = find_any(cases(profile=CURRENT, model_types=types), lambda c, kind=kind: invalid_kind(c) == kind)
+        level = "trl" if kind == "peft_model_with_config" else "peft"  # a trl-level input (trl >= 0.27)
+        found = find_any(cases(profile=CURRENT, model_types=types, level=level),
+                         lambda c, kind=kind: invalid_kind(c) == kind)
         assert found.invalid
 
 

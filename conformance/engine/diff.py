@@ -1,10 +1,15 @@
 """Field-by-field differences between two snapshots.
 
 ``diff(reference, upstream)`` returns :class:`Divergence` records keyed by a
-path (a parameter, a LoRA module, a modules-to-save wrapper, ``<model>`` or
-``<error>``) and a field name.  Nested per-adapter fields are spelled
-``adapter[default].scaling``.  The list is sorted, so two runs of the same case
-print the same diff.
+path (a parameter, a buffer, a LoRA module, a modules-to-save wrapper, ``<model>``,
+``<peft>`` or ``<error>``) and a field name.  Nested per-adapter fields are spelled
+``adapter[default].scaling``.  Collections are compared one item at a time, so that a
+known-divergence entry can excuse exactly one item: one divergence per warning kind
+(``warnings.<kind>``), per mutated config field (``config_mutations.<field>``), per
+``model.config`` key written (``config_writes.<key>``), per stored adapter-config field
+(``adapter_config.<field>``).  When both sides raise, their ``Class[kind]`` is compared
+as one field, ``error``; when one side raises, the field is ``raised``.  The list is
+sorted, so two runs of the same case print the same diff.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from conformance.engine.facts import OPTIONAL_CONFIG_KEYS
 from conformance.engine.snapshot import Snapshot
 
-__all__ = ["Divergence", "diff", "format_table"]
+__all__ = ["ERROR", "MODEL", "PEFT", "Divergence", "diff", "error_label", "format_table"]
 
 MODEL = "<model>"
+PEFT = "<peft>"
 ERROR = "<error>"
+_ITEMISED = ("config_writes",)
+"""ModelFacts fields holding (key, value) pairs, compared key by key."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,31 @@ def _compare_adapters(path: str, ref: dict[str, Any], up: dict[str, Any], out: l
                 out.append(Divergence(path, f"adapter[{name}].{field_name}", value, other))
 
 
+def error_label(error: Any) -> str:
+    """``Class[kind]`` of an error snapshot (what the two sides' errors are compared on)."""
+    return f"{error.cls}[{error.kind}]"
+
+
+def _compare_sets(path: str, name: str, ref: Iterable[str], up: Iterable[str], out: list[Divergence]) -> None:
+    """One divergence per item present on one side only: ``<name>.<item>`` present True / False."""
+    ref, up = set(ref), set(up)
+    for item in sorted(ref ^ up):
+        out.append(Divergence(path, f"{name}.{item}", item in ref, item in up))
+
+
+def _compare_pairs(path: str, name: str, ref: Iterable[tuple[str, Any]], up: Iterable[tuple[str, Any]],
+                   out: list[Divergence], optional: frozenset[str] = frozenset()) -> None:
+    """One divergence per key whose value differs (``<absent>`` on the side that lacks it); a key
+    in ``optional`` is compared only when both sides have it."""
+    ref_by, up_by = dict(ref), dict(up)
+    for key in sorted(ref_by.keys() | up_by.keys()):
+        if key in optional and not (key in ref_by and key in up_by):
+            continue
+        r, u = ref_by.get(key, "<absent>"), up_by.get(key, "<absent>")
+        if r != u:
+            out.append(Divergence(path, f"{name}.{key}", r, u))
+
+
 def diff(reference: Snapshot, upstream: Snapshot) -> list[Divergence]:
     """Every field in which ``reference`` and ``upstream`` differ."""
     out: list[Divergence] = []
@@ -81,30 +115,38 @@ def diff(reference: Snapshot, upstream: Snapshot) -> list[Divergence]:
         r, u = reference.error, upstream.error
         if r is None or u is None:
             out.append(Divergence(ERROR, "raised", _describe(r), _describe(u)))
-        else:
-            for name in ("cls", "kind"):
-                if getattr(r, name) != getattr(u, name):
-                    out.append(Divergence(ERROR, name, getattr(r, name), getattr(u, name)))
+        elif error_label(r) != error_label(u):
+            out.append(Divergence(ERROR, "error", error_label(r), error_label(u)))
         return out
     _compare_keyed("param", reference.params, upstream.params, out)
+    _compare_keyed("buffer", reference.buffers, upstream.buffers, out)
     _compare_keyed("lora", reference.lora, upstream.lora, out)
     _compare_keyed("saved", reference.saved, upstream.saved, out)
-    if reference.warnings != upstream.warnings:
-        out.append(Divergence(MODEL, "warnings", reference.warnings, upstream.warnings))
-    if reference.config_mutations != upstream.config_mutations:
-        out.append(Divergence(MODEL, "config_mutations", reference.config_mutations, upstream.config_mutations))
+    _compare_sets(MODEL, "warnings", reference.warnings, upstream.warnings, out)
+    _compare_sets(MODEL, "config_mutations", reference.config_mutations, upstream.config_mutations, out)
     if reference.model is not None and upstream.model is not None:
         for name, value in _fields(reference.model, skip=()).items():
             other = getattr(upstream.model, name)
-            if value != other:
+            if name in _ITEMISED:
+                _compare_pairs(MODEL, name, value, other, out)
+            elif value != other:
                 out.append(Divergence(MODEL, name, value, other))
+    r, u = reference.peft, upstream.peft
+    if (r is None) != (u is None):
+        out.append(Divergence(PEFT, "present", r is not None, u is not None))
+    elif r is not None and u is not None:
+        if r.wrapper != u.wrapper:
+            out.append(Divergence(PEFT, "wrapper", r.wrapper, u.wrapper))
+        if r.active_adapters != u.active_adapters:
+            out.append(Divergence(PEFT, "active_adapters", r.active_adapters, u.active_adapters))
+        _compare_pairs(PEFT, "adapter_config", r.adapter_config, u.adapter_config, out, OPTIONAL_CONFIG_KEYS)
     return out
 
 
 def _describe(error: Any) -> str:
     if error is None:
         return "no error"
-    return f"{error.cls}[{error.kind}]: {error.message[:160]}"
+    return f"{error_label(error)}: {error.message[:160]}"
 
 
 def format_table(divergences: list[Divergence], limit: int = 40) -> str:

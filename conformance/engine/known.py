@@ -1,15 +1,25 @@
 """The known-divergence registry: upstream behaviour the reference deliberately does not copy.
 
-Entries live in one file, ``known_divergences.toml`` beside this module.  Each
-names a version range, a predicate on the case, and the divergence it explains
-(path and field as full-match regexes, optionally the exact values).  A case
-whose every divergence is explained is reported as ``known``; an entry that
-applies to the installed versions but explained nothing in a run is *stale* and
-is reported too.
+Entries live in one file, ``known_divergences.toml`` beside this module.  Each names a
+version range, the case features that cause the behaviour (``when``: case fields and
+``feature.*`` of ``conformance.engine.features``), and the divergences it explains:
+``match`` rows of full-match regexes on the path, the field and (optionally) the two
+values.  Path and field regexes may hold ``{set_feature}`` placeholders, which expand to
+exactly the module paths the feature computes, so an entry excuses the modules its
+cause reaches and nothing else.
+
+Parameter counts (``trainable_params``, ``total_params``) are never matched by an entry:
+a count divergence is explained only when it equals what the explained parameter
+divergences add up to, so a count cannot hide a parameter no entry explains.
+
+A case whose every divergence is explained is ``known``.  An entry active for the
+installed versions is *in scope* of a case when its ``when`` holds; the runner records
+the scopes, and an entry with cases in scope that explained nothing in a run is stale.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -20,14 +30,35 @@ from typing import Any, Mapping
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from conformance.engine.diff import Divergence
+from conformance.engine.diff import MODEL, Divergence
+from conformance.engine.features import FEATURES, SET_FEATURES, CaseContext
+from conformance.engine.snapshot import Snapshot
 from reference.profiles import installed_versions
 from reference.spec import Case
 
-__all__ = ["Entry", "Registry", "default_registry", "load_registry"]
+__all__ = ["COUNT_FIELDS", "Entry", "Match", "Registry", "default_registry", "load_registry"]
 
 REGISTRY_PATH = Path(__file__).with_name("known_divergences.toml")
-_MISSING = object()
+COUNT_FIELDS = ("trainable_params", "total_params")
+"""Derived fields: explained by consistency with the explained parameter divergences, never by an entry."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """One divergence shape an entry explains: full-match regexes; values match ``str()``, None is anything."""
+
+    path: str
+    field: str
+    reference: str | None = None
+    upstream: str | None = None
+
+    def explains(self, d: Divergence, ctx: CaseContext) -> bool:
+        return bool(
+            re.fullmatch(ctx.expand(self.path), d.path)
+            and re.fullmatch(ctx.expand(self.field), d.field)
+            and (self.reference is None or re.fullmatch(self.reference, str(d.reference)))
+            and (self.upstream is None or re.fullmatch(self.upstream, str(d.upstream)))
+        )
 
 
 @dataclass(frozen=True)
@@ -40,13 +71,8 @@ class Entry:
     versions: tuple[tuple[str, str], ...]
     """(package, PEP 440 specifier) pairs that must all hold."""
     when: tuple[tuple[str, tuple[Any, ...]], ...]
-    """(dotted case field, allowed values) pairs, e.g. ``("quant.kind", ("4bit",))``.
-
-    A field left out of the case reads as ``"<absent>"``, a JSON null as ``"<none>"``."""
-    matches: tuple[tuple[str, str, Any, Any], ...]
-    """(path, field, reference value, upstream value) full-match regexes; the values
-    are matched against ``str()`` and may be ``_MISSING`` (anything).  A divergence
-    matching any one of them is explained."""
+    """(case field or ``feature.<name>``, allowed values) pairs, case fields first."""
+    matches: tuple[Match, ...]
 
     def applies_to(self, versions: Mapping[str, str]) -> bool:
         for package, spec in self.versions:
@@ -55,32 +81,47 @@ class Entry:
                 return False
         return True
 
-    def holds_for(self, case: Case) -> bool:
-        data = case.to_json()
-        for dotted, allowed in self.when:
-            value: Any = data
-            for part in dotted.split("."):
-                value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
-            if value is _MISSING:
-                value = "<absent>"
-            elif value is None:
-                value = "<none>"
-            if (value if not isinstance(value, list) else tuple(value)) not in allowed:
-                return False
-        return True
+    def holds_for(self, case: Case | CaseContext) -> bool:
+        ctx = case if isinstance(case, CaseContext) else CaseContext(case)
+        return all(ctx.value(key) in allowed for key, allowed in self.when)
 
-    def explains(self, d: Divergence) -> bool:
-        return any(
-            re.fullmatch(path, d.path)
-            and re.fullmatch(field, d.field)
-            and (ref is _MISSING or re.fullmatch(ref, str(d.reference)))
-            and (up is _MISSING or re.fullmatch(up, str(d.upstream)))
-            for path, field, ref, up in self.matches
-        )
+    def explains(self, d: Divergence, ctx: CaseContext | None = None) -> bool:
+        return any(m.explains(d, ctx or _NO_CONTEXT) for m in self.matches)
 
 
-def _norm(value: Any) -> Any:
-    return tuple(_norm(v) for v in value) if isinstance(value, (list, tuple)) else value
+class _NoContext(CaseContext):
+    """For matching without a case: placeholders expand to nothing."""
+
+    def __init__(self) -> None:  # noqa: D107 - nothing to compute
+        self._cache = {}
+
+    def paths(self, name: str) -> frozenset[str]:
+        return frozenset()
+
+
+_NO_CONTEXT = _NoContext()
+
+
+def _numels(snap: Snapshot | None) -> dict[str, tuple[int, bool]]:
+    return {p.path: (math.prod(p.shape), p.requires_grad) for p in snap.params} if snap is not None else {}
+
+
+def _count_delta(explained: list[Divergence], reference: Snapshot | None, upstream: Snapshot | None) -> tuple[int, int]:
+    """(trainable, total) parameter counts that the explained parameter divergences account for, upstream minus reference."""
+    ref, up = _numels(reference), _numels(upstream)
+    trainable = total = 0
+    for d in explained:
+        r, u = ref.get(d.path), up.get(d.path)
+        if d.field == "param.present":
+            if u is not None and r is None:
+                total, trainable = total + u[0], trainable + u[0] * u[1]
+            elif r is not None and u is None:
+                total, trainable = total - r[0], trainable - r[0] * r[1]
+        elif d.field == "requires_grad" and r is not None and u is not None:
+            trainable += u[0] * u[1] - r[0] * r[1]
+        elif d.field == "shape" and r is not None and u is not None:
+            total, trainable = total + u[0] - r[0], trainable + u[0] * u[1] - r[0] * r[1]
+    return trainable, total
 
 
 class Registry:
@@ -90,16 +131,34 @@ class Registry:
         self.entries = entries
         self.active = [e for e in entries if e.applies_to(versions)]
 
-    def explain(self, case: Case, found: list[Divergence]) -> tuple[list[Divergence], list[str]]:
-        """Split ``found`` into (unexplained divergences, ids of entries that explained some)."""
-        candidates = [e for e in self.active if e.holds_for(case)]
-        unexplained, used = [], []
+    def scope(self, ctx: CaseContext) -> list[str]:
+        """Ids of the active entries whose ``when`` holds for the case."""
+        return [e.id for e in self.active if e.holds_for(ctx)]
+
+    def explain(self, case: Case | CaseContext, found: list[Divergence], *, reference: Snapshot | None = None,
+                upstream: Snapshot | None = None) -> tuple[list[Divergence], list[str]]:
+        """Split ``found`` into (unexplained divergences, ids of the entries that explained some)."""
+        ctx = case if isinstance(case, CaseContext) else CaseContext(case, reference, upstream)
+        candidates = [e for e in self.active if e.holds_for(ctx)]
+        unexplained, used, explained_by = [], [], {}
+        counts = [d for d in found if d.path == MODEL and d.field in COUNT_FIELDS]
         for d in found:
-            entry = next((e for e in candidates if e.explains(d)), None)
+            if d in counts:
+                continue
+            entry = next((e for e in candidates if e.explains(d, ctx)), None)
             if entry is None:
                 unexplained.append(d)
-            elif entry.id not in used:
+                continue
+            explained_by[d] = entry.id
+            if entry.id not in used:
                 used.append(entry.id)
+        if counts:
+            trainable, total = _count_delta(list(explained_by), ctx.reference or reference, ctx.upstream or upstream)
+            expected = {"trainable_params": trainable, "total_params": total}
+            for d in counts:
+                delta = int(d.upstream) - int(d.reference)
+                if not explained_by or delta != expected[d.field]:
+                    unexplained.append(d)
         return unexplained, used
 
     def stale(self, hit_ids: set[str]) -> list[Entry]:
@@ -107,31 +166,47 @@ class Registry:
         return [e for e in self.active if e.id not in hit_ids]
 
 
+def _norm(value: Any) -> Any:
+    return tuple(_norm(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _check_names(entry_id: str, patterns: list[str], source: Path) -> None:
+    for pattern in patterns:
+        for name in re.findall(r"\{(\w+)\}", pattern):
+            if name not in SET_FEATURES:
+                raise ValueError(f"{source}: entry {entry_id!r} names an unknown set feature {{{name}}}; "
+                                 f"known: {', '.join(sorted(SET_FEATURES))}")
+
+
 def _entry(raw: dict[str, Any], source: Path) -> Entry:
-    missing = {"id", "explanation", "link"} - raw.keys()
-    pairs = [
-        (m.get("path", ".*"), m.get("field", ".*"), m.get("reference", _MISSING), m.get("upstream", _MISSING))
-        for m in raw.get("match", [])
-    ]
-    if "path" in raw or "field" in raw:
-        pairs.append(
-            (raw.get("path", ".*"), raw.get("field", ".*"), raw.get("reference", _MISSING), raw.get("upstream", _MISSING))
-        )
-    if not pairs:
-        missing.add("path/field or match")
+    missing = {"id", "explanation", "link", "match"} - raw.keys()
     if missing:
         raise ValueError(f"{source}: entry {raw.get('id', '?')!r} lacks {sorted(missing)}")
-    when = tuple(
-        (key, tuple(_norm(v) for v in (value if isinstance(value, list) else [value])))
-        for key, value in sorted(raw.get("when", {}).items())
-    )
+    matches = []
+    for m in raw["match"]:
+        unknown = set(m) - {"path", "field", "reference", "upstream"}
+        if unknown or "path" not in m or "field" not in m:
+            raise ValueError(f"{source}: entry {raw['id']!r}: a match row needs path and field "
+                             f"(and optionally reference, upstream); got {sorted(m)}")
+        if re.fullmatch(m["field"], "trainable_params") or re.fullmatch(m["field"], "total_params"):
+            raise ValueError(f"{source}: entry {raw['id']!r} matches a parameter count; counts are explained "
+                             "by the parameter divergences they add up to, never directly")
+        _check_names(raw["id"], [m["path"], m["field"]], source)
+        matches.append(Match(m["path"], m["field"], m.get("reference"), m.get("upstream")))
+    when = []
+    for key, value in raw.get("when", {}).items():
+        if key.startswith("feature.") and key.removeprefix("feature.") not in FEATURES:
+            raise ValueError(f"{source}: entry {raw['id']!r} names an unknown feature {key!r}; "
+                             f"known: {', '.join(sorted(FEATURES))}")
+        when.append((key, tuple(_norm(v) for v in (value if isinstance(value, list) else [value]))))
+    when.sort(key=lambda kv: (kv[0].startswith("feature."), kv[0]))  # cheap case fields first
     return Entry(
         id=raw["id"],
         explanation=raw["explanation"].strip(),
         link=raw["link"],
         versions=tuple(sorted(raw.get("versions", {}).items())),
-        when=when,
-        matches=tuple(pairs),
+        when=tuple(when),
+        matches=tuple(matches),
     )
 
 

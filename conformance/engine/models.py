@@ -37,10 +37,12 @@ from strategies.zoo import CAUSAL_NEEDS_IS_DECODER, ZOO, tasks_of
 __all__ = [
     "AUTO_CLASSES",
     "build_model",
+    "cache_dir",
     "checkpoint_path",
     "clear_model_cache",
     "load_fresh",
     "load_model",
+    "pristine_model",
     "make_config",
     "quantization_config",
     "spec_key",
@@ -61,10 +63,17 @@ _DTYPES = {
 }
 
 # Bump when the on-disk layout or the way weights are drawn changes.
-_FORMAT = 1
+_FORMAT = 2  # 2: constant parameters (biases, norm weights) perturbed, see _perturb_constants
 
 # transformers 5 renamed `torch_dtype` to `dtype` (4.x only knows the old name).
 _DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def cache_dir() -> pathlib.Path:
+    """Where quantized loads find their checkpoints (``CONFORMANCE_CACHE`` overrides)."""
+    path = pathlib.Path(os.environ.get("CONFORMANCE_CACHE") or pathlib.Path(tempfile.gettempdir()) / "lora-conformance-cache")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -108,7 +117,28 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = auto.from_config(config, **{_DTYPE_KW: dtype})
+        _perturb_constants(model)
     return model.eval()
+
+
+PERTURBATION = 0.05
+"""The std of the seeded noise added to constant parameters."""
+
+
+def _perturb_constants(model: torch.nn.Module) -> None:
+    """Give every constant parameter seeded, distinct values.
+
+    transformers initialises biases to zero and norm weights to one (or zero, for the
+    ``1 + w`` norms of gemma): a preparation fault that resets a bias, copies the wrong
+    tensor into a saved module or rounds a norm through another dtype would leave such
+    values unchanged and pass unseen.  Noise of std :data:`PERTURBATION` around the
+    constant keeps the model's function (and its numerics) well within range.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dtype.is_floating_point and param.numel() > 1 and bool(param.min() == param.max()):
+                noise = torch.randn(param.shape, dtype=torch.float32) * PERTURBATION
+                param.add_(noise.to(param.dtype))
 
 
 # -- quantized loads ---------------------------------------------------------------------
@@ -214,7 +244,7 @@ def clear_model_cache() -> None:
 
 
 def load_model(
-    spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path, device: str = "cpu"
+    spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path, device: str = "cpu", *, via_checkpoint: bool = False
 ) -> torch.nn.Module:
     """A fresh, private copy of ``load_fresh(spec, quant, cache_dir, device)``.
 
@@ -222,37 +252,77 @@ def load_model(
     every call returns a deep copy, so callers may prepare (mutate) it freely.
     """
     if not _cache_enabled():
-        return load_fresh(spec, quant, cache_dir, device)
-    key = (spec, quant, device, str(pathlib.Path(cache_dir).resolve()))
+        return load_fresh(spec, quant, cache_dir, device, via_checkpoint=via_checkpoint)
+    return _relinked(copy.deepcopy(pristine_model(spec, quant, cache_dir, device, via_checkpoint=via_checkpoint)))
+
+
+def pristine_model(spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path, device: str = "cpu", *,
+                   via_checkpoint: bool = False) -> torch.nn.Module:
+    """The loaded model itself, as :func:`load_model` copies it: never prepare or change it.
+
+    Snapshots compare a prepared model's values with it (what preparation did to them).
+    Kept in a small LRU per (spec, quant, device, cache dir); loaded afresh when the cache
+    is off (``CONFORMANCE_MODEL_CACHE=0``).
+    """
+    if not _cache_enabled():
+        return load_fresh(spec, quant, cache_dir, device, via_checkpoint=via_checkpoint)
+    key = (spec, quant, device, str(pathlib.Path(cache_dir).resolve()), via_checkpoint or quant.quantized)
     with _lock:
         model = _pristine.get(key)
         if model is not None:
             _pristine.move_to_end(key)
     if model is None:
-        model = load_fresh(spec, quant, cache_dir, device)
+        model = load_fresh(spec, quant, cache_dir, device, via_checkpoint=via_checkpoint)
         with _lock:
             _pristine[key] = model
             while len(_pristine) > _PRISTINE_SIZE:
                 _pristine.popitem(last=False)
-    return copy.deepcopy(model)
+    return model
+
+
+def _relinked(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy made indistinguishable from a fresh load.
+
+    bitsandbytes' ``Params4bit.__deepcopy__`` keeps ``weight.module`` pointing at the
+    *original* ``Linear4bit`` (its state is copied by reference) and deep-copies the quant
+    state apart from the module's own copy, so in a copy ``layer.weight.module is layer``
+    and ``layer.quant_state is layer.weight.quant_state`` are both False: both sides would
+    then share the cached original through ``weight.module``.  A fresh load has both links;
+    they are restored here.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ != "Params4bit":
+            continue
+        if hasattr(weight, "module"):
+            weight.module = module
+        if hasattr(module, "quant_state"):
+            module.quant_state = weight.quant_state
+    return model
 
 
 def load_fresh(
-    spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path, device: str = "cpu"
+    spec: ModelSpec, quant: QuantSpec, cache_dir: pathlib.Path, device: str = "cpu", *, via_checkpoint: bool = False
 ) -> torch.nn.Module:
     """``build_model(spec)``, quantized at load time as ``quant`` says, in eval mode, on ``device``.
 
     For ``quant.kind == "none"`` this is :func:`build_model` itself (moved to
-    ``device``); otherwise the model is saved under ``cache_dir`` (once) and
+    ``device``), or, ``via_checkpoint``, the same weights reloaded from the checkpoint with
+    ``from_pretrained(..., dtype=spec.load_dtype)``: what a trainer given the checkpoint's
+    path loads (non-persistent buffers such as GPT-J's rotary table are recomputed at load,
+    in their own dtype).  A quantized model is always saved under ``cache_dir`` (once) and
     reloaded with ``from_pretrained(..., quantization_config=..., dtype=spec.load_dtype)``
     and ``device_map`` on ``device`` (bitsandbytes quantizes as weights land there).
     """
     bnb = quantization_config(quant)
+    auto = AUTO_CLASSES[spec.task]
     if bnb is None:
-        model = build_model(spec)
+        if via_checkpoint:
+            model = auto.from_pretrained(checkpoint_path(spec, cache_dir), **{_DTYPE_KW: _dtype(spec.load_dtype)}).eval()
+        else:
+            model = build_model(spec)
         return model if device == "cpu" else model.to(device)
     path = checkpoint_path(spec, cache_dir)
-    auto = AUTO_CLASSES[spec.task]
     model = auto.from_pretrained(
         path,
         quantization_config=bnb,

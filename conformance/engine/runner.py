@@ -10,28 +10,28 @@ unexpected divergence.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from conformance.engine import upstream
+from conformance.engine import offline, upstream
 from conformance.engine.diff import Divergence, diff
 from conformance.engine.known import Registry, default_registry
-from conformance.engine.models import checkpoint_path, load_model
-from conformance.numerics import check_numerics, same_function
+from conformance.engine.facts import normalise_config
+from conformance.engine.models import cache_dir, checkpoint_path, load_model, pristine_model
+from conformance.engine.features import CaseContext
+from conformance.numerics import check_numerics
 from conformance.numerics import enabled as numerics_enabled
-from conformance.engine.snapshot import Snapshot, error_snapshot, snapshot_of
-from reference import PreparationError, Profile, builtin_class, prepare
+from conformance.engine.snapshot import PeftFacts, Snapshot, error_snapshot, snapshot_of
+from reference import PreparationError, Profile, builtin_class
+from reference.prepare import prepare_wrapped
 from reference.notices import PreparationWarning
 from reference.trl import prepare_trl, select_trl_flow
 from reference.spec import Case
 
-__all__ = ["Outcome", "cache_dir", "replay_command", "run_case"]
+__all__ = ["Outcome", "cache_dir", "replay_command", "run_case", "same_structure"]
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Outcome:
     """Why the case was skipped."""
     numerics: dict[str, Any] | None = None
     """The numerical checks' facts (tolerance, largest error) when they ran."""
+    scope: list[str] = field(default_factory=list)
+    """Ids of the active registry entries whose ``when`` held for the case (for staleness)."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -79,38 +81,48 @@ class Outcome:
             out["reason"] = self.reason
         if self.numerics is not None:
             out["numerics"] = self.numerics
+        if self.scope:
+            out["registry_scope"] = list(self.scope)
         return out
-
-
-def cache_dir() -> Path:
-    """Where quantized loads find their checkpoints (``CONFORMANCE_CACHE`` overrides)."""
-    path = Path(os.environ.get("CONFORMANCE_CACHE") or Path(tempfile.gettempdir()) / "lora-conformance-cache")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _reference_side(case: Case, profile: Profile) -> Snapshot:
     return _reference_prepared(case, profile)[0]
 
 
+def _via_checkpoint(case: Case) -> bool:
+    """A trl-level case whose trainer is given the checkpoint's path loads the model itself, with
+    ``from_pretrained``: the reference's model and the loaded model come the same way."""
+    return case.training.level == "trl" and case.training.model_from_path
+
+
+def _pristine(case: Case) -> nn.Module:
+    """The loaded model both sides start from (never changed): values are read against it."""
+    return pristine_model(case.model, case.quant, cache_dir(), device=case.training.device,
+                          via_checkpoint=_via_checkpoint(case))
+
+
 def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Module | None]:
     """The reference's snapshot of ``case`` and its prepared model (None when it raised)."""
     # At the trl level with a path, the trainer loads the checkpoint through transformers;
-    # the reference's model comes from the same checkpoint (load_model), so both start equal.
-    model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
+    # the reference's model comes from the same checkpoint the same way, so both start equal.
+    model = load_model(case.model, case.quant, cache_dir(), device=case.training.device,
+                       via_checkpoint=_via_checkpoint(case))
     trainer_gc = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             if case.training.level == "trl":
-                result = prepare_trl(model, case.adapter, case.training, profile, select_trl_flow())
-                prepared, trainer_gc = result.model, result.trainer_gradient_checkpointing
+                result = prepare_trl(model, case.adapter, case.training, profile, select_trl_flow(),
+                                     pad_token_id=offline.tokenizer().pad_token_id)
+                prepared, trainer_gc, wrapper = result.model, result.trainer_gradient_checkpointing, result.wrapper
             else:
-                prepared = prepare(model, case.adapter, case.training, profile)
+                prepared, wrapper = prepare_wrapped(model, case.adapter, case.training, profile)
         except PreparationError as exc:
             return error_snapshot(builtin_class(exc), exc.kind, str(exc)), None
     kinds = [w.message.kind for w in caught if isinstance(w.message, PreparationWarning)]
-    return snapshot_of(prepared, kinds, trainer_gc), prepared
+    peft = PeftFacts(wrapper.wrapper, wrapper.active_adapters, normalise_config(dict(wrapper.config)))
+    return snapshot_of(prepared, kinds, trainer_gc, pristine=_pristine(case), peft=peft), prepared
 
 
 def _upstream_side(case: Case, raw_warnings: list[str] | None = None) -> Snapshot:
@@ -133,16 +145,28 @@ def _upstream_prepared(case: Case, raw_warnings: list[str] | None = None) -> tup
         warnings.simplefilter("always")
         try:
             if t.level == "trl":
-                prepared, trainer_gc, mutations = upstream.prepare_trl(model, case)
+                prepared, trainer_gc, mutations, wrapper = upstream.prepare_trl(model, case)
             else:
-                prepared, mutations = upstream.prepare_peft(model, case)
+                prepared, mutations, wrapper = upstream.prepare_peft(model, case)
         except Exception as exc:  # noqa: BLE001 - every upstream rejection is an outcome to compare
             cls, kind = upstream.classify_error(exc)
             return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}"), None
     kinds = [k for w in caught if (k := upstream.classify_warning(str(w.message))) is not None]
     if raw_warnings is not None:
         raw_warnings.extend(sorted(set(upstream.own_warnings(caught)) | set(logged)))
-    return dataclasses.replace(snapshot_of(prepared, kinds, trainer_gc), config_mutations=mutations), prepared
+    name, active, stored = upstream.wrapper_facts(wrapper)
+    peft = PeftFacts(name, active, normalise_config(stored))
+    snap = snapshot_of(prepared, kinds, trainer_gc, pristine=_pristine(case), peft=peft)
+    return dataclasses.replace(snap, config_mutations=mutations), prepared
+
+
+def same_structure(reference: Snapshot, upstream: Snapshot) -> bool:
+    """Both sides prepared a model with the same parameters (paths and shapes) and the same LoRA
+    modules: the numerical checks can pair every tensor, whatever else differs."""
+    if reference.model is None or upstream.model is None:
+        return False
+    return ({(p.path, p.shape) for p in reference.params} == {(p.path, p.shape) for p in upstream.params}
+            and {m.path for m in reference.lora} == {m.path for m in upstream.lora})
 
 
 def run_case(
@@ -150,32 +174,35 @@ def run_case(
 ) -> Outcome:
     """Prepare ``case`` on both sides and classify the result.
 
-    When both sides prepared a model and the snapshots agree (or differ only in facts
-    that cannot change what the model computes, such as a mutated LoraConfig: see
-    ``conformance.numerics.same_function``), the numerical checks run on the two
-    prepared models, after both snapshots are taken; their failures are divergences
-    like any other, explained by the registry or not.  ``numerics`` None
-    follows ``--conformance-numerics`` (``conformance.numerics.enabled``).
+    The snapshots are diffed and the divergences matched against the registry.  Then,
+    when both sides prepared a model of the same structure (:func:`same_structure`) and
+    nothing unexplained diverged, the numerical checks run on the two prepared models,
+    after both snapshots are taken (so that no value was shared before they were
+    recorded), known divergences or not; their failures are divergences like any other,
+    explained by the registry or not.  ``numerics`` None follows
+    ``--conformance-numerics`` (``conformance.numerics.enabled``).
     """
     registry = registry if registry is not None else default_registry()
     up, up_model = _upstream_prepared(case)
     ref, ref_model = _reference_prepared(case, profile)
+    ctx = CaseContext(case, ref, up, profile)
+    scope = registry.scope(ctx)
     found = diff(ref, up)
-    unexplained, known = registry.explain(case, found) if found else ([], [])
+    unexplained, known = registry.explain(ctx, found) if found else ([], [])
     if unexplained:
-        return Outcome(case, "diverge", ref, up, unexplained, known)
+        return Outcome(case, "diverge", ref, up, unexplained, known, scope=scope)
     facts = None
     wanted = numerics_enabled() if numerics is None else numerics
-    if wanted and ref_model is not None and up_model is not None and same_function(found):
+    if wanted and ref_model is not None and up_model is not None and same_structure(ref, up):
         checked = check_numerics(case, profile, ref_model, up_model)
+        more, more_known = registry.explain(ctx, checked.divergences)
         facts = checked.to_json()
-        if checked.divergences:
-            facts["explained_divergences"] = len(checked.divergences)  # (unexplained ones return below)
-        more, more_known = registry.explain(case, checked.divergences)
+        if len(checked.divergences) > len(more):
+            facts["explained_divergences"] = len(checked.divergences) - len(more)
         known += [k for k in more_known if k not in known]
         if more:
-            return Outcome(case, "diverge", ref, up, more, known, numerics=facts)
-    return Outcome(case, "known" if known else "agree", ref, up, [], known, numerics=facts)
+            return Outcome(case, "diverge", ref, up, more, known, numerics=facts, scope=scope)
+    return Outcome(case, "known" if known else "agree", ref, up, [], known, numerics=facts, scope=scope)
 
 
 def replay_command(case: Case, profile: Profile) -> str:

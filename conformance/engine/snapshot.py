@@ -11,18 +11,30 @@ never imports peft.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from conformance.engine.facts import (
+    checkpointing_kwargs,
+    config_writes,
+    hooks_of,
+    pristine_path,
+    tensors_by_path,
+    value_relation,
+)
+
 __all__ = [
     "AdapterFacts",
+    "BufferFacts",
     "ErrorFacts",
     "LoraModuleFacts",
     "ModelFacts",
     "ParamFacts",
+    "PeftFacts",
     "SavedModuleFacts",
     "Snapshot",
     "error_snapshot",
@@ -42,6 +54,20 @@ class ParamFacts:
     """``plain``, ``Params4bit`` or ``Int8Params``."""
     quant: tuple[tuple[str, Any], ...] = ()
     """4-bit quant state: quant type, blocksize, original dtype, nested (double quant)."""
+    value: str = ""
+    """What preparation did to the value, against the loaded model (``conformance.engine.facts``):
+    ``equal``, ``changed: ...`` or ``new`` (empty when no loaded model was given)."""
+
+
+@dataclass(frozen=True)
+class BufferFacts:
+    """One buffer of the prepared model (rotary frequencies, position ids...)."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    value: str = ""
+    """As :attr:`ParamFacts.value`."""
 
 
 @dataclass(frozen=True)
@@ -92,13 +118,30 @@ class ModelFacts:
     gradient_checkpointing: bool
     input_grads: bool | str
     """Input embeddings produce outputs that require grad (``error: <class>`` if they fail)."""
-    use_cache: Any
     loaded_in_4bit: bool
     loaded_in_8bit: bool
     trainable_params: int
     total_params: int
     trainer_gradient_checkpointing: bool | None = None
     """trl level: the trainer's final ``args.gradient_checkpointing`` (None at the peft level)."""
+    gradient_checkpointing_kwargs: tuple[tuple[str, str], ...] | None = None
+    """The kwargs of the installed checkpoint function (``use_reentrant``...), None when off."""
+    hooks: tuple[tuple[str, str, str], ...] = ()
+    """Every module hook: (path, kind, function name)."""
+    config_writes: tuple[tuple[str, str], ...] = ()
+    """``model.config`` keys preparation changed (``use_cache``, ``output_router_logits``...), with their new values."""
+
+
+@dataclass(frozen=True)
+class PeftFacts:
+    """What the PEFT wrapper around the prepared model holds."""
+
+    wrapper: str
+    """The wrapper's class: ``PeftModelForCausalLM``... (``PeftModel`` without a task type)."""
+    active_adapters: tuple[str, ...]
+    adapter_config: tuple[tuple[str, Any], ...]
+    """The stored ``LoraConfig`` of the adapter, normalised (``conformance.engine.facts.normalise_config``):
+    what ``save_pretrained`` writes to ``adapter_config.json``."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +162,9 @@ class Snapshot:
     params: tuple[ParamFacts, ...] = ()
     lora: tuple[LoraModuleFacts, ...] = ()
     saved: tuple[SavedModuleFacts, ...] = ()
+    buffers: tuple[BufferFacts, ...] = ()
     model: ModelFacts | None = None
+    peft: PeftFacts | None = None
     error: ErrorFacts | None = None
     warnings: tuple[str, ...] = ()
     """Kinds of the warnings the preparation emitted (sorted, unique), e.g. ``conv1d_fan_in_fan_out``."""
@@ -145,7 +190,9 @@ class Snapshot:
                 for m in data.get("lora", ())
             ),
             saved=tuple(SavedModuleFacts(**{k: tup(v) for k, v in s.items()}) for s in data.get("saved", ())),
-            model=ModelFacts(**data["model"]) if data.get("model") else None,
+            buffers=tuple(BufferFacts(**{k: tup(v) for k, v in b.items()}) for b in data.get("buffers", ())),
+            model=ModelFacts(**{k: tup(v) for k, v in data["model"].items()}) if data.get("model") else None,
+            peft=PeftFacts(**{k: tup(v) for k, v in data["peft"].items()}) if data.get("peft") else None,
             error=ErrorFacts(**data["error"]) if data.get("error") else None,
             warnings=tuple(data.get("warnings", ())),
             config_mutations=tuple(data.get("config_mutations", ())),
@@ -156,7 +203,7 @@ def _dtype(value: Any) -> str:
     return str(value).removeprefix("torch.") if value is not None else "none"
 
 
-def _param_facts(path: str, param: nn.Parameter) -> ParamFacts:
+def _param_facts(path: str, param: nn.Parameter, value: str = "") -> ParamFacts:
     cls = type(param).__name__
     quant: tuple[tuple[str, Any], ...] = ()
     if cls == "Params4bit":
@@ -170,7 +217,7 @@ def _param_facts(path: str, param: nn.Parameter) -> ParamFacts:
             )
     elif cls not in ("Int8Params",):
         cls = "plain"
-    return ParamFacts(path, tuple(param.shape), _dtype(param.dtype), bool(param.requires_grad), cls, quant)
+    return ParamFacts(path, tuple(param.shape), _dtype(param.dtype), bool(param.requires_grad), cls, quant, value)
 
 
 def _base_kind(base: nn.Module, fan_in_fan_out: bool) -> str:
@@ -282,32 +329,59 @@ def _input_grads(model: nn.Module) -> bool | str:
 
 
 def _model_facts(
-    model: nn.Module, params: Iterable[ParamFacts], numels: dict[str, int], trainer_gc: bool | None
+    model: nn.Module, params: Iterable[ParamFacts], numels: dict[str, int], trainer_gc: bool | None,
+    pristine: nn.Module | None,
 ) -> ModelFacts:
-    config = getattr(model, "config", None)
     return ModelFacts(
-        gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
+        gradient_checkpointing=bool(_quiet_getattr(model, "is_gradient_checkpointing")),
         input_grads=_input_grads(model),
-        use_cache=getattr(config, "use_cache", None),
         loaded_in_4bit=bool(getattr(model, "is_loaded_in_4bit", False)),
         loaded_in_8bit=bool(getattr(model, "is_loaded_in_8bit", False)),
         trainable_params=sum(numels[p.path] for p in params if p.requires_grad),
         total_params=sum(numels.values()),
         trainer_gradient_checkpointing=trainer_gc,
+        gradient_checkpointing_kwargs=checkpointing_kwargs(model),
+        hooks=hooks_of(model),
+        config_writes=config_writes(model, pristine),
     )
 
 
+def _quiet_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` without the deprecation warning transformers 5 attaches to some properties."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(obj, name, False)
+
+
 def snapshot_of(
-    model: nn.Module, warning_kinds: Iterable[str] = (), trainer_gradient_checkpointing: bool | None = None
+    model: nn.Module,
+    warning_kinds: Iterable[str] = (),
+    trainer_gradient_checkpointing: bool | None = None,
+    *,
+    pristine: nn.Module | None = None,
+    peft: PeftFacts | None = None,
 ) -> Snapshot:
     """Describe a prepared transformers model (the model *inside* any PEFT wrapper),
     with the kinds of the warnings its preparation emitted and, at the trl level, the
-    trainer's final gradient checkpointing setting."""
+    trainer's final gradient checkpointing setting.
+
+    ``pristine`` is the loaded model preparation started from: parameter and buffer
+    values are then recorded against it, and so are ``model.config`` writes.  ``peft``
+    holds the facts of the PEFT wrapper (read by the caller, which has it)."""
+    originals = tensors_by_path(pristine) if pristine is not None else None
     params = []
     numels: dict[str, int] = {}
     for path, param in model.named_parameters(remove_duplicate=True):
-        params.append(_param_facts(path, param))
+        value = "" if originals is None else value_relation(param, originals.get(pristine_path(path)))
+        params.append(_param_facts(path, param, value))
         numels[path] = param.numel()
+    buffers = []
+    if pristine is not None:
+        loaded = tensors_by_path(pristine, buffers=True)
+        for path, buf in model.named_buffers():
+            buffers.append(BufferFacts(path, tuple(buf.shape), _dtype(buf.dtype),
+                                       value_relation(buf, loaded.get(pristine_path(path)))))
+        buffers.sort(key=lambda b: b.path)
     lora = []
     saved = []
     for path, module in model.named_modules():
@@ -333,7 +407,9 @@ def snapshot_of(
         params=tuple(params),
         lora=tuple(lora),
         saved=tuple(saved),
-        model=_model_facts(model, params, numels, trainer_gradient_checkpointing),
+        buffers=tuple(buffers),
+        model=_model_facts(model, params, numels, trainer_gradient_checkpointing, pristine),
+        peft=peft,
         warnings=tuple(sorted(set(warning_kinds))),
     )
 

@@ -17,7 +17,15 @@ from torch import nn
 from reference.errors import builtin_class
 from reference.spec import ABSENT, Case
 
-__all__ = ["classify_error", "classify_warning", "config_mutations", "prepare_peft", "prepare_trl", "versions"]
+__all__ = [
+    "classify_error",
+    "classify_warning",
+    "config_mutations",
+    "prepare_peft",
+    "prepare_trl",
+    "versions",
+    "wrapper_facts",
+]
 
 
 def versions() -> dict[str, str]:
@@ -43,26 +51,42 @@ _BOOKKEEPING = frozenset({"base_model_name_or_path", "revision", "peft_version",
 
 
 def config_mutations(config: Any, given: dict[str, Any]) -> tuple[str, ...]:
-    """The LoraConfig fields that preparation changed on the user's own config object."""
+    """The LoraConfig fields that preparation changed on the user's own config object, compared
+    in the normal form of stored configs (``conformance.engine.facts.normal_value``: None and an
+    empty list are the same, and so are a list and a set of the same names)."""
     import dataclasses
 
     from peft import LoraConfig
+
+    from conformance.engine.facts import normal_value
 
     fresh = LoraConfig(**given)
     return tuple(
         sorted(
             f.name
             for f in dataclasses.fields(fresh)
-            if f.name not in _BOOKKEEPING and getattr(fresh, f.name) != getattr(config, f.name, None)
+            if f.name not in _BOOKKEEPING and normal_value(getattr(fresh, f.name)) != normal_value(getattr(config, f.name, None))
         )
     )
 
 
-def prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, tuple[str, ...]]:
+def wrapper_facts(wrapper: Any) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """(class name, active adapters, the active adapter's stored config fields) of a PeftModel."""
+    from conformance.engine.facts import ADAPTER_CONFIG_KEYS
+
+    active = getattr(wrapper, "active_adapters", None) or [getattr(wrapper, "active_adapter", "default")]
+    active = [active] if isinstance(active, str) else list(active)
+    config = getattr(wrapper, "peft_config", {}).get(active[0])
+    stored = {key: getattr(config, key) for key in ADAPTER_CONFIG_KEYS if hasattr(config, key)}
+    return type(wrapper).__name__, tuple(active), stored
+
+
+def prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, tuple[str, ...], Any]:
     """``prepare_model_for_kbit_training`` (if asked) then ``get_peft_model``.
 
     Returns the transformers model inside the PEFT wrapper (its parameter paths are
-    those of the reference's prepared model) and the LoraConfig fields it mutated.
+    those of the reference's prepared model), the LoraConfig fields it mutated, and the
+    PeftModel itself.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -79,15 +103,16 @@ def prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, tuple[str, ..
     if t.autocast_adapter_dtype is not ABSENT:
         kwargs["autocast_adapter_dtype"] = t.autocast_adapter_dtype
     peft_model = get_peft_model(model, config, **kwargs)
-    return peft_model.base_model.model, config_mutations(config, case.adapter.given())
+    return peft_model.base_model.model, config_mutations(config, case.adapter.given()), peft_model
 
 
-def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tuple[str, ...]]:
+def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tuple[str, ...], Any]:
     """``SFTTrainer(model, args, peft_config=LoraConfig(...))``, built offline.
 
     ``model`` is a loaded model, or a checkpoint directory that the trainer loads with
     ``model_init_kwargs`` (dtype and quantization config).  Returns the transformers
-    model inside the PEFT wrapper and the trainer's final ``args.gradient_checkpointing``.
+    model inside the PEFT wrapper, the trainer's final ``args.gradient_checkpointing``,
+    the LoraConfig fields preparation mutated, and the trainer's PeftModel.
     """
     import shutil
     import tempfile
@@ -132,7 +157,7 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
             peft_config=peft_config,
         )
         mutations = config_mutations(user_config, case.adapter.given())
-        return trainer.model.base_model.model, bool(trainer.args.gradient_checkpointing), mutations
+        return trainer.model.base_model.model, bool(trainer.args.gradient_checkpointing), mutations, trainer.model
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -155,11 +180,17 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("saved_module_is_lora", r"modules_to_save cannot be applied to modules of type"),
     ("trl_lm_head_lora", r"Applying a PEFT adapter to `lm_head` is not supported"),
     ("trl_peft_model_with_config", r"You passed a `PeftModel` instance together with a `peft_config`"),
-    (
-        "no_target_matched",
-        r"not found in the base model|No modules were targeted|All modules were excluded|No `target_modules` passed",
-    ),
+    # Nothing targeted: one kind per reason peft gives (peft 0.15 - 0.21 choose the message from
+    # what the walk saw: nothing excluded / some modules excluded / every module excluded / no targets).
+    ("targets_not_found", r"Target modules .* not found in the base model"),
+    ("nothing_targeted", r"No modules were targeted for adaptation"),
+    ("all_excluded", r"All modules were excluded"),
+    ("no_target_modules", r"No `target_modules` passed but also no `target_parameters` found"),
     ("invalid_bias", r"Requested bias: .*, is not implemented"),
+    # transformers >= 5.18 removed what PeftModelForSeq2SeqLM saves (peft < 0.21.2).
+    ("seq2seq_generation_kwargs_missing", r"_prepare_encoder_decoder_kwargs_for_generation"),
+    # peft >= 0.17's parameter-level LoRA (target_parameters) rejects some options.
+    ("param_wrapper_unsupported", r"lora\.ParamWrapper does not work with"),
 )
 
 

@@ -53,22 +53,10 @@ __all__ = [
     "check_numerics",
     "configure",
     "enabled",
-    "same_function",
     "tolerance_for",
 ]
 
 MODEL = "<model>"
-
-# Snapshot fields that record how preparation went, not what the model computes.
-_BOOKKEEPING_FIELDS = frozenset({"config_mutations", "warnings"})
-
-
-def same_function(found: list[Divergence]) -> bool:
-    """Whether two models whose snapshots differ only in ``found`` must compute the same
-    function, so that the numerical checks apply: no divergence, or only bookkeeping ones
-    (the user's LoraConfig mutated in place, a warning) that a known-divergence entry
-    explains."""
-    return all(d.path == MODEL and d.field in _BOOKKEEPING_FIELDS for d in found)
 
 
 @dataclass(frozen=True)

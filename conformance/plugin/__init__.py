@@ -28,7 +28,7 @@ from conformance.plugin.shard import Shard, parse_shard, shard_seed
 from conformance.plugin.stream import ExampleStream, read_streams, stream_files
 from conformance.plugin.summary import markdown, summary_lines
 
-__all__ = ["Settings", "settings_of"]
+__all__ = ["Settings", "cell_examples_for", "settings_of"]
 
 EXAMPLES = "--conformance-examples"
 LEVEL = "--conformance-level"
@@ -53,6 +53,9 @@ class Settings:
     """The resolved ``--conformance-*`` options of one run."""
 
     examples: int
+    """``--conformance-examples``: Hypothesis's max_examples of each free test."""
+    cell_examples: int
+    """Examples of each cell test: ``max(2, ceil(examples / 50))`` (the first is the cell's simplest case)."""
     level: str
     device: str
     """``cpu`` or ``cuda``: ``auto`` is resolved here."""
@@ -203,8 +206,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if quant is not None and stack["bitsandbytes"] == "absent" and set(quant) - {"none"}:
         raise pytest.UsageError(f"{QUANT}={','.join(quant)} asks for quantized cases, but bitsandbytes is not installed")
     shard = config.getoption(SHARD)
+    examples = config.getoption(EXAMPLES) or int(os.environ.get("CONFORMANCE_EXAMPLES", 60))
     settings = Settings(
-        examples=config.getoption(EXAMPLES) or int(os.environ.get("CONFORMANCE_EXAMPLES", 60)),
+        examples=examples,
+        cell_examples=cell_examples_for(examples),
         level=config.getoption(LEVEL),
         device=_resolve_device(config.getoption(DEVICE)),
         report=Path(config.getoption(REPORT)) if config.getoption(REPORT) else None,
@@ -233,6 +238,12 @@ def pytest_configure(config: pytest.Config) -> None:
     numerics.configure(settings.numerics)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "conformance-xdist")
+
+
+def cell_examples_for(examples: int) -> int:
+    """Examples per cell test for ``--conformance-examples=examples``: two at the default
+    (the cell's simplest case and one drawn), more as the budget grows."""
+    return max(2, -(-examples // 50))
 
 
 def settings_of(config: pytest.Config) -> Settings:
@@ -266,14 +277,29 @@ def conformance_settings(request: pytest.FixtureRequest) -> Settings:
     return settings_of(request.config)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--conformance-strict``, health checks a test suppresses are switched back on.
+def _cell_wanted(s: Settings, item: pytest.Item) -> bool:
+    """Whether a cell test's cell is in the run that the options ask for (level, quantization, shard)."""
+    cell = getattr(getattr(item, "callspec", None), "params", {}).get("cell")
+    if cell is None or not hasattr(cell, "quantization"):
+        return True
+    return s.wants(cell.level) and cell.quantization in s.quant_kinds and s.in_shard(cell.model_type, cell.quantization)
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Cell tests whose cell the options exclude (``--conformance-level``, ``--conformance-quant``,
+    ``--conformance-shard``) are deselected, not skipped: they are not part of this run.
+
+    Under ``--conformance-strict``, health checks a test suppresses are switched back on.
     Hypothesis reads a test's settings from ``_hypothesis_internal_use_settings``
     when the test runs (hypothesis 6.x ``core.py``); replacing them with a child
     that suppresses nothing turns every suppressed health check into a failure.
+    (Cell tests build their settings at run time: ``checks.hypothesis_settings`` lifts them there.)
     """
     s = settings_of(config)
+    dropped = [item for item in items if not _cell_wanted(s, item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if _cell_wanted(s, item)]
     if not s.strict:
         return
     from hypothesis import settings as hypothesis_settings
@@ -357,9 +383,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     for line in summary_lines(report, s.strict_reasons if s.strict else None):
         terminalreporter.write_line(line)
     if s.lifted_suppressions:
-        terminalreporter.write_line(
-            "strict: health checks re-enabled for " + ", ".join(sorted(s.lifted_suppressions))
-        )
+        terminalreporter.write_line(f"strict: health checks re-enabled for {len(s.lifted_suppressions)} tests")
     for path in (s.report, s.markdown):
         if path is not None:
             terminalreporter.write_line(f"report written to {path}")

@@ -10,7 +10,7 @@ import dataclasses
 import importlib.util
 from typing import Any
 
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis.control import current_build_context
 
 from conformance.engine.diff import format_table
@@ -39,13 +39,26 @@ def current() -> Any:
     return _SETTINGS
 
 
-def hypothesis_settings() -> settings:
-    """max_examples from ``--conformance-examples``; no deadline, no database (a seed replays a run)."""
+SUPPRESSED = (HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much)
+"""Health checks the conformance tests switch off (slow model loads, large cases), except under
+``--conformance-strict``."""
+
+
+def hypothesis_settings(max_examples: int | None = None, *, test_id: str | None = None) -> settings:
+    """max_examples from ``--conformance-examples`` (or as given); no deadline, no database (a
+    seed replays a run), and no explain phase (its report points at harness lines, not at
+    upstream's).  A test that builds its settings at run time passes its ``test_id``: under
+    ``--conformance-strict`` the health checks stay on there, and the run reports it."""
+    conf = _SETTINGS
+    strict = test_id is not None and conf is not None and conf.strict
+    if strict:
+        conf.lifted_suppressions[test_id] = sorted(h.name for h in SUPPRESSED)
     return settings(
-        max_examples=current().examples,
+        max_examples=max_examples or current().examples,
+        phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink],
         deadline=None,
         database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        suppress_health_check=() if strict else list(SUPPRESSED),
         print_blob=True,
     )
 

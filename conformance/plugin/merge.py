@@ -68,6 +68,7 @@ def merge_reports(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     stack = _same(reports, "stack")
     profile = _same(reports, "profile")
     level = _same(reports, "level")
+    quant_kinds = _same(reports, "quant_kinds") or ["none", "8bit", "4bit"]
     seen: set[str] = set()
     entries: list[dict[str, Any]] = []
     facts: dict[str, Any] = {"merged_from": [name for name, _ in reports], "strict": any(r.get("strict") for _, r in reports)}
@@ -92,6 +93,7 @@ def merge_reports(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     devices = sorted({r["device"] for _, r in reports})
     seeds = sorted({r.get("seed") for _, r in reports}, key=str)
     meta = SimpleNamespace(
-        stack=stack, profile_name=profile, device=",".join(devices), seed=seeds[0] if len(seeds) == 1 else seeds, level=level
+        stack=stack, profile_name=profile, device=",".join(devices), seed=seeds[0] if len(seeds) == 1 else seeds, level=level,
+        quant_kinds=tuple(quant_kinds),
     )
     return build_report(meta, entries, registry=load_registry(versions=stack), run=facts)

@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from conformance.plugin.coverage import coverage_block, expected_for, missing_cells
 from conformance.plugin.stream import ExampleStream
 
 __all__ = ["OUTCOMES", "Recorder", "build_report", "strict_failures", "write_report"]
@@ -76,23 +77,20 @@ def _module_kind(d: dict[str, Any]) -> str:
     return "parameter"
 
 
-def _stale(registry: Any, hits: Counter, cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Active entries that explained nothing, each with how many cases its predicate held for."""
-    from reference.spec import Case
+STALE_MIN_SCOPE = 5
+"""An entry is judged stale only when at least this many examples were in its scope: a smaller
+run says too little about whether the behaviour still happens."""
 
-    out: dict[str, dict[str, Any]] = {}
-    parsed = None
+
+def _stale(registry: Any, hits: Counter, entries: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Active entries that explained nothing: (stale ones, with at least :data:`STALE_MIN_SCOPE`
+    examples in scope; not judged ones, with fewer), each with its in-scope count and link."""
+    in_scope: Counter = Counter(i for e in entries for i in e.get("registry_scope", ()))
+    stale, unjudged = {}, {}
     for entry in registry.stale(set(hits)):
-        if parsed is None:
-            parsed = []
-            for c in cases:
-                try:
-                    parsed.append(Case.from_json(c))
-                except (ValueError, TypeError):
-                    continue
-        held = sum(entry.holds_for(c) for c in parsed)
-        out[entry.id] = {"cases_in_scope": held, "link": entry.link}
-    return out
+        detail = {"cases_in_scope": in_scope[entry.id], "link": entry.link}
+        (stale if in_scope[entry.id] >= STALE_MIN_SCOPE else unjudged)[entry.id] = detail
+    return stale, unjudged
 
 
 def build_report(
@@ -114,6 +112,7 @@ def build_report(
     hits: Counter = Counter()
     skips: Counter = Counter()
     fields: Counter = Counter()
+    unintended: Counter = Counter()
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for index, e in enumerate(entries):
         summary[e["model_type"]][e["quantization"]][e["outcome"]] += 1
@@ -121,6 +120,11 @@ def build_report(
         totals[e["outcome"]] += 1
         totals["invalid"] += bool(e.get("invalid"))
         totals["rejected"] += bool(e.get("rejected"))
+        if e["outcome"] != "skip" and not e.get("invalid"):
+            totals["valid"] += 1
+            if e.get("rejected"):
+                totals["unintended_rejections"] += 1
+                unintended[e.get("upstream_error", "?")] += 1
         hits.update(e.get("known", ()))
         if e["outcome"] == "skip":
             skips[e.get("reason", "?")] += 1
@@ -131,23 +135,31 @@ def build_report(
             group["count"] += 1
             if index not in group["examples"]:
                 group["examples"].append(index)
-    stale = _stale(registry, hits, [e["case"] for e in entries if "case" in e]) if entries else {}
+    stale, unjudged = _stale(registry, hits, entries) if entries else ({}, {})
+    quant_kinds = tuple(getattr(settings, "quant_kinds", ("none", "8bit", "4bit")))
+    shard = getattr(settings, "shard", None)
+    keep = None if shard is None else (lambda cell: settings.in_shard(cell.model_type, cell.quantization))
     report = {
         "stack": settings.stack,
         "profile": settings.profile_name,
         "device": settings.device,
         "seed": settings.seed,
         "level": settings.level,
+        "quant_kinds": list(quant_kinds),
         "examples": entries,
         "summary": {m: {q: dict(c) for q, c in qs.items()} for m, qs in sorted(summary.items())},
         "invalid_summary": {m: dict(c) for m, c in sorted(invalid.items())},
-        "totals": {"examples": len(entries), **{k: totals[k] for k in (*OUTCOMES, "invalid", "rejected")}},
+        "totals": {"examples": len(entries),
+                   **{k: totals[k] for k in (*OUTCOMES, "invalid", "rejected", "valid", "unintended_rejections")}},
+        "unintended_rejections": dict(unintended.most_common()),
         "known": dict(hits),
         "stale_known": list(stale),
         "stale_detail": stale,
+        "unjudged_known": unjudged,
         "skips": dict(skips),
         "divergent_fields": dict(fields.most_common()),
         "divergence_groups": sorted(groups.values(), key=lambda g: (-g["count"], g["field"], g["module_kind"])),
+        "coverage": coverage_block(entries, expected_for(settings.level, quant_kinds, keep)),
     }
     report.update(run or {})
     return report
@@ -177,6 +189,7 @@ def strict_failures(report: dict[str, Any], *, judge_stale: bool = True) -> list
         out.append(f"{t['diverge']} examples diverge from the reference")
     for reason, n in report.get("skips", {}).items():
         out.append(f"{n} examples skipped: {reason}")
+    out.extend(f"coverage gap: {line}" for line in missing_cells(report))
     inconclusive = sum(1 for e in report.get("examples", []) if (e.get("numerics") or {}).get("inconclusive"))
     if inconclusive:
         out.append(f"{inconclusive} examples with inconclusive numerics (non-finite in the same places on both sides)")
@@ -184,9 +197,8 @@ def strict_failures(report: dict[str, Any], *, judge_stale: bool = True) -> list
         out.append(f"test skipped: {test}: {reason}")
     if judge_stale:
         for entry_id, detail in report.get("stale_detail", {}).items():
-            scope = detail.get("cases_in_scope", 0)
-            why = f"{scope} cases in its scope, none explained" if scope else "no case in its scope was generated"
-            out.append(f"stale known-divergence entry {entry_id}: {why}")
+            out.append(f"stale known-divergence entry {entry_id}: {detail.get('cases_in_scope', 0)} examples "
+                       "in its scope, none showed the excused behaviour")
     for test, checks in report.get("health_checks_suppressed", {}).items():
         out.append(f"health checks suppressed by {test}: {', '.join(checks)}")
     for worker, error in report.get("crashed_workers", {}).items():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conformance.plugin.report import OUTCOMES
+from conformance.plugin.coverage import missing_cells
+from conformance.plugin.report import OUTCOMES, STALE_MIN_SCOPE
 
 __all__ = ["CELL_COLUMNS", "markdown", "replay_command", "summary_lines"]
 
@@ -31,14 +32,33 @@ def _cell(report: dict[str, Any], model_type: str, kind: str) -> str:
     return "/".join(str(counts.get(o, 0)) for o in OUTCOMES) + f"/{invalid}"
 
 
-def _headline(report: dict[str, Any]) -> str:
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
     t = report["totals"]
     shard = f", shard {report['shard']}" if report.get("shard") else ""
-    return (
+    run = [t[k] for k in OUTCOMES if k != "skip"]
+    ran = sum(run)
+    kinds = ", ".join(f"{kind} x{n}" for kind, n in report.get("unintended_rejections", {}).items())
+    return [
         f"profile {report['profile']} on {report['device']}, seed {report['seed']}{shard}: {t['examples']} examples: "
-        + ", ".join(f"{t[k]} {k}" for k in OUTCOMES)
-        + f"; {t['invalid']} invalid inputs, {t['rejected']} rejected by upstream"
-    )
+        + ", ".join(f"{t[k]} {k}" for k in OUTCOMES),
+        f"deliberately invalid inputs (both sides must reject them): {t['invalid']} ({_pct(t['invalid'], ran)} of the "
+        f"examples run); valid cases upstream rejected anyway: {t.get('unintended_rejections', 0)} of "
+        f"{t.get('valid', 0)} ({_pct(t.get('unintended_rejections', 0), t.get('valid', 0))})" + (f": {kinds}" if kinds else ""),
+    ]
+
+
+def _coverage_lines(report: dict[str, Any]) -> list[str]:
+    blocks = report.get("coverage", {})
+    if not blocks:
+        return []
+    lines = ["coverage (cells reached / cells that exist): " + ", ".join(
+        f"{dim} {b['reached']}/{b['total']}" for dim, b in blocks.items())]
+    lines += [f"  MISSING {line}" for line in missing_cells(report)]
+    return lines
 
 
 def _numerics_line(report: dict[str, Any]) -> str:
@@ -72,7 +92,7 @@ def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> li
 
     ``strict`` is the list of strict-mode failures (None when the run is not strict).
     """
-    lines = [_headline(report)]
+    lines = _headline(report) + _coverage_lines(report)
     header = f"{'model type':<14}" + "".join(f"{k:>20}" for k in QUANT_KINDS)
     lines += ["", header, "-" * len(header)]
     for model_type in report["summary"]:
@@ -92,8 +112,15 @@ def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> li
     if report["stale_known"]:
         detail = report.get("stale_detail", {})
         lines.append(
-            "stale known-divergence entries (matched nothing): "
-            + ", ".join(f"{k} ({detail.get(k, {}).get('cases_in_scope', '?')} cases in scope)" for k in report["stale_known"])
+            "stale known-divergence entries (examples in their scope, none showed the behaviour): "
+            + ", ".join(f"{k} ({detail.get(k, {}).get('cases_in_scope', '?')} in scope)" for k in report["stale_known"])
+        )
+    unjudged = report.get("unjudged_known", {})
+    if unjudged:
+        lines.append(
+            f"known-divergence entries not judged (fewer than {STALE_MIN_SCOPE} examples in their scope, "
+            "too few to call them stale): "
+            + ", ".join(f"{k} ({d.get('cases_in_scope', 0)} in scope)" for k, d in unjudged.items())
         )
     for reason, n in report["skips"].items():
         lines.append(f"skipped x{n}: {reason}")

@@ -1,0 +1,323 @@
+"""Case features the known-divergence registry names: what *causes* an upstream behaviour.
+
+A registry entry's ``when`` may name a case field (``quant.kind``) or a feature
+(``feature.targets_reach_head``); its path and field regexes may hold a set feature as
+a placeholder (``{widened_targets}``), which expands to an alternation of exactly those
+module paths.  Features are computed once per case, lazily, from the case, the two
+snapshots and the loaded model, with the reference's own target rules: an entry then
+excuses a behaviour only where the behaviour's cause is present, and only on the modules
+it reaches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable
+
+from torch import nn
+
+from conformance.engine.snapshot import Snapshot
+from reference.config import LoraSettings, resolve
+from reference.errors import PreparationError
+from reference.peft_model import CLASSIFIER_NAMES, stored_config
+from reference.profiles import Profile
+from reference.rules import scaling
+from reference.spec import ABSENT, Case
+from reference.targets import is_saved, iter_targets, match_names
+from strategies.targets import target_kind
+
+__all__ = ["FEATURES", "SET_FEATURES", "CaseContext"]
+
+_MISSING = object()
+
+
+class CaseContext:
+    """One case and what its features are computed from; each feature is computed once."""
+
+    def __init__(self, case: Case, reference: Snapshot | None = None, upstream: Snapshot | None = None,
+                 profile: Profile | None = None, model: Callable[[], nn.Module] | None = None) -> None:
+        self.case = case
+        self.reference = reference
+        self.upstream = upstream
+        self._profile = profile
+        self._model_factory = model
+        self._model: nn.Module | None = None
+        self._data = case.to_json()
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def profile(self) -> Profile:
+        if self._profile is None:
+            from reference import select_profile
+
+            self._profile = select_profile()
+        return self._profile
+
+    @property
+    def model(self) -> nn.Module:
+        """The loaded model the case starts from (never to be changed)."""
+        if self._model is None:
+            if self._model_factory is not None:
+                self._model = self._model_factory()
+            else:
+                from conformance.engine.models import cache_dir, pristine_model
+
+                c = self.case
+                self._model = pristine_model(c.model, c.quant, cache_dir(), device=c.training.device,
+                                             via_checkpoint=c.training.level == "trl" and c.training.model_from_path)
+        return self._model
+
+    def value(self, key: str) -> Any:
+        """A dotted case field (``"<absent>"`` when left out, ``"<none>"`` for null) or ``feature.<name>``."""
+        if key.startswith("feature."):
+            name = key.removeprefix("feature.")
+            if name not in self._cache:
+                self._cache[name] = FEATURES[name](self)
+            return self._cache[name]
+        value: Any = self._data
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            return "<absent>"
+        if value is None:
+            return "<none>"
+        return tuple(value) if isinstance(value, list) else value
+
+    def paths(self, name: str) -> frozenset[str]:
+        key = "{" + name + "}"  # set features share the cache with scalar ones of the same name
+        if key not in self._cache:
+            self._cache[key] = SET_FEATURES[name](self)
+        return self._cache[key]
+
+    def expand(self, pattern: str) -> str:
+        """``pattern`` with each ``{set_feature}`` replaced by an alternation of its escaped paths."""
+        def sub(m: re.Match) -> str:
+            paths = self.paths(m.group(1))
+            return "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")" if paths else "(?!)"
+
+        return re.sub(r"\{(\w+)\}", sub, pattern)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _settings(ctx: CaseContext) -> LoraSettings | None:
+    try:
+        return resolve(ctx.case.adapter, ctx.profile)
+    except PreparationError:
+        return None
+
+
+def _task_heads(ctx: CaseContext) -> tuple[str, ...]:
+    return CLASSIFIER_NAMES if ctx.case.adapter.task_type in ("SEQ_CLS", "TOKEN_CLS") else ()
+
+
+def _head_paths(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_modules()
+            if name and name.split(".")[0] in CLASSIFIER_NAMES}
+
+
+def _reached(ctx: CaseContext, saved: tuple[str, ...] = ()) -> list[str]:
+    """The module names the targets reach by the reference's rules (excludes and layer filter
+    applied), guarding only ``saved``; empty when the targets reach nothing or are invalid."""
+    settings = _settings(ctx)
+    if settings is None:
+        return []
+    try:
+        return [t.name for t in iter_targets(ctx.model, settings, ctx.profile, saved)]
+    except PreparationError:
+        return []
+
+
+# -- features for `when` ---------------------------------------------------------------------------
+
+
+def _targets_reach_head(ctx: CaseContext) -> bool:
+    """The targets reach a classification head (``classifier`` / ``score`` or a module inside it)
+    when nothing but the user's own modules_to_save is guarded."""
+    settings = _settings(ctx)
+    guarded = tuple(settings.modules_to_save or ()) if settings else ()
+    heads = _head_paths(ctx.model)
+    return any(name in heads for name in _reached(ctx, guarded))
+
+
+def _saved_module_quantized(ctx: CaseContext) -> bool:
+    """A module to be trained in full (modules_to_save, or the task's head) holds a quantized parameter."""
+    names = tuple(ctx.case.adapter.modules_to_save or ()) if ctx.case.adapter.modules_to_save is not ABSENT else ()
+    names += _task_heads(ctx)
+    for key, module in ctx.model.named_modules():
+        if key and any(key.endswith(n) for n in names):
+            if any(not p.dtype.is_floating_point for p in module.parameters()):
+                return True
+    return False
+
+
+def _user_excludes_nothing(ctx: CaseContext, settings: LoraSettings) -> bool:
+    """Neither ``exclude_modules`` nor the user's own ``modules_to_save`` keep any module from targeting."""
+    saved = tuple(settings.modules_to_save or ())
+    return not any(match_names(name, settings.exclude_modules) or is_saved(name, saved)
+                   for name, _ in ctx.model.named_modules() if name)
+
+
+def _exclude_given_excludes_nothing(ctx: CaseContext) -> bool:
+    """``exclude_modules`` is given, yet only a task head guard keeps modules from targeting:
+    the exclusions match no module and the user's modules_to_save guard none."""
+    settings = _settings(ctx)
+    return bool(settings is not None and settings.exclude_modules and _user_excludes_nothing(ctx, settings))
+
+
+def _nothing_targeted_and_nothing_excluded(ctx: CaseContext) -> bool:
+    """The targets reach no module (with no guard at all), and neither the exclusions nor the
+    user's modules_to_save keep any module from targeting."""
+    settings = _settings(ctx)
+    return bool(settings is not None and not _reached(ctx) and _user_excludes_nothing(ctx, settings))
+
+
+def _embedding_targeted(ctx: CaseContext) -> bool:
+    snap = ctx.reference
+    return snap is not None and any(m.kind == "embedding" for m in snap.lora)
+
+
+def _layers_pattern_given(ctx: CaseContext) -> bool:
+    return ctx.case.adapter.layers_pattern not in (ABSENT, None, "", ())
+
+
+def _lora_dropout_given(ctx: CaseContext) -> bool:
+    return ctx.case.adapter.lora_dropout not in (ABSENT, None, 0, 0.0)
+
+
+FEATURES: dict[str, Callable[[CaseContext], Any]] = {
+    "target_kind": lambda ctx: target_kind(ctx.case.adapter.target_modules),
+    "targets_reach_head": _targets_reach_head,
+    "saved_module_quantized": _saved_module_quantized,
+    "exclude_given_excludes_nothing": _exclude_given_excludes_nothing,
+    "nothing_targeted_and_nothing_excluded": _nothing_targeted_and_nothing_excluded,
+    "embedding_targeted": _embedding_targeted,
+    "layers_pattern_given": _layers_pattern_given,
+    "lora_dropout_given": _lora_dropout_given,
+    "targets_inside_saved": lambda ctx: bool(ctx.paths("targets_inside_saved")),
+}
+"""Scalar features for ``when``; each is documented by its function."""
+
+
+# -- set features for placeholders -----------------------------------------------------------------
+
+
+def _without_path(facts: Any) -> tuple:
+    return tuple((f.name, getattr(facts, f.name)) for f in dataclasses.fields(facts) if f.name != "path")
+
+
+def _relative(params: dict[str, Any], prefix: str) -> dict[str, tuple]:
+    """The parameter facts under module ``prefix``, keyed by their path below it."""
+    return {p[len(prefix) + 1:]: _without_path(f) for p, f in params.items() if p.startswith(prefix + ".")}
+
+
+def _widened_targets(ctx: CaseContext) -> frozenset[str]:
+    """Modules a regex target does not match but whose leaf name is the leaf name of one it
+    matches (not excluded, not saved): what resolving the regex to leaf names adds.  A module
+    counts only when upstream prepared it exactly as the reference prepared a matched module
+    of the same leaf name (the same LoRA facts and parameter facts, below the module path), so
+    a fault on a widened module still shows."""
+    settings = _settings(ctx)
+    if settings is None or not isinstance(settings.target_modules, str) or settings.target_modules == "all-linear":
+        return frozenset()
+    saved = tuple(settings.modules_to_save or ()) + _task_heads(ctx)
+    matched = set(_reached(ctx, saved))
+    leaves = {name.rsplit(".", 1)[-1] for name in matched}
+    ref, up = ctx.reference, ctx.upstream
+    if ref is None or up is None:
+        return frozenset()
+    ref_lora, up_lora = {m.path: m for m in ref.lora}, {m.path: m for m in up.lora}
+    ref_params, up_params = {p.path: p for p in ref.params}, {p.path: p for p in up.params}
+    out = set()
+    for name, _ in ctx.model.named_modules():
+        if not name or name in matched or name.rsplit(".", 1)[-1] not in leaves:
+            continue
+        if match_names(name, settings.exclude_modules) or is_saved(name, saved) or name not in up_lora:
+            continue
+        siblings = [m for m in matched if m.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1] and m in ref_lora]
+        if any(_without_path(ref_lora[s]) == _without_path(up_lora[name])
+               and _relative(ref_params, s) == _relative(up_params, name) for s in siblings):
+            out.add(name)
+    return frozenset(out)
+
+
+def _moved_base_params(ctx: CaseContext) -> frozenset[str]:
+    """Parameters upstream moved under a wrapper's ``base_layer`` where the reference left them
+    in place, unchanged otherwise (same shape, dtype, trainability, class, value): the upstream
+    path and the reference's.  A moved parameter whose facts changed does not count."""
+    ref, up = ctx.reference, ctx.upstream
+    if ref is None or up is None:
+        return frozenset()
+    ref_params = {p.path: p for p in ref.params}
+    up_paths = {p.path for p in up.params}
+    out = set()
+    for p in up.params:
+        if ".base_layer." not in p.path or p.path in ref_params:
+            continue
+        origin = re.sub(r"(\.base_layer)+\.", ".", p.path)
+        if origin in ref_params and origin not in up_paths and _without_path(ref_params[origin]) == _without_path(p):
+            out |= {p.path, origin}
+    return frozenset(out)
+
+
+def _consistent_upstream_lora(ctx: CaseContext) -> frozenset[str]:
+    """LoRA modules only upstream has whose adapters are internally consistent: the scaling is
+    ``reference.rules.scaling`` of the module's own r and alpha (plain or rsLoRA, as the case
+    asks), the factors are trainable, and A's rows and B's columns agree in a multiple of r (one
+    rank-r block per expert for parameter-level LoRA); with their LoRA parameter paths.
+    (What the reference cannot compare yet, it still checks for sense.)"""
+    ref, up = ctx.reference, ctx.upstream
+    if ref is None or up is None:
+        return frozenset()
+    rslora = ctx.case.adapter.use_rslora is True
+    ref_paths = {m.path for m in ref.lora}
+    up_params = {p.path: p for p in up.params}
+    out = set()
+    for m in up.lora:
+        if m.path in ref_paths:
+            continue
+        params = {path: f for path, f in up_params.items()
+                  if path.startswith(m.path + ".") and re.search(r"\.lora_(A|B)\.", path[len(m.path):])}
+        ok = bool(m.adapters) and all(
+            math.isclose(a.scaling, scaling(a.alpha, a.r, rslora)) and a.a_shape[0] == a.b_shape[-1]
+            and a.a_shape[0] % a.r == 0  # parameter-level LoRA stacks one rank-r factor per expert
+            for _, a in m.adapters) and params and all(f.requires_grad for f in params.values())
+        if ok:
+            out |= {m.path, *params}
+    return frozenset(out)
+
+
+def _targets_inside_saved(ctx: CaseContext) -> frozenset[str]:
+    """Modules the targets match that lie inside a modules_to_save entry (which guards them)."""
+    settings = _settings(ctx)
+    if settings is None or not settings.modules_to_save:
+        return frozenset()
+    inside = set(_reached(ctx)) - set(_reached(ctx, tuple(settings.modules_to_save)))
+    return frozenset(inside)
+
+
+def _resolved_config_fields(ctx: CaseContext) -> frozenset[str]:
+    """The adapter-config fields that preparation stores resolved (the reference's stored config
+    differs from the config as given): what a LoraConfig mutated in place may show."""
+    from conformance.engine.facts import normalise_config
+
+    settings, snap = _settings(ctx), ctx.reference
+    if settings is None or snap is None or snap.peft is None:
+        return frozenset()
+    given = stored_config(settings, settings.target_modules, settings.fan_in_fan_out, task_heads=False)
+    stored = dict(snap.peft.adapter_config)
+    return frozenset(k for k, v in normalise_config(given) if k in stored and stored[k] != v)
+
+
+SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
+    "widened_targets": _widened_targets,
+    "moved_base_params": _moved_base_params,
+    "consistent_upstream_lora": _consistent_upstream_lora,
+    "targets_inside_saved": _targets_inside_saved,
+    "resolved_config_fields": _resolved_config_fields,
+}
+"""Set features for ``{placeholders}`` in an entry's path and field regexes."""
+

@@ -1,0 +1,110 @@
+"""Coverage by construction: the cells every run must reach, and how a case falls into them.
+
+A *cell* pins the coarse features of a case (level, model type, quantization kind,
+target kind, task); Hypothesis draws everything else inside it.  :func:`cells` lists,
+per level, the few cells that together reach every value pair of the coverage
+*dimensions*:
+
+* peft level: model type x quantization kind, model type x target kind, model type x task
+  (four cells per model type: the kinds rotate, so each type meets each kind);
+* trl level (SFTTrainer trains causal LMs): causal model type x quantization kind (three
+  cells per type), the target kinds rotating over the types.
+
+The conformance suite runs one test per cell, so which cells exist is decided here, not by
+the draw.  :func:`dimension_cells` reads the cells of the same dimensions off any case,
+which is how a report measures what a run reached (free tests included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from strategies.targets import TARGET_KINDS, target_kind
+from strategies.zoo import model_types, tasks_of
+
+__all__ = ["DIMENSIONS", "QUANT_KINDS", "Cell", "cells", "dimension_cells", "expected_cells"]
+
+QUANT_KINDS = ("none", "8bit", "4bit")
+
+DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "peft: model_type x quantization": ("peft", ("model_type", "quantization")),
+    "peft: model_type x target_kind": ("peft", ("model_type", "target_kind")),
+    "peft: model_type x task": ("peft", ("model_type", "task")),
+    "trl: model_type x quantization": ("trl", ("model_type", "quantization")),
+}
+"""Each coverage dimension: the level it is measured at and the case features it pairs."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The coarse features of a case that a conformance test pins."""
+
+    level: str
+    model_type: str
+    quantization: str
+    target_kind: str
+    task: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.model_type}-{self.quantization}-{self.target_kind}-{self.task}"
+
+    def feature(self, name: str) -> str:
+        return getattr(self, name)
+
+
+def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
+          keep: Callable[[Cell], bool] | None = None) -> tuple[Cell, ...]:
+    """The cells of ``level`` over ``quant_kinds``, those ``keep`` accepts (default: all).
+
+    ``keep`` selects a shard; the kinds rotate over the full list either way, so a
+    shard's cells are exactly the full run's cells that fall in it."""
+    quants = tuple(q for q in QUANT_KINDS if q in tuple(quant_kinds))
+    if not quants:
+        return ()
+    out: list[Cell] = []
+    if level == "peft":
+        for index, model_type in enumerate(model_types()):
+            tasks = tasks_of(model_type)
+            rows = max(len(quants), len(TARGET_KINDS), len(tasks))
+            for row in range(rows):
+                out.append(Cell("peft", model_type, quants[(row + index) % len(quants)],
+                                TARGET_KINDS[row % len(TARGET_KINDS)], tasks[row % len(tasks)]))
+    elif level == "trl":
+        for index, model_type in enumerate(model_types("CAUSAL_LM")):
+            for row, quant in enumerate(quants):
+                out.append(Cell("trl", model_type, quant, TARGET_KINDS[(row + index) % len(TARGET_KINDS)], "CAUSAL_LM"))
+    else:
+        raise ValueError(f"level={level!r} is not one of peft, trl")
+    return tuple(c for c in out if keep is None or keep(c))
+
+
+def _features(case: Mapping[str, Any]) -> dict[str, str]:
+    """The coarse features of a case in its JSON form (``Case.to_json()``)."""
+    model, adapter = case.get("model", {}), case.get("adapter", {})
+    return {
+        "level": case.get("training", {}).get("level", "peft"),
+        "model_type": model.get("model_type", "?"),
+        "quantization": case.get("quant", {}).get("kind", "none"),
+        "target_kind": target_kind(adapter.get("target_modules")),
+        "task": model.get("task", "CAUSAL_LM"),
+    }
+
+
+def dimension_cells(case: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The cell ``case`` (JSON) falls into, for each dimension of its level."""
+    f = _features(case)
+    return {name: tuple(f[k] for k in keys) for name, (level, keys) in DIMENSIONS.items() if level == f["level"]}
+
+
+def expected_cells(levels: Iterable[str], *, quant_kinds: Iterable[str] = QUANT_KINDS,
+                   keep: Callable[[Cell], bool] | None = None) -> dict[str, list[tuple[str, ...]]]:
+    """For each dimension of ``levels``, the sorted cells a run with these restrictions must reach."""
+    out: dict[str, set[tuple[str, ...]]] = {}
+    levels = tuple(levels)
+    for name, (level, keys) in DIMENSIONS.items():
+        if level not in levels:
+            continue
+        out[name] = {tuple(c.feature(k) for k in keys) for c in cells(level, quant_kinds=quant_kinds, keep=keep)}
+    return {name: sorted(found) for name, found in out.items()}

@@ -1,0 +1,97 @@
+"""Coverage by construction: the cells of every run, and strategies that stay inside a pinned cell."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from reference import PROFILES
+from strategies import ZOO, cases
+from strategies.coverage import DIMENSIONS, cells, dimension_cells, expected_cells
+from strategies.targets import TARGET_KINDS, target_kind
+from strategies.zoo import model_types, tasks_of
+from test_strategies import draw_many
+
+CURRENT = PROFILES["current"]
+QUANTS = ("none", "8bit", "4bit")
+
+
+def test_peft_cells_reach_every_pair_of_each_dimension():
+    peft = cells("peft")
+    types = model_types()
+    assert {(c.model_type, c.quantization) for c in peft} == set(itertools.product(types, QUANTS))
+    assert {(c.model_type, c.target_kind) for c in peft} == set(itertools.product(types, TARGET_KINDS))
+    assert {(c.model_type, c.task) for c in peft} == {(t, task) for t in types for task in tasks_of(t)}
+    assert len(peft) == 4 * len(types)  # four cells a type are enough for all three pairings
+
+
+def test_trl_cells_reach_every_causal_type_with_every_quantization():
+    trl = cells("trl")
+    causal = model_types("CAUSAL_LM")
+    assert {(c.model_type, c.quantization) for c in trl} == set(itertools.product(causal, QUANTS))
+    assert {c.task for c in trl} == {"CAUSAL_LM"}
+    assert {c.target_kind for c in trl} == set(TARGET_KINDS)
+
+
+def test_cells_follow_the_quantization_restriction_and_a_shard_filter():
+    only = cells("peft", quant_kinds=("4bit",))
+    assert {c.quantization for c in only} == {"4bit"}
+    assert {(c.model_type, c.target_kind) for c in only} == set(itertools.product(model_types(), TARGET_KINDS))
+    kept = cells("peft", keep=lambda c: c.model_type == "llama")
+    assert kept == tuple(c for c in cells("peft") if c.model_type == "llama")
+    assert cells("peft", quant_kinds=()) == ()
+
+
+def test_expected_cells_are_the_projections_of_the_cells():
+    expected = expected_cells(("peft", "trl"))
+    assert set(expected) == set(DIMENSIONS)
+    assert len(expected["peft: model_type x quantization"]) == len(model_types()) * 3
+    assert len(expected["trl: model_type x quantization"]) == len(model_types("CAUSAL_LM")) * 3
+    assert set(expected_cells(("trl",))) == {"trl: model_type x quantization"}
+
+
+def test_a_case_falls_in_the_cells_of_its_level():
+    case = {"model": {"model_type": "gpt2", "task": "SEQ_CLS"}, "quant": {"kind": "8bit"},
+            "adapter": {"target_modules": ".*c_attn"}, "training": {"level": "peft"}}
+    assert dimension_cells(case) == {
+        "peft: model_type x quantization": ("gpt2", "8bit"),
+        "peft: model_type x target_kind": ("gpt2", "regex"),
+        "peft: model_type x task": ("gpt2", "SEQ_CLS"),
+    }
+    case["training"]["level"] = "trl"
+    assert dimension_cells(case) == {"trl: model_type x quantization": ("gpt2", "8bit")}
+
+
+@pytest.mark.parametrize("targets, kind", [(None, "default"), ("ALL-LINEAR", "all-linear"), (".*q", "regex"),
+                                           (["q"], "list"), (("q",), "list")])
+def test_target_kind(targets, kind):
+    assert target_kind(targets) == kind
+
+
+# A cell for every target kind on a type with defaults and one without, and every quantization.
+PINNED = [("llama", q, k, "CAUSAL_LM") for q in QUANTS for k in TARGET_KINDS] + [
+    ("granite", "none", k, "CAUSAL_LM") for k in TARGET_KINDS] + [("bert", "4bit", "regex", "TOKEN_CLS"),
+                                                                   ("t5", "8bit", "default", "SEQ_2_SEQ_LM")]
+
+
+@pytest.mark.parametrize("model_type, quant, kind, task", PINNED)
+def test_a_pinned_cell_draws_only_cases_of_that_cell(model_type, quant, kind, task):
+    drawn = draw_many(cases(profile=CURRENT, model_types=(model_type,), quant_kinds=(quant,),
+                            target_kinds=(kind,), tasks=(task,)), 25)
+    for case in drawn:
+        assert (case.model.model_type, case.quant.kind, case.model.task) == (model_type, quant, task)
+        assert target_kind(case.adapter.target_modules) == kind, case
+    if kind == "default" and model_type not in CURRENT.default_targets:
+        assert all(case.invalid for case in drawn)  # only no_default_targets can be drawn there
+    else:
+        assert any(not case.invalid for case in drawn)
+
+
+def test_every_trl_cell_draws_causal_lm_cases():
+    for cell in cells("trl")[:9]:
+        for case in draw_many(cases(level="trl", profile=CURRENT, model_types=(cell.model_type,),
+                                    quant_kinds=(cell.quantization,), target_kinds=(cell.target_kind,)), 5):
+            assert case.model.task == "CAUSAL_LM" and case.training.level == "trl"
+            assert target_kind(case.adapter.target_modules) == cell.target_kind
+            assert case.model.model_type in ZOO

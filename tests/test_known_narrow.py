@@ -1,0 +1,431 @@
+"""Every known-divergence entry is narrow: a different fault inside its scope still fails.
+
+For each entry that the installed stack activates, a case in the entry's scope (same model
+types, same task, its cause present) is prepared with a fault planted into upstream that is
+*not* the excused behaviour; the example must diverge, with the fault's field among the
+unexplained divergences.  Where the entry is about a cause (a quantized head, a head the
+targets reach), a second test plants the excused behaviour itself on a case *without* that
+cause: it must fail too.  Entries of upstream ranges between the pinned stacks are checked
+on synthetic divergences with the registry loaded for a stack in their range.
+
+Run on both pinned stacks (``nox -s "faults(stack='seed')"`` for the seed-era entries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from conformance.engine.diff import Divergence
+from conformance.engine.features import CaseContext
+from conformance.engine.known import default_registry, load_registry
+from conformance.engine.runner import Outcome, run_case
+from reference import select_profile
+from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
+
+NO_KBIT = TrainingSpec(prepare_kbit=False)
+
+
+def _active(entry_id: str) -> None:
+    if entry_id not in {e.id for e in default_registry().active}:
+        pytest.skip(f"{entry_id} does not apply to the installed stack")
+
+
+def _in_scope(entry_id: str, case: Case) -> None:
+    (entry,) = [e for e in default_registry().active if e.id == entry_id]
+    assert entry.holds_for(CaseContext(case, profile=select_profile())), f"the case is not in {entry_id}'s scope"
+
+
+def _out_of_scope(entry_id: str, case: Case) -> None:
+    (entry,) = [e for e in default_registry().active if e.id == entry_id]
+    assert not entry.holds_for(CaseContext(case, profile=select_profile())), f"the case is in {entry_id}'s scope"
+
+
+def _fails(case: Case, field: str, path: str | None = None) -> Outcome:
+    outcome = run_case(case, select_profile(), numerics=False)
+    assert outcome.status == "diverge", (outcome.status, outcome.known, case.dumps())
+    hits = [d for d in outcome.divergences if d.field == field and (path is None or d.path == path)]
+    assert hits, [(d.path, d.field) for d in outcome.divergences]
+    return outcome
+
+
+def _after_get_peft_model(monkeypatch: pytest.MonkeyPatch, corrupt) -> None:
+    """Plant ``corrupt(peft_model, config)`` right after upstream's get_peft_model."""
+    import peft
+
+    original = peft.get_peft_model
+
+    def faulty(model, config, *args, **kwargs):
+        out = original(model, config, *args, **kwargs)
+        corrupt(out, config)
+        return out
+
+    monkeypatch.setattr(peft, "get_peft_model", faulty)
+
+
+def _raise_in_get_peft_model(monkeypatch: pytest.MonkeyPatch, exc: BaseException, when=lambda config: True) -> None:
+    import peft
+
+    original = peft.get_peft_model
+
+    def faulty(model, config, *args, **kwargs):
+        if when(config):
+            raise exc
+        return original(model, config, *args, **kwargs)
+
+    monkeypatch.setattr(peft, "get_peft_model", faulty)
+
+
+def _modules(peft_model, suffix: str):
+    return [(n, m) for n, m in peft_model.named_modules() if n.endswith(suffix)]
+
+
+# -- quantized-classification-head -----------------------------------------------------------------
+
+ELECTRA_8BIT = Case(ModelSpec("electra", "SEQ_CLS", num_layers=1), QuantSpec(kind="8bit"),
+                    AdapterSpec(target_modules=("query",), task_type="SEQ_CLS"), TrainingSpec(prepare_kbit=True))
+
+
+def test_quantized_head_entry_does_not_excuse_another_error_in_scope(monkeypatch):
+    _active("quantized-classification-head")
+    _in_scope("quantized-classification-head", ELECTRA_8BIT)
+    _raise_in_get_peft_model(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    _fails(ELECTRA_8BIT, "error")
+
+
+def test_quantized_head_entry_needs_a_quantized_module_to_save(monkeypatch):
+    """The excused crash, planted where the head was kept unquantized: not excused."""
+    _active("quantized-classification-head")
+    kept = dataclasses.replace(ELECTRA_8BIT, quant=QuantSpec(kind="8bit", skip_modules=("classifier",)))
+    _out_of_scope("quantized-classification-head", kept)
+    _raise_in_get_peft_model(monkeypatch, RuntimeError("only Tensors of floating point dtype can require gradients"))
+    _fails(kept, "raised")
+
+
+# -- token-classification-head-targeted / -not-counted-as-excluded -------------------------------------
+
+LLAMA_TOKEN_CLS = Case(ModelSpec("llama", "TOKEN_CLS", num_layers=1),
+                       adapter=AdapterSpec(target_modules=("q_proj",), task_type="TOKEN_CLS"), training=NO_KBIT)
+SAVED_IS_LORA = TypeError("modules_to_save cannot be applied to modules of type <class 'peft.tuners.lora.layer.Linear'>")
+
+
+def test_token_cls_entry_needs_targets_that_reach_the_head(monkeypatch):
+    """The issue's example: a regression rejecting every TOKEN_CLS preparation, even one whose
+    targets never reach the head, must not read as known."""
+    _active("token-classification-head-targeted")
+    _out_of_scope("token-classification-head-targeted", LLAMA_TOKEN_CLS)
+    _raise_in_get_peft_model(monkeypatch, SAVED_IS_LORA, when=lambda c: c.task_type == "TOKEN_CLS")
+    _fails(LLAMA_TOKEN_CLS, "raised")
+
+
+def test_token_cls_entry_does_not_excuse_another_error_in_scope(monkeypatch):
+    _active("token-classification-head-targeted")
+    case = dataclasses.replace(LLAMA_TOKEN_CLS, adapter=AdapterSpec(target_modules="all-linear", task_type="TOKEN_CLS"))
+    _in_scope("token-classification-head-targeted", case)
+    _raise_in_get_peft_model(monkeypatch, TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'"))
+    _fails(case, "raised")
+
+
+def test_unused_exclude_warning_entry_needs_an_exclude_that_matches_nothing(monkeypatch):
+    _active("token-classification-head-not-counted-as-excluded")
+    case = dataclasses.replace(LLAMA_TOKEN_CLS, adapter=AdapterSpec(
+        target_modules=("q_proj",), exclude_modules=("v_proj",), task_type="TOKEN_CLS"))
+    _out_of_scope("token-classification-head-not-counted-as-excluded", case)
+
+    def warn(peft_model, config):
+        warnings.warn(f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded.")
+
+    _after_get_peft_model(monkeypatch, warn)
+    _fails(case, "warnings.exclude_unused")
+
+
+def test_unused_exclude_warning_entry_excuses_only_that_warning(monkeypatch):
+    _active("token-classification-head-not-counted-as-excluded")
+    case = dataclasses.replace(LLAMA_TOKEN_CLS, adapter=AdapterSpec(
+        target_modules=("q_proj",), exclude_modules=("nothing_here",), task_type="TOKEN_CLS"))
+    _in_scope("token-classification-head-not-counted-as-excluded", case)
+
+    def warn(peft_model, config):
+        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting to False.")
+
+    _after_get_peft_model(monkeypatch, warn)
+    _fails(case, "warnings.linear_fan_in_fan_out")
+
+
+def test_rejection_wording_entry_needs_targets_that_reach_nothing(monkeypatch):
+    _active("token-classification-head-not-counted-as-excluded-in-rejection")
+    from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+
+    _raise_in_get_peft_model(monkeypatch, NoMatchingPeftModuleError("Target modules {'q_proj'} not found in the base model."))
+    _out_of_scope("token-classification-head-not-counted-as-excluded-in-rejection", LLAMA_TOKEN_CLS)
+    _fails(LLAMA_TOKEN_CLS, "raised")
+
+
+def test_rejection_wording_entry_excuses_only_not_found(monkeypatch):
+    _active("token-classification-head-not-counted-as-excluded-in-rejection")
+    from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+
+    case = dataclasses.replace(LLAMA_TOKEN_CLS, adapter=AdapterSpec(target_modules=("q_pro",), task_type="TOKEN_CLS"),
+                               invalid=True)
+    _in_scope("token-classification-head-not-counted-as-excluded-in-rejection", case)
+    _raise_in_get_peft_model(monkeypatch, NoMatchingPeftModuleError("All modules were excluded. This is likely unintended."))
+    _fails(case, "error")
+
+
+# -- MoE entries -------------------------------------------------------------------------------------------
+
+MIXTRAL_DEFAULT = Case(ModelSpec("mixtral", "CAUSAL_LM", num_layers=1),
+                       adapter=AdapterSpec(task_type="CAUSAL_LM"), training=NO_KBIT)
+MIXTRAL_ALL_LINEAR = Case(ModelSpec("mixtral", "CAUSAL_LM", num_layers=1),
+                          adapter=AdapterSpec(r=4, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+                          training=NO_KBIT)
+MIXTRAL_REGEX = Case(ModelSpec("mixtral", "CAUSAL_LM", num_layers=2),
+                     adapter=AdapterSpec(r=4, lora_alpha=16, target_modules=r".*\.layers\.0\..*\.(q_proj|v_proj)"),
+                     training=NO_KBIT)
+
+
+def test_moe_default_targets_entry_excuses_only_its_rejections(monkeypatch):
+    _active("moe-default-targets-lost")
+    _in_scope("moe-default-targets-lost", MIXTRAL_DEFAULT)
+    _raise_in_get_peft_model(monkeypatch, ValueError("Target module MixtralDecoderLayer() is not supported."))
+    _fails(MIXTRAL_DEFAULT, "raised")
+
+
+def test_moe_default_targets_entry_needs_default_targets(monkeypatch):
+    _active("moe-default-targets-lost")
+    listed = dataclasses.replace(MIXTRAL_DEFAULT, adapter=AdapterSpec(target_modules=("q_proj",), task_type="CAUSAL_LM"))
+    _out_of_scope("moe-default-targets-lost", listed)
+    _raise_in_get_peft_model(monkeypatch, ValueError("No `target_modules` passed but also no `target_parameters` found."))
+    _fails(listed, "raised")
+
+
+def test_moe_experts_entry_catches_a_trainable_half_precision_router(monkeypatch):
+    _active("moe-experts-as-parameters")
+    _in_scope("moe-experts-as-parameters", MIXTRAL_ALL_LINEAR)
+
+    def router_fp16(peft_model, config):
+        for _, gate in _modules(peft_model, "mlp.gate"):
+            base = gate.base_layer
+            base.weight.data = base.weight.data.to(torch.float16)
+            base.weight.requires_grad = True
+
+    _after_get_peft_model(monkeypatch, router_fp16)
+    _fails(MIXTRAL_ALL_LINEAR, "param.present", path="model.layers.0.mlp.gate.base_layer.weight")
+
+
+def test_moe_experts_entry_catches_doubled_scaling_on_the_experts(monkeypatch):
+    _active("moe-experts-as-parameters")
+
+    def double(peft_model, config):
+        for _, experts in _modules(peft_model, "mlp.experts"):
+            experts.scaling["default"] *= 2
+
+    _after_get_peft_model(monkeypatch, double)
+    _fails(MIXTRAL_ALL_LINEAR, "lora.present", path="model.layers.0.mlp.experts")
+
+
+def test_moe_experts_entry_catches_a_fault_on_the_attention(monkeypatch):
+    _active("moe-experts-as-parameters")
+
+    def double(peft_model, config):
+        for _, q in _modules(peft_model, "self_attn.q_proj"):
+            q.scaling["default"] *= 2
+
+    _after_get_peft_model(monkeypatch, double)
+    _fails(MIXTRAL_ALL_LINEAR, "adapter[default].scaling", path="model.layers.0.self_attn.q_proj")
+
+
+def test_moe_regex_entry_catches_a_fault_on_a_widened_module(monkeypatch):
+    _active("moe-regex-targets-widened")
+    _in_scope("moe-regex-targets-widened", MIXTRAL_REGEX)
+
+    def double(peft_model, config):
+        for name, q in _modules(peft_model, "layers.1.self_attn.q_proj"):
+            q.scaling["default"] *= 2
+
+    _after_get_peft_model(monkeypatch, double)
+    _fails(MIXTRAL_REGEX, "lora.present", path="model.layers.1.self_attn.q_proj")
+
+
+def test_moe_regex_entry_catches_lora_on_a_module_the_widening_cannot_reach(monkeypatch):
+    """Before narrowing, the entry excused extra LoRA on any path: k_proj is no leaf the regex matched."""
+    _active("moe-regex-targets-widened")
+    from fault_kit import wrap_target_check
+
+    def factory(original):
+        def faulty(config, key):
+            return True if key.endswith(".k_proj") else original(config, key)
+        return faulty
+
+    wrap_target_check(monkeypatch, factory)
+    _fails(MIXTRAL_REGEX, "lora.present", path="model.layers.0.self_attn.k_proj")
+
+
+# -- loraconfig-mutated-in-place -----------------------------------------------------------------------------
+
+
+def test_config_mutation_entry_excuses_only_resolved_fields(monkeypatch):
+    _active("loraconfig-mutated-in-place")
+    case = Case(ModelSpec("llama", "CAUSAL_LM", num_layers=1), adapter=AdapterSpec(target_modules="all-linear"),
+                training=NO_KBIT)
+
+    def bump_dropout(peft_model, config):
+        config.lora_dropout = 0.5
+
+    _after_get_peft_model(monkeypatch, bump_dropout)
+    _fails(case, "config_mutations.lora_dropout")
+
+
+def test_config_mutation_entry_does_not_excuse_a_rewritten_target_list(monkeypatch):
+    _active("loraconfig-mutated-in-place")
+    case = Case(ModelSpec("llama", "CAUSAL_LM", num_layers=1), adapter=AdapterSpec(target_modules=("q_proj",)),
+                training=NO_KBIT)
+
+    def rewrite(peft_model, config):
+        config.target_modules = {"q_proj", "k_proj"}
+
+    _after_get_peft_model(monkeypatch, rewrite)
+    _fails(case, "config_mutations.target_modules")
+
+
+# -- seed-era entries ------------------------------------------------------------------------------------------
+
+
+def test_orphan_lora_entry_does_not_excuse_a_frozen_saved_copy(monkeypatch):
+    _active("orphan-lora-inside-saved-module")
+    case = Case(ModelSpec("roberta", "CAUSAL_LM", num_layers=1),
+                adapter=AdapterSpec(target_modules="all-linear", modules_to_save=("lm_head",)), training=NO_KBIT)
+    _in_scope("orphan-lora-inside-saved-module", case)
+
+    def freeze(peft_model, config):
+        for name, param in peft_model.named_parameters():
+            if ".modules_to_save." in name:
+                param.requires_grad = False
+
+    _after_get_peft_model(monkeypatch, freeze)
+    _fails(case, "requires_grad")
+
+
+def test_layer_zero_entry_excuses_only_its_config_rejection(monkeypatch):
+    _active("layers-to-transform-zero-read-as-missing")
+    case = Case(ModelSpec("llama", "CAUSAL_LM", num_layers=1),
+                adapter=AdapterSpec(target_modules=("q_proj",), layers_to_transform=0, layers_pattern="layers"),
+                training=NO_KBIT)
+    _in_scope("layers-to-transform-zero-read-as-missing", case)
+    import peft
+
+    # the excused rejection happens when the config is built: plant the other error there
+    def faulty(self, *args, **kwargs):
+        raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+
+    monkeypatch.setattr(peft.LoraConfig, "__post_init__", faulty)
+    _fails(case, "raised")
+
+
+def test_embed_scale_entry_does_not_excuse_a_structural_fault(monkeypatch):
+    _active("lora-embedding-update-ignores-embed-scale")
+    case = Case(ModelSpec("gemma3_text", "CAUSAL_LM", num_layers=1),
+                adapter=AdapterSpec(target_modules=("embed_tokens",), task_type="CAUSAL_LM"), training=NO_KBIT)
+
+    def dropout(peft_model, config):
+        for _, emb in _modules(peft_model, "embed_tokens"):
+            emb.lora_dropout["default"] = torch.nn.Dropout(p=0.3)
+
+    _after_get_peft_model(monkeypatch, dropout)
+    _fails(case, "adapter[default].dropout")
+
+
+# -- the count rule and the placeholders (any stack) ----------------------------------------------------------
+
+
+def test_a_count_divergence_needs_parameter_divergences_that_add_up(tmp_path):
+    from conformance.engine.snapshot import ModelFacts, ParamFacts, Snapshot
+
+    path = tmp_path / "r.toml"
+    path.write_text('[[divergence]]\nid = "extra-lora"\nexplanation = "extra LoRA on x, for a test of the count rule."\n'
+                    'link = "https://example.org"\nmatch = [{ path = "x.lora_A.default.weight", field = "param\\\\.present" }]\n')
+    registry = load_registry(path, versions={})
+    model = ModelFacts(False, False, False, False, 10, 100)
+    ref = Snapshot(params=(ParamFacts("w", (10, 10), "float32", True, "plain"),), model=model)
+    extra = ParamFacts("x.lora_A.default.weight", (2, 3), "float32", True, "plain")
+    up_ok = Snapshot(params=ref.params + (extra,), model=dataclasses.replace(model, trainable_params=16, total_params=106))
+    case = Case(ModelSpec("llama"))
+    found = [Divergence("x.lora_A.default.weight", "param.present", False, True),
+             Divergence("<model>", "trainable_params", 10, 16), Divergence("<model>", "total_params", 100, 106)]
+    assert registry.explain(case, found, reference=ref, upstream=up_ok) == ([], ["extra-lora"])
+    # one more trainable parameter than the explained ones account for: the count is not explained
+    off = [found[0], Divergence("<model>", "trainable_params", 10, 17), found[2]]
+    unexplained, _ = registry.explain(case, off, reference=ref, upstream=up_ok)
+    assert [d.field for d in unexplained] == ["trainable_params"]
+    # and a count alone is never explained
+    assert registry.explain(case, found[1:], reference=ref, upstream=up_ok)[0] == found[1:]
+
+
+def test_entries_may_not_match_counts_or_name_unknown_features(tmp_path):
+    base = 'id = "e"\nexplanation = "an entry used to test the loader refuses this."\nlink = "https://example.org"\n'
+    for body, message in (('match = [{ path = "<model>", field = "trainable_params" }]', "parameter count"),
+                          ('match = [{ path = "{nope}", field = "x" }]', "unknown set feature"),
+                          ('when = { "feature.nope" = true }\nmatch = [{ path = "a", field = "b" }]', "unknown feature")):
+        path = tmp_path / "r.toml"
+        path.write_text("[[divergence]]\n" + base + body + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_registry(path, versions={})
+
+
+# -- entries of ranges between the pinned stacks: synthetic divergences -------------------------------------
+
+BETWEEN = {
+    "seq2seq-peft-model-transformers-5-18": {"peft": "0.19.0", "transformers": "5.23.0"},
+    "moe-string-targets-split-into-characters": {"peft": "0.19.0", "transformers": "5.23.0"},
+    "trl-kbit-step-freezes-passed-peft-model": {"trl": "0.22.0"},
+}
+
+
+def _registry_for(entry_id: str):
+    registry = load_registry(versions=BETWEEN[entry_id])
+    assert entry_id in {e.id for e in registry.active}
+    return registry
+
+
+def test_seq2seq_entry_excuses_only_the_missing_helper():
+    registry = _registry_for("seq2seq-peft-model-transformers-5-18")
+    case = Case(ModelSpec("t5", "SEQ_2_SEQ_LM", num_layers=1), adapter=AdapterSpec(target_modules=("q",),
+                                                                                    task_type="SEQ_2_SEQ_LM"))
+    excused = Divergence("<error>", "raised", "no error", "AttributeError[seq2seq_generation_kwargs_missing]: "
+                         "AttributeError: 'T5ForConditionalGeneration' has no attribute "
+                         "'_prepare_encoder_decoder_kwargs_for_generation'")
+    other = Divergence("<error>", "raised", "no error", "AttributeError[other]: AttributeError: 'NoneType' has no 'x'")
+    assert registry.explain(case, [excused])[0] == []
+    assert registry.explain(case, [other])[0] == [other]
+    causal = dataclasses.replace(case, adapter=AdapterSpec(target_modules=("q",), task_type="CAUSAL_LM"))
+    assert registry.explain(causal, [excused])[0] == [excused]
+
+
+def test_moe_string_split_entry_needs_a_string_target():
+    registry = _registry_for("moe-string-targets-split-into-characters")
+    split = Divergence("<error>", "raised", "no error",
+                       "ValueError[targets_not_found]: ValueError: Target modules {'a', 'l'} not found in the base model.")
+    regex = Case(ModelSpec("mixtral", num_layers=1), adapter=AdapterSpec(target_modules="all-linear"))
+    listed = Case(ModelSpec("mixtral", num_layers=1), adapter=AdapterSpec(target_modules=("q_proj",)))
+    assert registry.explain(regex, [split])[0] == []
+    assert registry.explain(listed, [split])[0] == [split]
+    other = Divergence("<error>", "raised", "no error", "ValueError[targets_not_found]: ValueError: Target modules "
+                       "{'q_proj'} not found in the base model.")
+    assert registry.explain(regex, [other])[0] == [other]
+
+
+def test_trl_kbit_entry_excuses_frozen_lora_and_upcasts_only():
+    registry = _registry_for("trl-kbit-step-freezes-passed-peft-model")
+    case = Case(ModelSpec("llama", num_layers=1), QuantSpec(kind="8bit"), AdapterSpec(target_modules=("q_proj",)),
+                TrainingSpec(level="trl", prepare_kbit=False, peft_model_in=True))
+    frozen = Divergence("model.layers.0.self_attn.q_proj.lora_A.default.weight", "requires_grad", True, False)
+    upcast = Divergence("model.norm.weight", "dtype", "float16", "float32")
+    lora_cast = Divergence("model.layers.0.self_attn.q_proj.lora_A.default.weight", "dtype", "float32", "bfloat16")
+    trainable_norm = Divergence("model.norm.weight", "requires_grad", False, True)
+    assert registry.explain(case, [frozen, upcast])[0] == []
+    assert registry.explain(case, [lora_cast, trainable_norm])[0] == [lora_cast, trainable_norm]
+    unquantized = dataclasses.replace(case, quant=QuantSpec())
+    assert registry.explain(unquantized, [frozen])[0] == [frozen]

@@ -1,0 +1,60 @@
+"""The strategies' intent checked against the reference itself: valid cases are prepared, and
+each deliberately invalid case is rejected for the reason it was built for.
+
+Cheap: the reference alone, on cached models (no upstream call).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from conformance.engine.runner import _reference_side
+from reference import PROFILES, select_profile
+from strategies import cases, sample
+from test_strategies import invalid_kind
+
+CURRENT = PROFILES["current"]
+# The reference's error kinds each deliberate invalid kind may raise.
+EXPECTED = {
+    "r_not_positive": {"invalid_r"},
+    "targets_match_nothing": {"targets_not_found", "nothing_targeted", "no_target_matched"},
+    "layers_with_regex_targets": {"layers_with_regex_targets"},
+    "layers_pattern_without_layers": {"layers_pattern_without_layers"},
+    "layer_filter_matches_nothing": {"targets_not_found", "nothing_targeted", "no_target_matched"},
+    "unknown_bias": {"invalid_bias"},
+    "lora_bias_on_embedding": {"lora_bias_unsupported"},
+    "lora_bias_with_gaussian_init": {"lora_bias_init"},
+    "container_target": {"unsupported_module"},
+    "no_default_targets": {"no_default_targets"},
+    "peft_model_with_config": {"trl_peft_model_with_config"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _cache(monkeypatch, cache):
+    monkeypatch.setenv("CONFORMANCE_CACHE", str(cache))
+
+
+@pytest.mark.parametrize("level", ["peft", "trl"])
+def test_valid_cases_are_prepared_and_invalid_ones_rejected_for_their_reason(level):
+    profile = select_profile()
+    drawn = [c for kind in ("none", "8bit", "4bit") for c in sample(cases(level=level, quant_kinds=(kind,)), 60, 11)]
+    rejected, wrong = collections.Counter(), []
+    for case in drawn:
+        snap = _reference_side(case, profile)
+        if not case.invalid:
+            if snap.error is not None:
+                rejected[snap.error.kind] += 1
+            continue
+        built = invalid_kind(case)
+        if snap.error is None or snap.error.kind not in EXPECTED[built]:
+            wrong.append((built, snap.error.kind if snap.error else "accepted", case.dumps()))
+    valid = sum(not c.invalid for c in drawn)
+    invalid_share = 1 - valid / len(drawn)
+    assert 0.12 <= invalid_share <= 0.28, invalid_share
+    # Only the rare quantized classification head (kept quantized on purpose, one case in ten) may be rejected.
+    assert set(rejected) <= {"saved_module_quantized"}, rejected
+    assert sum(rejected.values()) <= 0.05 * valid, rejected
+    assert not wrong, wrong[:3]
