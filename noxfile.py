@@ -130,38 +130,81 @@ def tests(session: nox.Session) -> None:
 def faults(session: nox.Session, stack: str) -> None:
     """Run the stack-dependent harness tests (trl faults, known-divergence reproductions) on one stack."""
     python = stack_python(session, stack)
-    session.run(python, "-m", "pytest", "tests/test_faults_trl.py", "tests/test_known_upstream.py",
+    session.run(python, "-m", "pytest", "tests/test_faults_trl.py", "tests/test_known_upstream.py", "tests/test_known_narrow.py",
                 *(session.posargs or ["-q", "-rs"]), env=stack_env(stack), external=True)
+
+
+GATE_USAGE = ("usage: nox -s gate -- FROM TO [--cases N] [--seed S] [--level peft|trl|all] [--fail-on-change] "
+              "[--strict] [--peft-spec X] [--trl-spec X]")
+_GATE_VALUES = {"--cases": "positive", "--seed": "integer", "--level": ("peft", "trl", "all")}
+
+
+def gate_options(args: list[str]) -> tuple[str, str, list[str], list[str]]:
+    """(FROM, TO, record options, compare options) of the gate's arguments, every one checked
+    before anything is installed, recorded or deleted; a bad one exits with one line."""
+    stacks = [a for a in args[:2] if not a.startswith("-")]
+    if len(stacks) != 2:
+        raise SystemExit(GATE_USAGE)
+    for stack in stacks:
+        constraints(stack)
+    record, compare = [], []
+    rest = iter(args[2:])
+    for arg in rest:
+        option, eq, value = arg.partition("=")
+        if option in ("--fail-on-change",):
+            compare.append(option)
+        elif option == "--strict":
+            record.append(option)
+        elif option in _GATE_VALUES:
+            value = value if eq else next(rest, "")
+            kind = _GATE_VALUES[option]
+            ok = (value in kind) if isinstance(kind, tuple) else value.lstrip("-").isdigit() and (
+                kind == "integer" or int(value) >= 1)
+            if not ok:
+                allowed = ", ".join(kind) if isinstance(kind, tuple) else f"a {kind} integer"
+                raise SystemExit(f"gate: {option}={value!r} is not {allowed}\n{GATE_USAGE}")
+            record += [option, value]
+        else:
+            raise SystemExit(f"gate: unknown option {arg!r}\n{GATE_USAGE}")
+    return stacks[0], stacks[1], record, compare
 
 
 @nox.session(venv_backend="none")
 def gate(session: nox.Session) -> None:
     """What changed between two stacks: record a corpus under the first, compare under the second.
 
-    nox -s gate -- FROM TO [--cases N] [--seed S] [--level peft|trl|all] [--fail-on-change]
+    nox -s gate -- FROM TO [--cases N] [--seed S] [--level peft|trl|all] [--fail-on-change] [--strict]
                            [--peft-spec X] [--trl-spec X]
 
-    Fork specs apply to the TO side; --fail-on-change makes any change fail the session.  The corpus and the reports land in
-    reports/gate/FROM-to-TO/ (report.json, report.md).
+    Fork specs apply to the TO side; --fail-on-change makes any change fail the session; --strict
+    fails a corpus that does not reach every combination it must cover (or holds unbuildable
+    cases).  Every argument is checked before anything runs.  The corpus is recorded into a
+    temporary folder that replaces reports/gate/FROM-to-TO/corpus only when recording succeeded,
+    and the reports (report.json, report.md) are replaced only by a finished comparison, so an
+    interrupted or failed run loses nothing.
     """
     forks, args = split_forks(list(session.posargs))
-    stacks = [a for a in args[:2] if not a.startswith("-")]
-    if len(stacks) != 2:
-        session.error("usage: nox -s gate -- FROM TO [--cases N] [--seed S] [--level L] [--peft-spec X] [--trl-spec X]")
-    before, after = stacks
-    options = args[2:]
-    compare_opts = [o for o in options if o == "--fail-on-change"]
-    record_opts = [o for o in options if o != "--fail-on-change"]
+    before, after, record_opts, compare_opts = gate_options(args)
     label = f"{before}-to-{after}" + ("-fork" if forks else "")
     out = ROOT / "reports" / "gate" / label
-    corpus = out / "corpus"
-    shutil.rmtree(corpus, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, staged = out / "corpus", out / "corpus.recording"
+    shutil.rmtree(staged, ignore_errors=True)  # a leftover of an interrupted run, never the last good corpus
     python = stack_python(session, before)
-    session.run(python, "-m", "conformance", "record", str(corpus.relative_to(ROOT)), *record_opts, env=stack_env(before), external=True)
+    session.run(python, "-m", "conformance", "record", str(staged), *record_opts, env=stack_env(before), external=True)
+    shutil.rmtree(corpus, ignore_errors=True)
+    staged.rename(corpus)
     python = stack_python(session, after, forks)
     report, md = out / "report.json", out / "report.md"
-    session.run(python, "-m", "conformance", "compare", str(corpus.relative_to(ROOT)), "--report", str(report), "--markdown", str(md),
-                *compare_opts, env=stack_env(after), external=True)
+    pending_report, pending_md = out / "report.json.pending", out / "report.md.pending"
+    try:
+        session.run(python, "-m", "conformance", "compare", str(corpus.relative_to(ROOT)), "--report", str(pending_report),
+                    "--markdown", str(pending_md), *compare_opts, env=stack_env(after), external=True)
+    finally:
+        # --fail-on-change fails the session after writing both files: they are the run's result
+        if pending_report.exists() and pending_md.exists():
+            pending_report.replace(report)
+            pending_md.replace(md)
     session.log(f"gate {before} -> {after}: report {report}, markdown {md}")
 
 

@@ -231,7 +231,7 @@ def test_status_changes_are_changes():
     now_raises = changes_of("c", _obs(), _obs("raised", ("ValueError", "invalid_bias", "m")))
     assert [c.field for c in now_raises] == ["<error>.raised"]
     other_kind = changes_of("c", _obs("raised", ("ValueError", "a", "")), _obs("raised", ("TypeError", "a", "")))
-    assert [c.field for c in other_kind] == ["<error>.cls"]
+    assert [c.field for c in other_kind] == ["<error>.error"]
     warned = changes_of("c", _obs(warnings=["UserWarning: old"]), _obs(warnings=["UserWarning: new"]))
     assert [(c.field, c.before, c.after) for c in warned] == [
         ("<warning>.added", None, "UserWarning: new"), ("<warning>.removed", "UserWarning: old", None)]

@@ -136,7 +136,7 @@ def test_unused_exclude_warning_entry_needs_an_exclude_that_matches_nothing(monk
     _out_of_scope("token-classification-head-not-counted-as-excluded", case)
 
     def warn(peft_model, config):
-        warnings.warn(f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded.")
+        warnings.warn(f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded.", stacklevel=2)
 
     _after_get_peft_model(monkeypatch, warn)
     _fails(case, "warnings.exclude_unused")
@@ -149,7 +149,7 @@ def test_unused_exclude_warning_entry_excuses_only_that_warning(monkeypatch):
     _in_scope("token-classification-head-not-counted-as-excluded", case)
 
     def warn(peft_model, config):
-        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting to False.")
+        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting to False.", stacklevel=2)
 
     _after_get_peft_model(monkeypatch, warn)
     _fails(case, "warnings.linear_fan_in_fan_out")
@@ -243,7 +243,7 @@ def test_moe_regex_entry_catches_a_fault_on_a_widened_module(monkeypatch):
     _in_scope("moe-regex-targets-widened", MIXTRAL_REGEX)
 
     def double(peft_model, config):
-        for name, q in _modules(peft_model, "layers.1.self_attn.q_proj"):
+        for _, q in _modules(peft_model, "layers.1.self_attn.q_proj"):
             q.scaling["default"] *= 2
 
     _after_get_peft_model(monkeypatch, double)

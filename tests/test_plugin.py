@@ -90,7 +90,8 @@ def test_a_seed_replays_the_same_run(suite, tmp_path):
 
 
 def test_without_a_seed_one_is_drawn_and_printed(suite):
-    result = suite.runpytest_subprocess("--conformance-examples", "1", "--conformance-quant", "none", "-p", "no:warnings")
+    result = suite.runpytest_subprocess("--conformance-examples", "1", "--conformance-quant", "none", "-p", "no:warnings",
+                                        "-k", ONLY)
     line = next(text for text in result.stdout.lines if text.startswith("conformance: profile="))
     seed = line.split(" seed=")[1].split()[0]
     assert seed.isdigit() and f"--hypothesis-seed={seed}" in line
@@ -189,7 +190,7 @@ def test_a_crashed_worker_keeps_its_examples_and_is_named(suite, tmp_path):
     report_path = tmp_path / "crash" / "report.json"
     result = suite.runpytest_subprocess(
         "-n", "2", "--conformance-examples", "3", "--hypothesis-seed", "2", "--conformance-strict",
-        "--conformance-report", str(report_path), "-p", "no:warnings",
+        "--conformance-report", str(report_path), "-p", "no:warnings", "-k", ONLY,
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()

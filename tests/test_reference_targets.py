@@ -387,12 +387,13 @@ def _toy_factory():
 
 ERROR_CASES = [
     ("no_default_targets", _toy_factory, dict(), errors.NoDefaultTargets, "ValueError", "no_default_targets"),
+    # upstream's wording: nothing excluded -> "not found"; something excluded -> "nothing targeted"
     ("nothing_matched", llama, dict(target_modules=("nothing",)), errors.NoTargetMatched, "ValueError",
-     "no_target_matched"),
+     "targets_not_found"),
     ("all_excluded", llama, dict(target_modules=("q_proj",), exclude_modules=("q_proj",)), errors.NoTargetMatched,
-     "ValueError", "no_target_matched"),
+     "ValueError", "nothing_targeted"),
     ("only_saved_targets", llama, dict(target_modules=("q_proj",), modules_to_save=("q_proj",)),
-     errors.NoTargetMatched, "ValueError", "no_target_matched"),
+     errors.NoTargetMatched, "ValueError", "nothing_targeted"),
     ("container", llama, dict(target_modules=("self_attn",)), errors.UnsupportedModule, "ValueError",
      "unsupported_module"),
     ("container_regex", llama, dict(target_modules=r".*self_attn"), errors.UnsupportedModule, "ValueError",

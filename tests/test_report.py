@@ -73,8 +73,16 @@ def test_strict_fails_an_empty_run_skips_stale_entries_and_crashes():
     reasons = "\n".join(strict_failures(report))
     assert "1 examples skipped: bitsandbytes is not installed" in reasons
     assert "worker gw1 crashed: Not properly terminated" in reasons
-    assert "stale known-divergence entry" in reasons  # nothing in one example explains the registry
+    assert "coverage gap: peft: model_type x quantization: 0/" in reasons
+    assert "stale" not in reasons  # one example in no entry's scope: too few to judge an entry
+    # five examples in an entry's scope, none explained by it: the entry is stale
+    in_scope = [dict(_entry(GPT2), registry_scope=["quantized-classification-head"]) for _ in range(5)]
+    report = build_report(_settings(), in_scope)
+    assert "stale known-divergence entry quantized-classification-head: 5 examples in its scope" in "\n".join(
+        strict_failures(report))
     assert "stale" not in "\n".join(strict_failures(report, judge_stale=False))
+    four = build_report(_settings(), in_scope[:4])
+    assert four["unjudged_known"]["quantized-classification-head"]["cases_in_scope"] == 4 and not four["stale_known"]
 
 
 def test_markdown_is_short_and_replays_each_divergence():
@@ -118,7 +126,7 @@ def test_merge_cli_exit_status_and_outputs(tmp_path):
     assert result.returncode == 1, result.stderr  # a divergence fails the merge
     assert json.loads(out.read_text())["totals"]["examples"] == 2 and "### Divergences" in md.read_text()
     strict = subprocess.run(cmd[:5] + ["--out", str(out), "--strict"], capture_output=True, text=True, timeout=120)
-    assert strict.returncode == 1 and "STRICT MODE FAILED" in strict.stdout and "stale known-divergence" in strict.stdout
+    assert strict.returncode == 1 and "STRICT MODE FAILED" in strict.stdout and "coverage gap" in strict.stdout
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "none.json"), "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("merge: ") and len(bad.stderr.strip().splitlines()) == 1
 
@@ -126,15 +134,22 @@ def test_merge_cli_exit_status_and_outputs(tmp_path):
 def test_summary_counts_the_numerics_checks():
     from conformance.plugin.summary import _numerics_line
 
+    same = {"same_structure": True}
     examples = [
-        {"outcome": "agree", "numerics": {"tolerance": "fp32", "max_error_in_tolerances": 0.0}},
-        {"outcome": "agree", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 0.25}},
-        {"outcome": "known", "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 3.5, "explained_divergences": 1}},
-        {"outcome": "agree"},  # numerics off, or a known structural difference
+        {"outcome": "agree", **same, "numerics": {"tolerance": "fp32", "max_error_in_tolerances": 0.0}},
+        {"outcome": "agree", **same, "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 0.25}},
+        {"outcome": "known", **same,
+         "numerics": {"tolerance": "bf16", "max_error_in_tolerances": 3.5, "explained_divergences": 1}},
+        {"outcome": "agree", **same},  # numerics off
+        {"outcome": "known", "same_structure": False},  # a known structural difference: nothing to pair
         {"outcome": "agree", "upstream_error": "ValueError[x]"},  # both rejected: nothing to run
-        {"outcome": "diverge"},
+        {"outcome": "diverge", **same},
+        {"outcome": "agree", **same, "numerics": {"tolerance": "fp32", "max_error_in_tolerances": 0.0,
+                                                  "both_raised": ["eval forward: RuntimeError: x"]}},
     ]
     line = _numerics_line({"examples": examples})
-    assert line == ("numerics: checked on 3 of 4 examples that prepared and agreed structurally "
-                    "(bf16 x2, fp32 x1); worst error 0.25 of its tolerance (known divergences reach 3.5)")
+    assert line == ("numerics: ran on 4 of the 5 passing examples where both sides prepared a model of the same "
+                    "structure (80.0%) (bf16 x2, fp32 x2); worst error 0.25 of its tolerance (known divergences "
+                    "reach 3.5); on 1 a forward raised the same exception on both sides, so those passes compared "
+                    "nothing (see `both_raised` in the JSON report)")
     assert _numerics_line({"examples": []}) == ""

@@ -115,8 +115,8 @@ def test_saved_and_model_facts(llama_snap):
     assert llama_snap.saved == (SavedModuleFacts("lm_head", ("default",)),)
     m = llama_snap.model
     # the embedding carries a trainable adapter, so its outputs require grad without any hook
-    assert (m.gradient_checkpointing, m.input_grads, m.use_cache, m.loaded_in_4bit, m.loaded_in_8bit) == (
-        False, True, True, False, False)
+    assert (m.gradient_checkpointing, m.input_grads, m.loaded_in_4bit, m.loaded_in_8bit) == (False, True, False, False)
+    assert m.gradient_checkpointing_kwargs is None and m.config_writes == ()
     trainable = sum(_numel(p) for p in llama_snap.params if p.requires_grad)
     lora = 2 * 4 * (64 + 64) + 2 * 4 * (64 + 32) + 4 * (256 + 64)
     assert m.trainable_params == trainable == lora + 256 * 64  # + the lm_head copy
@@ -277,15 +277,20 @@ def test_model_fields(llama_snap):
 
 
 def test_warning_kinds(llama_snap):
-    up = dataclasses.replace(llama_snap, warnings=("exclude_unused",))
-    assert diff(llama_snap, up) == [Divergence(MODEL, "warnings", (), ("exclude_unused",))]
+    up = dataclasses.replace(llama_snap, warnings=("exclude_unused", "conv1d_fan_in_fan_out"))
+    # one divergence per warning kind, so that an entry can excuse exactly one
+    assert diff(llama_snap, up) == [Divergence(MODEL, "warnings.conv1d_fan_in_fan_out", False, True),
+                                    Divergence(MODEL, "warnings.exclude_unused", False, True)]
+    assert diff(up, llama_snap)[0] == Divergence(MODEL, "warnings.conv1d_fan_in_fan_out", True, False)
     assert diff(up, up) == []
 
 
 def test_error_class_and_kind():
     ref = error_snapshot("ValueError", "invalid_r", "a")
-    assert diff(ref, error_snapshot("TypeError", "invalid_r", "b")) == [Divergence(ERROR, "cls", "ValueError", "TypeError")]
-    assert diff(ref, error_snapshot("ValueError", "other", "a")) == [Divergence(ERROR, "kind", "invalid_r", "other")]
+    assert diff(ref, error_snapshot("TypeError", "invalid_r", "b")) == [
+        Divergence(ERROR, "error", "ValueError[invalid_r]", "TypeError[invalid_r]")]
+    assert diff(ref, error_snapshot("ValueError", "other", "a")) == [
+        Divergence(ERROR, "error", "ValueError[invalid_r]", "ValueError[other]")]
     assert diff(ref, error_snapshot("ValueError", "invalid_r", "different words")) == []  # messages are not compared
 
 

@@ -53,7 +53,7 @@ def test_valid_cases_are_prepared_and_invalid_ones_rejected_for_their_reason(lev
             wrong.append((built, snap.error.kind if snap.error else "accepted", case.dumps()))
     valid = sum(not c.invalid for c in drawn)
     invalid_share = 1 - valid / len(drawn)
-    assert 0.12 <= invalid_share <= 0.28, invalid_share
+    assert 0.15 <= invalid_share <= 0.35, invalid_share  # nominally 0.25; a Hypothesis draw clusters
     # Only the rare quantized classification head (kept quantized on purpose, one case in ten) may be rejected.
     assert set(rejected) <= {"saved_module_quantized"}, rejected
     assert sum(rejected.values()) <= 0.05 * valid, rejected

@@ -53,6 +53,9 @@ class Outcome:
     """The numerical checks' facts (tolerance, largest error) when they ran."""
     scope: list[str] = field(default_factory=list)
     """Ids of the active registry entries whose ``when`` held for the case (for staleness)."""
+    same_structure: bool = False
+    """Both sides prepared a model with the same parameters and LoRA modules: what the numerical
+    checks need (the share of such examples they ran on is reported)."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -83,6 +86,7 @@ class Outcome:
             out["numerics"] = self.numerics
         if self.scope:
             out["registry_scope"] = list(self.scope)
+        out["same_structure"] = self.same_structure
         return out
 
 
@@ -187,13 +191,14 @@ def run_case(
     ref, ref_model = _reference_prepared(case, profile)
     ctx = CaseContext(case, ref, up, profile)
     scope = registry.scope(ctx)
+    paired = ref_model is not None and up_model is not None and same_structure(ref, up)
     found = diff(ref, up)
     unexplained, known = registry.explain(ctx, found) if found else ([], [])
     if unexplained:
-        return Outcome(case, "diverge", ref, up, unexplained, known, scope=scope)
+        return Outcome(case, "diverge", ref, up, unexplained, known, scope=scope, same_structure=paired)
     facts = None
     wanted = numerics_enabled() if numerics is None else numerics
-    if wanted and ref_model is not None and up_model is not None and same_structure(ref, up):
+    if wanted and paired:
         checked = check_numerics(case, profile, ref_model, up_model)
         more, more_known = registry.explain(ctx, checked.divergences)
         facts = checked.to_json()
@@ -201,8 +206,9 @@ def run_case(
             facts["explained_divergences"] = len(checked.divergences) - len(more)
         known += [k for k in more_known if k not in known]
         if more:
-            return Outcome(case, "diverge", ref, up, more, known, numerics=facts, scope=scope)
-    return Outcome(case, "known" if known else "agree", ref, up, [], known, numerics=facts, scope=scope)
+            return Outcome(case, "diverge", ref, up, more, known, numerics=facts, scope=scope, same_structure=paired)
+    return Outcome(case, "known" if known else "agree", ref, up, [], known, numerics=facts, scope=scope,
+                   same_structure=paired)
 
 
 def replay_command(case: Case, profile: Profile) -> str:

@@ -74,9 +74,12 @@ def wrapper_facts(wrapper: Any) -> tuple[str, tuple[str, ...], dict[str, Any]]:
     """(class name, active adapters, the active adapter's stored config fields) of a PeftModel."""
     from conformance.engine.facts import ADAPTER_CONFIG_KEYS
 
-    active = getattr(wrapper, "active_adapters", None) or [getattr(wrapper, "active_adapter", "default")]
+    active = getattr(wrapper, "active_adapters", None)
+    if active is None:
+        active = getattr(wrapper, "active_adapter", "default")
     active = [active] if isinstance(active, str) else list(active)
-    config = getattr(wrapper, "peft_config", {}).get(active[0])
+    configs = getattr(wrapper, "peft_config", {})
+    config = configs.get(active[0]) if active else next(iter(configs.values()), None)
     stored = {key: getattr(config, key) for key in ADAPTER_CONFIG_KEYS if hasattr(config, key)}
     return type(wrapper).__name__, tuple(active), stored
 

@@ -152,6 +152,9 @@ class NumericsResult:
     """The largest ``max|u - r| / (rtol * max|r| + atol)`` seen, in units of the tolerance."""
     note: str = ""
     """Why part of the checks did not run (both sides raised the same way)."""
+    both_raised: list[str] = field(default_factory=list)
+    """Forwards that raised the same exception class on both sides: nothing to compare there.
+    Never a pass: counted in the summary, and a strict-mode failure."""
     inconclusive: list[str] = field(default_factory=list)
     """Tensors non-finite in exactly the same places on both sides: the shared kernels
     overflow on their own (e.g. an fp16 8-bit backward), so those entries say nothing
@@ -161,6 +164,8 @@ class NumericsResult:
         out: dict[str, Any] = {"tolerance": self.tolerance, "max_error_in_tolerances": round(self.max_rel_error, 6)}
         if self.note:
             out["note"] = self.note
+        if self.both_raised:
+            out["both_raised"] = self.both_raised
         if self.inconclusive:
             out["inconclusive"] = self.inconclusive[:5] + ([f"... {len(self.inconclusive) - 5} more"]
                                                            if len(self.inconclusive) > 5 else [])
@@ -220,6 +225,7 @@ def _compare_runs(prefix: str, ref: Run, up: Run, tol: Tolerance, result: Numeri
     if ref.error or up.error:
         if _error_class(ref.error) == _error_class(up.error):
             result.note = f"{prefix}forward raised on both sides: {up.error}"
+            result.both_raised.append(f"{prefix or 'eval '}forward: {up.error}")
         else:
             result.divergences.append(Divergence(MODEL, f"numerics.{prefix}forward", ref.error or "ok", up.error or "ok"))
         return
@@ -267,6 +273,7 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
         r, u = _init_output(reference, ref_inputs, seed), _init_output(upstream, inputs, seed)
         if _error_class(r) is not None and _error_class(r) == _error_class(u):
             result.note = f"init forward {u} on both sides"
+            result.both_raised.append(f"init forward: {u}")
         elif r != "exact" or u != "exact":
             result.divergences.append(Divergence(MODEL, "numerics.init_output", r, u))
     missing = assign_shared_values(upstream, reference, seed)

@@ -193,6 +193,9 @@ def strict_failures(report: dict[str, Any], *, judge_stale: bool = True) -> list
     inconclusive = sum(1 for e in report.get("examples", []) if (e.get("numerics") or {}).get("inconclusive"))
     if inconclusive:
         out.append(f"{inconclusive} examples with inconclusive numerics (non-finite in the same places on both sides)")
+    both_raised = sum(1 for e in report.get("examples", []) if (e.get("numerics") or {}).get("both_raised"))
+    if both_raised:
+        out.append(f"{both_raised} examples whose forward raised the same exception on both sides (numerics compared nothing there)")
     for test, reason in report.get("skipped_tests", {}).items():
         out.append(f"test skipped: {test}: {reason}")
     if judge_stale:

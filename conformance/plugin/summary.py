@@ -62,14 +62,15 @@ def _coverage_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _numerics_line(report: dict[str, Any]) -> str:
-    """How many examples the numerical checks ran on, by tolerance class, and the worst error."""
-    checked = [e["numerics"] for e in report.get("examples", []) if e.get("numerics")]
+    """On how many of the examples it could run on the numerical checks ran, by tolerance class,
+    the worst error, and the examples where they could not conclude."""
+    examples = report.get("examples", [])
+    checked = [e["numerics"] for e in examples if e.get("numerics")]
     # An example whose numerics divergence a registry entry explains is "known": its error
     # may exceed the tolerance, so it is reported apart from the worst passing error.
     passing = [n for n in checked if not n.get("explained_divergences")]
-    prepared = [e for e in report.get("examples", [])
-                if e.get("outcome") in ("agree", "known") and "upstream_error" not in e]
-    if not checked and not prepared:
+    eligible = [e for e in examples if e.get("same_structure") and e.get("outcome") in ("agree", "known")]
+    if not checked and not eligible:
         return ""
     by_class: dict[str, int] = {}
     for n in checked:
@@ -78,12 +79,18 @@ def _numerics_line(report: dict[str, Any]) -> str:
     worst_known = max((n.get("max_error_in_tolerances", 0.0) for n in checked), default=0.0)
     classes = ", ".join(f"{k} x{v}" for k, v in sorted(by_class.items()))
     known = f" (known divergences reach {worst_known:.3g})" if worst_known > max(worst, 1.0) else ""
-    inconclusive = sum(1 for n in checked if n.get("inconclusive"))
-    line = (f"numerics: checked on {len(checked)} of {len(prepared)} examples that prepared and agreed structurally"
+    ran = sum(1 for e in eligible if e.get("numerics"))
+    line = (f"numerics: ran on {ran} of the {len(eligible)} passing examples where both sides prepared a model of "
+            f"the same structure ({_pct(ran, len(eligible))})"
             + (f" ({classes}); worst error {worst:.3g} of its tolerance{known}" if checked else ""))
+    inconclusive = sum(1 for n in checked if n.get("inconclusive"))
+    both_raised = sum(1 for n in checked if n.get("both_raised"))
     if inconclusive:
         line += (f"; inconclusive on {inconclusive} (non-finite in the same places on both sides: "
                  "the shared kernels overflow; see `inconclusive` in the JSON report)")
+    if both_raised:
+        line += (f"; on {both_raised} a forward raised the same exception on both sides, so those passes "
+                 "compared nothing (see `both_raised` in the JSON report)")
     return line
 
 
