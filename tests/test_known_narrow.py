@@ -429,3 +429,46 @@ def test_trl_kbit_entry_excuses_frozen_lora_and_upcasts_only():
     assert registry.explain(case, [lora_cast, trainable_norm])[0] == [lora_cast, trainable_norm]
     unquantized = dataclasses.replace(case, quant=QuantSpec())
     assert registry.explain(unquantized, [frozen])[0] == [frozen]
+
+
+# -- numerics that cannot run: trl's QLoRA bf16 cast -----------------------------------------------------------
+
+LLAMA_TRL_BIAS_ALL = Case(ModelSpec("llama", "CAUSAL_LM", num_layers=1), QuantSpec(kind="4bit"),
+                          AdapterSpec(r=4, target_modules=("q_proj",), modules_to_save=("lm_head",), task_type="CAUSAL_LM"),
+                          TrainingSpec(level="trl", prepare_kbit=False, gradient_checkpointing=False))
+
+
+def test_bf16_cast_entry_excuses_only_the_forward_failure(monkeypatch):
+    _active("trl-qlora-bf16-cast-mixes-dtypes")
+    ctx = CaseContext(LLAMA_TRL_BIAS_ALL, profile=select_profile())
+    clean = run_case(LLAMA_TRL_BIAS_ALL, select_profile())
+    assert clean.status == "known" and "trl-qlora-bf16-cast-mixes-dtypes" in clean.known, clean.divergences
+
+    from fault_kit import wrap_update_layer
+
+    def double(layer, args):  # (trl imports get_peft_model itself: plant the fault in the LoRA layer)
+        layer.scaling[args["adapter_name"]] *= 2
+
+    wrap_update_layer(monkeypatch, after=double)
+    _fails(LLAMA_TRL_BIAS_ALL, "adapter[default].scaling")
+    assert ctx.case is LLAMA_TRL_BIAS_ALL
+
+
+def test_bf16_cast_entries_need_their_cause():
+    registry = default_registry()
+    if "trl-qlora-bf16-cast-mixes-dtypes" not in {e.id for e in registry.active}:
+        pytest.skip("trl < 0.26")
+    raised = Divergence("<model>", "numerics.both_raised", "eval forward: RuntimeError: expected scalar type Float but "
+                        "found BFloat16", "eval forward: RuntimeError: expected scalar type Float but found BFloat16")
+    only_lora = dataclasses.replace(LLAMA_TRL_BIAS_ALL, adapter=AdapterSpec(r=4, target_modules=("q_proj",)))
+    from conformance.engine.snapshot import ParamFacts, Snapshot
+
+    lora_only = Snapshot(params=(ParamFacts("q.lora_A.default.weight", (4, 64), "bfloat16", True, "plain"),))
+    with_bias = Snapshot(params=lora_only.params + (ParamFacts("q.bias", (64,), "bfloat16", True, "plain"),))
+    assert registry.explain(CaseContext(only_lora, lora_only, lora_only), [raised])[0] == [raised]
+    assert registry.explain(CaseContext(LLAMA_TRL_BIAS_ALL, with_bias, with_bias), [raised])[0] == []
+    other = Divergence("<model>", "numerics.both_raised", "x", "eval forward: RuntimeError: CUDA out of memory")
+    assert registry.explain(CaseContext(LLAMA_TRL_BIAS_ALL, with_bias, with_bias), [other])[0] == [other]
+    packed = Divergence("<model>", "numerics.both_raised", "x",
+                        "init forward: raised: RuntimeError: shape '[64, 32]' is invalid for input of size 1024")
+    assert registry.explain(CaseContext(LLAMA_TRL_BIAS_ALL, with_bias, with_bias), [packed])[0] == [packed]

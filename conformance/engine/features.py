@@ -180,6 +180,19 @@ def _embedding_targeted(ctx: CaseContext) -> bool:
     return snap is not None and any(m.kind == "embedding" for m in snap.lora)
 
 
+def _trainable_besides_lora(ctx: CaseContext) -> bool:
+    """The reference's prepared model trains a parameter that is no LoRA factor (a bias, a saved copy)."""
+    snap = ctx.reference
+    return snap is not None and any(p.requires_grad and "lora_" not in p.path for p in snap.params)
+
+
+def _trainable_4bit_weight(ctx: CaseContext) -> bool:
+    """The reference's prepared model trains a 4-bit packed weight (a saved copy of a layer whose
+    4-bit storage dtype is a float, so nothing refused to make it trainable)."""
+    snap = ctx.reference
+    return snap is not None and any(p.requires_grad and p.cls == "Params4bit" for p in snap.params)
+
+
 def _layers_pattern_given(ctx: CaseContext) -> bool:
     return ctx.case.adapter.layers_pattern not in (ABSENT, None, "", ())
 
@@ -198,6 +211,8 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "layers_pattern_given": _layers_pattern_given,
     "lora_dropout_given": _lora_dropout_given,
     "targets_inside_saved": lambda ctx: bool(ctx.paths("targets_inside_saved")),
+    "trainable_besides_lora": _trainable_besides_lora,
+    "trainable_4bit_weight": _trainable_4bit_weight,
 }
 """Scalar features for ``when``; each is documented by its function."""
 

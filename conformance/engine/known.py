@@ -36,11 +36,13 @@ from conformance.engine.snapshot import Snapshot
 from reference.profiles import installed_versions
 from reference.spec import Case
 
-__all__ = ["COUNT_FIELDS", "Entry", "Match", "Registry", "default_registry", "load_registry"]
+__all__ = ["COUNTS_EXPLAINED", "COUNT_FIELDS", "Entry", "Match", "Registry", "default_registry", "load_registry"]
 
 REGISTRY_PATH = Path(__file__).with_name("known_divergences.toml")
 COUNT_FIELDS = ("trainable_params", "total_params")
 """Derived fields: explained by consistency with the explained parameter divergences, never by an entry."""
+COUNTS_EXPLAINED = "(parameter counts: the sum of the explained parameter divergences)"
+"""What :meth:`Registry.explained_by` names as the explanation of a count divergence."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,26 @@ class Registry:
                 if not explained_by or delta != expected[d.field]:
                     unexplained.append(d)
         return unexplained, used
+
+    def explained_by(self, case: Case | CaseContext, found: list[Divergence], *, reference: Snapshot | None = None,
+                     upstream: Snapshot | None = None) -> list[tuple[Divergence, str]]:
+        """The divergences of ``found`` that :meth:`explain` explains, each with what explained it:
+        the id of the entry (the first whose ``when`` holds and whose match rows take it, as in
+        :meth:`explain`), or :data:`COUNTS_EXPLAINED` for a parameter count that equals what the
+        explained parameter divergences add up to.  For ``explain --case`` to show which entry
+        excused what."""
+        ctx = case if isinstance(case, CaseContext) else CaseContext(case, reference, upstream)
+        unexplained, _ = self.explain(ctx, found, reference=reference, upstream=upstream)
+        candidates = [e for e in self.active if e.holds_for(ctx)]
+        out = []
+        for d in found:
+            if d in unexplained:
+                continue
+            if d.path == MODEL and d.field in COUNT_FIELDS:
+                out.append((d, COUNTS_EXPLAINED))
+            else:
+                out.append((d, next(e.id for e in candidates if e.explains(d, ctx))))
+        return out
 
     def stale(self, hit_ids: set[str]) -> list[Entry]:
         """Active entries that explained nothing in a run."""

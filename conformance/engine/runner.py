@@ -10,14 +10,17 @@ unexpected divergence.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
+import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 
 from conformance.engine import offline, upstream
-from conformance.engine.diff import Divergence, diff
+from conformance.engine.diff import MODEL, Divergence, diff
 from conformance.engine.known import Registry, default_registry
 from conformance.engine.facts import normalise_config
 from conformance.engine.models import cache_dir, checkpoint_path, load_model, pristine_model
@@ -31,7 +34,7 @@ from reference.notices import PreparationWarning
 from reference.trl import prepare_trl, select_trl_flow
 from reference.spec import Case
 
-__all__ = ["Outcome", "cache_dir", "replay_command", "run_case", "same_structure"]
+__all__ = ["Outcome", "cache_dir", "conformance_command", "nox_session_prefix", "replay_command", "run_case", "same_structure"]
 
 
 @dataclass
@@ -199,9 +202,20 @@ def run_case(
     facts = None
     wanted = numerics_enabled() if numerics is None else numerics
     if wanted and paired:
-        checked = check_numerics(case, profile, ref_model, up_model)
+        # a private copy: a bitsandbytes forward casts its layer's bias in place (to the input dtype)
+        checked = check_numerics(case, profile, ref_model, up_model,
+                                 lambda: load_model(case.model, case.quant, cache_dir(), device=case.training.device,
+                                                    via_checkpoint=_via_checkpoint(case)))
+        # A forward raising alike on both sides is no pass: unexplained, it stays in the facts (a
+        # strict-mode failure); a registry entry may explain it as a known upstream behaviour.
+        raised = [Divergence(MODEL, "numerics.both_raised", r, r) for r in checked.both_raised]
+        still, raised_known = registry.explain(ctx, raised) if raised else ([], [])
+        checked.both_raised = [d.upstream for d in still]
+        known += [k for k in raised_known if k not in known]
         more, more_known = registry.explain(ctx, checked.divergences)
         facts = checked.to_json()
+        if raised_known:
+            facts["both_raised_known"] = raised_known
         if len(checked.divergences) > len(more):
             facts["explained_divergences"] = len(checked.divergences) - len(more)
         known += [k for k in more_known if k not in known]
@@ -212,6 +226,36 @@ def run_case(
 
 
 def replay_command(case: Case, profile: Profile) -> str:
-    """A one-line shell command that replays exactly ``case``."""
-    payload = case.dumps().replace("'", "'\"'\"'")
-    return f"python -m conformance explain --profile {profile.name} --case '{payload}'"
+    """A one-line shell command that replays exactly ``case`` as it ran, on the same stack.
+
+    The command names the environment that ran the case: under a session of noxfile.py, the
+    ``cli`` session on the same stack and forks (:func:`nox_session_prefix`), since a fork's
+    virtualenv is named by a hash and any other interpreter runs another peft; otherwise the
+    interpreter running now, ``sys.executable`` (a bare ``python`` may lack torch, or hold
+    another stack).
+    """
+    return f"{conformance_command()} explain --profile {profile.name} --case {shlex.quote(case.dumps())}"
+
+
+def conformance_command() -> str:
+    """How :func:`replay_command` starts ``python -m conformance`` in this environment."""
+    return nox_session_prefix("cli") or f"{shlex.quote(sys.executable)} -m conformance"
+
+
+REPLAY_ENV = ("CONFORMANCE_STACK", "CONFORMANCE_FORKS", "CONFORMANCE_NOXW")
+"""What noxfile.py exports to the runs of its sessions: the stack's name, the fork options as
+given (shell words), and the path of noxw.py."""
+
+
+def nox_session_prefix(session: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """``python3 .../noxw.py -s SESSION -- STACK [--peft-spec X] [--trl-spec Y]`` when running under
+    a noxfile.py session (:data:`REPLAY_ENV` set), else None.  The fork specs are repeated verbatim:
+    noxw.py runs from the repository root, as the first run did, so a relative path means the
+    same, and the same specs reuse the same fork virtualenv."""
+    env = os.environ if environ is None else environ
+    stack = env.get("CONFORMANCE_STACK")
+    if not stack:
+        return None
+    noxw = env.get("CONFORMANCE_NOXW") or "noxw.py"
+    words = [f"python3 {shlex.quote(noxw)} -s {shlex.quote(session)} --", shlex.quote(stack), env.get("CONFORMANCE_FORKS", "")]
+    return " ".join(w for w in words if w)

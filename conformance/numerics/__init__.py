@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from conformance.engine.diff import Divergence
 from conformance.numerics.init import init_problems
-from conformance.numerics.run import Run, assign_shared_values, bypassed, case_seed, make_inputs, run_model
+from conformance.numerics.run import Run, assign_shared_values, bypassed, case_seed, make_inputs, run_model, trainer_autocast
 from reference.config import resolve
 from reference.profiles import Profile
 from reference.spec import Case
@@ -122,14 +122,15 @@ def enabled() -> bool:
     return os.environ.get("CONFORMANCE_NUMERICS", "on").lower() not in ("off", "0", "false", "no")
 
 
-def tolerance_for(model: nn.Module) -> Tolerance:
-    """The loosest tolerance any precision in ``model`` calls for.
+def tolerance_for(model: nn.Module, autocast: torch.dtype | None = None) -> Tolerance:
+    """The loosest tolerance any precision in ``model`` (or the mixed precision it runs under)
+    calls for.
 
     Precisions: each floating parameter dtype, each 4-bit layer's compute dtype (4-bit
     weights are dequantized to it; the same kernel and the same packed weights on both
-    sides add no error of their own), and int8 for LLM.int8 layers.
+    sides add no error of their own), int8 for LLM.int8 layers, and the autocast dtype.
     """
-    found = {"fp32"}
+    found = {"fp32"} | ({_CLASS[autocast]} if autocast in _CLASS else set())
     for param in model.parameters():
         if param.dtype in _CLASS:
             found.add(_CLASS[param.dtype])
@@ -153,8 +154,13 @@ class NumericsResult:
     note: str = ""
     """Why part of the checks did not run (both sides raised the same way)."""
     both_raised: list[str] = field(default_factory=list)
-    """Forwards that raised the same exception class on both sides: nothing to compare there.
-    Never a pass: counted in the summary, and a strict-mode failure."""
+    """Forwards that raised the same exception class on both sides, while the loaded model's own
+    forward runs: preparation made a model that cannot compute, on both sides alike.  Never a
+    pass: counted in the summary and a strict-mode failure, unless a registry entry explains it
+    (``numerics.both_raised``)."""
+    base_raised: str = ""
+    """The loaded model's own forward raises as well (a model that cannot run in this dtype on
+    this device, before any preparation): the numerical checks do not apply to the example."""
     inconclusive: list[str] = field(default_factory=list)
     """Tensors non-finite in exactly the same places on both sides: the shared kernels
     overflow on their own (e.g. an fp16 8-bit backward), so those entries say nothing
@@ -166,6 +172,8 @@ class NumericsResult:
             out["note"] = self.note
         if self.both_raised:
             out["both_raised"] = self.both_raised
+        if self.base_raised:
+            out["base_raised"] = self.base_raised
         if self.inconclusive:
             out["inconclusive"] = self.inconclusive[:5] + ([f"... {len(self.inconclusive) - 5} more"]
                                                            if len(self.inconclusive) > 5 else [])
@@ -235,11 +243,11 @@ def _compare_runs(prefix: str, ref: Run, up: Run, tol: Tolerance, result: Numeri
         _compare(path, f"numerics.{prefix}grad", ref.grads.get(path), up.grads.get(path), tol, result)
 
 
-def _init_output(model: nn.Module, inputs: dict[str, torch.Tensor], seed: int) -> str:
+def _init_output(model: nn.Module, inputs: dict[str, torch.Tensor], seed: int, autocast: torch.dtype | None) -> str:
     """``exact`` when the prepared model's eval output equals its output without LoRA layers."""
-    prepared = run_model(model, inputs, train=False, seed=seed, backward=False)
+    prepared = run_model(model, inputs, train=False, seed=seed, backward=False, autocast=autocast)
     with bypassed(model):
-        base = run_model(model, inputs, train=False, seed=seed, backward=False)
+        base = run_model(model, inputs, train=False, seed=seed, backward=False, autocast=autocast)
     if prepared.error or base.error:
         return f"raised: {prepared.error or base.error}"
     if prepared.logits is None or base.logits is None:
@@ -251,14 +259,19 @@ def _init_output(model: nn.Module, inputs: dict[str, torch.Tensor], seed: int) -
     return f"differs from the base output by {float((prepared.logits.double() - base.logits.double()).abs().max()):.3g}"
 
 
-def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream: nn.Module) -> NumericsResult:
+def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream: nn.Module,
+                   loaded: Callable[[], nn.Module] | None = None) -> NumericsResult:
     """The numerical checks of one example whose two preparations agree structurally.
 
     ``reference`` and ``upstream`` are the prepared transformers models (upstream's
     unwrapped from its PeftModel); both are modified (adapter values, grads).  Call it
-    only after both snapshots are taken.
+    only after both snapshots are taken.  At the trl level the forwards run under the
+    trainer's mixed precision (``bf16`` / ``fp16``).  ``loaded`` makes a private copy of the
+    model before preparation: when both sides' forwards raise alike, its own forward tells a
+    model that cannot run at all from one that preparation broke.
     """
-    result = NumericsResult(tolerance=tolerance_for(reference).name)
+    autocast = trainer_autocast(case)
+    result = NumericsResult(tolerance=tolerance_for(reference, autocast).name)
     tol = TOLERANCES[result.tolerance]
     init = resolve(case.adapter, profile).init_lora_weights
     ref_init, up_init = init_problems(reference, init), init_problems(upstream, init)
@@ -270,7 +283,7 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
     inputs = make_inputs(case, upstream, seed)
     ref_inputs = {k: v.to(next(reference.parameters()).device) for k, v in inputs.items()}
     if init is True:
-        r, u = _init_output(reference, ref_inputs, seed), _init_output(upstream, inputs, seed)
+        r, u = _init_output(reference, ref_inputs, seed, autocast), _init_output(upstream, inputs, seed, autocast)
         if _error_class(r) is not None and _error_class(r) == _error_class(u):
             result.note = f"init forward {u} on both sides"
             result.both_raised.append(f"init forward: {u}")
@@ -282,7 +295,11 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
         return result
     for prefix, train in (("", False), ("train_", True)):
         run_seed = case_seed(case, prefix or "eval")
-        ref_run = run_model(reference, ref_inputs, train=train, seed=run_seed)
-        up_run = run_model(upstream, inputs, train=train, seed=run_seed)
+        ref_run = run_model(reference, ref_inputs, train=train, seed=run_seed, autocast=autocast)
+        up_run = run_model(upstream, inputs, train=train, seed=run_seed, autocast=autocast)
         _compare_runs(prefix, ref_run, up_run, tol, result)
+    if result.both_raised and loaded is not None:
+        base = run_model(loaded(), inputs, train=False, seed=seed, backward=False, autocast=autocast)
+        if base.error is not None:
+            result.base_raised, result.both_raised, result.note = base.error, [], f"the loaded model raises: {base.error}"
     return result

@@ -32,6 +32,7 @@ __all__ = [
     "lora_layers",
     "make_inputs",
     "run_model",
+    "trainer_autocast",
 ]
 
 BATCH = 2
@@ -105,7 +106,10 @@ def make_inputs(case: Case, model: nn.Module, seed: int) -> dict[str, torch.Tens
     input_ids = ids(batch, SEQ)
     eos = getattr(config, "eos_token_id", None)
     if task == "SEQ_CLS" and isinstance(eos, int) and 0 <= eos < vocab:
-        input_ids[:, -1] = eos  # t5 / bart classify at the last <eos>, and demand one
+        # t5 / bart classify at the last <eos> and demand the same number in every row: exactly one
+        input_ids = torch.where(input_ids == eos, (eos + 1) % vocab if (eos + 1) % vocab != pad else (eos + 2) % vocab,
+                                input_ids)
+        input_ids[:, -1] = eos
     inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     labels_n = int(getattr(config, "num_labels", 2))
     if task == "CAUSAL_LM":
@@ -234,9 +238,24 @@ def _detach(t: Any) -> torch.Tensor | None:
     return t.detach().clone() if isinstance(t, torch.Tensor) else None
 
 
+def trainer_autocast(case: Case) -> torch.dtype | None:
+    """The mixed precision a trainer runs the case's forward under: ``bf16`` / ``fp16`` of the
+    trl level's training arguments (the Trainer wraps each step in ``torch.autocast``); None
+    at the peft level and for fp32 training.  fp16 mixed precision needs a GPU (accelerate
+    refuses it on the CPU, and CPU autocast cannot mix fp16 with bitsandbytes' kernels), so on
+    the CPU an fp16 case runs as it was prepared."""
+    t = case.training
+    if t.level != "trl":
+        return None
+    if t.bf16:
+        return torch.bfloat16
+    return torch.float16 if t.fp16 and t.device == "cuda" else None
+
+
 def run_model(model: nn.Module, inputs: dict[str, torch.Tensor], *, train: bool, seed: int,
-              backward: bool = True) -> Run:
-    """One forward on ``inputs`` (and a backward of its loss), dropout active only with ``train``.
+              backward: bool = True, autocast: torch.dtype | None = None) -> Run:
+    """One forward on ``inputs`` (and a backward of its loss), dropout active only with ``train``,
+    under ``torch.autocast(dtype=autocast)`` when given (what a mixed-precision trainer does).
 
     The global RNG is forked and seeded with ``seed`` first, so two models that
     draw the same random numbers in the same order (dropout masks) get the same ones.
@@ -249,7 +268,9 @@ def run_model(model: nn.Module, inputs: dict[str, torch.Tensor], *, train: bool,
         with _mode(model, train), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.manual_seed(seed)
-            with torch.enable_grad() if backward else torch.no_grad():
+            mixed = (torch.autocast(device_type=_device(model).type, dtype=autocast) if autocast is not None
+                     else contextlib.nullcontext())
+            with torch.enable_grad() if backward else torch.no_grad(), mixed:
                 out = model(**inputs)
                 logits = getattr(out, "logits", None)
                 loss = getattr(out, "loss", None)

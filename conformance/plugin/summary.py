@@ -7,6 +7,7 @@ merged report renders exactly like a single run's.
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 from conformance.plugin.coverage import missing_cells
@@ -19,9 +20,12 @@ QUANT_KINDS = ("none", "8bit", "4bit")
 
 
 def replay_command(report: dict[str, Any], entry: dict[str, Any]) -> str:
-    """The command that replays one example of ``report`` (as ``conformance.engine.runner.replay_command``)."""
-    payload = json.dumps(entry["case"], sort_keys=True, separators=(",", ":")).replace("'", "'\"'\"'")
-    return f"python -m conformance explain --profile {report['profile']} --case '{payload}'"
+    """The command that replays one example of ``report`` (as ``conformance.engine.runner.replay_command``),
+    started the way the run recorded (``replay.conformance``: its interpreter, or its nox session
+    with the same stack and forks); a report without it (merged, or older) says ``python``."""
+    payload = json.dumps(entry["case"], sort_keys=True, separators=(",", ":"))
+    start = (report.get("replay") or {}).get("conformance") or "python -m conformance"
+    return f"{start} explain --profile {report['profile']} --case {shlex.quote(payload)}"
 
 
 def _cell(report: dict[str, Any], model_type: str, kind: str) -> str:
@@ -44,7 +48,8 @@ def _headline(report: dict[str, Any]) -> list[str]:
     kinds = ", ".join(f"{kind} x{n}" for kind, n in report.get("unintended_rejections", {}).items())
     return [
         f"profile {report['profile']} on {report['device']}, seed {report['seed']}{shard}: {t['examples']} examples: "
-        + ", ".join(f"{t[k]} {k}" for k in OUTCOMES),
+        + ", ".join(f"{t[k]} {k}" for k in OUTCOMES)
+        + " (known: registry entries explain every divergence of the example; diverge: at least one is unexplained)",
         f"deliberately invalid inputs (both sides must reject them): {t['invalid']} ({_pct(t['invalid'], ran)} of the "
         f"examples run); valid cases upstream rejected anyway: {t.get('unintended_rejections', 0)} of "
         f"{t.get('valid', 0)} ({_pct(t.get('unintended_rejections', 0), t.get('valid', 0))})" + (f": {kinds}" if kinds else ""),
@@ -69,7 +74,9 @@ def _numerics_line(report: dict[str, Any]) -> str:
     # An example whose numerics divergence a registry entry explains is "known": its error
     # may exceed the tolerance, so it is reported apart from the worst passing error.
     passing = [n for n in checked if not n.get("explained_divergences")]
-    eligible = [e for e in examples if e.get("same_structure") and e.get("outcome") in ("agree", "known")]
+    paired = [e for e in examples if e.get("same_structure") and e.get("outcome") in ("agree", "known")]
+    base_raised = [e for e in paired if (e.get("numerics") or {}).get("base_raised")]
+    eligible = [e for e in paired if not (e.get("numerics") or {}).get("base_raised")]
     if not checked and not eligible:
         return ""
     by_class: dict[str, int] = {}
@@ -91,7 +98,58 @@ def _numerics_line(report: dict[str, Any]) -> str:
     if both_raised:
         line += (f"; on {both_raised} a forward raised the same exception on both sides, so those passes "
                  "compared nothing (see `both_raised` in the JSON report)")
+    if base_raised:
+        line += (f"; {len(base_raised)} more could not run at all: the loaded model's own forward raises there, "
+                 "before any preparation (`base_raised`)")
     return line
+
+
+def _example_label(examples: list[dict[str, Any]], index: int) -> str:
+    e = examples[index] if 0 <= index < len(examples) else {}
+    what = " ".join(str(e[k]) for k in ("model_type", "quantization", "level") if k in e)
+    return f"#{index} {what}".strip()
+
+
+def _known_lines(report: dict[str, Any]) -> list[str]:
+    """Which registry entries explained divergences, in how many examples, by the examples' outcome:
+    an entry also explains divergences of ``diverge`` examples, so its count and the ``known``
+    total of the headline differ; saying both keeps the two lines from contradicting each other."""
+    if not report["known"]:
+        return []
+    by_outcome = report.get("known_by_outcome", {})
+
+    def detail(entry_id: str, n: int) -> str:
+        counts = by_outcome.get(entry_id)
+        if not counts:
+            return f"{entry_id} in {n} examples"
+        split = ", ".join(f"{counts[o]} {o}" for o in ("known", "diverge", "agree") if counts.get(o))
+        return f"{entry_id} in {n} examples ({split})"
+
+    return ["known divergences matched, by registry entry (examples where it explained a divergence; those with "
+            "another, unexplained divergence count as diverge): "
+            + ", ".join(detail(k, v) for k, v in report["known"].items())]
+
+
+def _asked_lines(report: dict[str, Any]) -> list[str]:
+    """Examples asked for and run, per test family (a test function and its parametrizations)."""
+    tests = report.get("tests") or {}
+    if not tests or report.get("merged_from"):  # shards ask per shard: their sums would mislead
+        return []
+    families: dict[str, dict[str, int]] = {}
+    for test_id, t in tests.items():
+        family = families.setdefault(test_id.split("::")[-1].split("[")[0], {"tests": 0, "asked": 0, "ran": 0})
+        family["tests"] += 1
+        family["asked"] += t.get("asked", 0)
+        family["ran"] += t.get("ran", 0)
+    parts = [f"{name} {f['asked']}/{f['ran']}" + (f" ({f['tests']} tests)" if f["tests"] > 1 else "")
+             for name, f in families.items()]
+    line = "examples asked/ran per test family: " + ", ".join(parts)
+    if any(f["ran"] < f["asked"] for f in families.values()):
+        line += ("; fewer ran than asked where Hypothesis ran out of new cases (a small space of cases, or repeated "
+                 "draws, which it skips) or stopped at a failure to shrink it")
+    if any(f["ran"] > f["asked"] for f in families.values()):
+        line += "; more ran than asked where explicit @examples run besides the drawn ones"
+    return [line]
 
 
 def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> list[str]:
@@ -107,15 +165,19 @@ def summary_lines(report: dict[str, Any], strict: list[str] | None = None) -> li
     lines.append(f"(cells: {'/'.join(CELL_COLUMNS)}; invalid inputs are also counted under their outcome)")
     groups = report.get("divergence_groups", [])
     if groups:
-        lines += ["", "divergences by field and module kind:"]
+        lines += ["", "divergences by field and module kind (#N: the example's index in the JSON report's \"examples\"):"]
+        examples = report.get("examples", [])
         for g in groups:
-            shown = ", ".join(f"#{i}" for i in g["examples"][:5])
-            lines.append(f"  {g['field']} on {g['module_kind']}: x{g['count']} (examples {shown})")
+            shown = ", ".join(_example_label(examples, i) for i in g["examples"][:5])
+            more = f", +{len(g['examples']) - 5} more" if len(g["examples"]) > 5 else ""
+            n = len(g["examples"])
+            lines.append(f"  {g['field']} on {g['module_kind']}: x{g['count']} in {n} example{'s' if n != 1 else ''} "
+                         f"({shown}{more})")
     numerics = _numerics_line(report)
     if numerics:
         lines.append(numerics)
-    if report["known"]:
-        lines.append("known divergences matched: " + ", ".join(f"{k} x{v}" for k, v in report["known"].items()))
+    lines += _known_lines(report)
+    lines += _asked_lines(report)
     if report["stale_known"]:
         detail = report.get("stale_detail", {})
         lines.append(
@@ -177,7 +239,8 @@ def markdown(report: dict[str, Any], strict: list[str] | None = None, *, max_div
         for i, e in diverging[:max_divergences]:
             out += [
                 "",
-                f"**#{i}** {e['model_type']} {e.get('task', '')} {e['quantization']} {e['load_dtype']}",
+                f"**example #{i}** (its index in the JSON report's `examples`): "
+                f"{e['model_type']} {e.get('task', '')} {e['quantization']} {e['load_dtype']} {e.get('level', '')}",
                 "",
                 "| path | field | reference | upstream |",
                 "| --- | --- | --- | --- |",
@@ -190,7 +253,8 @@ def markdown(report: dict[str, Any], strict: list[str] | None = None, *, max_div
         if len(diverging) > max_divergences:
             out.append(f"\n… and {len(diverging) - max_divergences} more diverging examples in the JSON report.")
     if report["known"]:
-        out += ["", "Known divergences matched: " + ", ".join(f"`{k}` ×{v}" for k, v in report["known"].items())]
+        out += ["", "Known divergences matched (examples where the registry entry explained a divergence): "
+                + ", ".join(f"`{k}` ×{v}" for k, v in report["known"].items())]
     if report["stale_known"]:
         out += ["", "Stale registry entries (matched nothing): " + ", ".join(f"`{k}`" for k in report["stale_known"])]
     if report.get("crashed_workers"):
