@@ -337,7 +337,7 @@ def cases(
     draw,
     *,
     level: str = "peft",
-    invalid_rate: float = 0.25,
+    invalid_rate: float = 0.22,
     model_types: tuple[str, ...] | None = None,
     quant_kinds: tuple[str, ...] = QUANT_KINDS,
     target_kinds: tuple[str, ...] | None = None,
@@ -368,11 +368,11 @@ def cases(
         quant = dataclasses.replace(quant, skip_modules=CLASSIFIER_HEADS)
     kind = draw(st.sampled_from(target_kinds), label="target_kind") if target_kinds else None
     invalid = None
-    # A 20-slot wheel with the invalid slots last: Hypothesis favours low indices, and a
+    # A 40-slot wheel with the invalid slots last: Hypothesis favours low indices, and a
     # failing valid case must not shrink into an invalid one.
-    slots = round(invalid_rate * 20)
+    slots = round(invalid_rate * 40)
     forced = kind == "default" and model.model_type not in profile.default_targets
-    if forced or draw(st.sampled_from((False,) * (20 - slots) + (True,) * slots), label="invalid_roll"):
+    if forced or draw(st.sampled_from((False,) * (40 - slots) + (True,) * slots), label="invalid_roll"):
         if kind is not None:
             possible = compatible_invalid_kinds(model, level, kind, profile)
         else:

@@ -75,6 +75,8 @@ class Entry:
     when: tuple[tuple[str, tuple[Any, ...]], ...]
     """(case field or ``feature.<name>``, allowed values) pairs, case fields first."""
     matches: tuple[Match, ...]
+    summary: str = ""
+    """One line for the README's table."""
 
     def applies_to(self, versions: Mapping[str, str]) -> bool:
         for package, spec in self.versions:
@@ -226,6 +228,7 @@ def _entry(raw: dict[str, Any], source: Path) -> Entry:
         id=raw["id"],
         explanation=raw["explanation"].strip(),
         link=raw["link"],
+        summary=raw.get("summary", ""),
         versions=tuple(sorted(raw.get("versions", {}).items())),
         when=tuple(when),
         matches=tuple(matches),
@@ -246,3 +249,17 @@ def load_registry(path: Path = REGISTRY_PATH, versions: Mapping[str, str] | None
 @lru_cache(maxsize=1)
 def default_registry() -> Registry:
     return load_registry()
+
+
+def markdown_table(registry: Registry) -> str:
+    """The README's table of every entry: id, the versions it applies to, and its one-line
+    summary.  Regenerate with ``python -m conformance.engine.known``."""
+    rows = ["| id | applies to | what |", "| --- | --- | --- |"]
+    for e in registry.entries:
+        versions = ", ".join(f"{package} {spec}" for package, spec in e.versions) or "all"
+        rows.append(f"| `{e.id}` | {versions} | {e.summary.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table(load_registry(versions={})))
