@@ -14,12 +14,18 @@ gate's record/compare, or ruff), except these, which the sessions take themselve
     nox -s "conformance(stack='current')" -- --peft-spec ../my-peft --conformance-examples 100
     nox -s gate -- seed current
     nox -s gate -- current current --peft-spec ../my-peft
+    nox -s cli -- current --peft-spec ../my-peft explain --case '{...}'
+
+Runs of the suite and of the CLI get ``CONFORMANCE_STACK``, ``CONFORMANCE_FORKS`` and
+``CONFORMANCE_NOXW`` (:func:`replay_env`): the replay commands they print then name this
+session form with the same stack and forks, which is the only way to reach the same peft.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -97,13 +103,24 @@ def stack_env(stack: str) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def replay_env(stack: str, forks: dict[str, str]) -> dict[str, str]:
+    """What a run reads to print replay commands that work as printed
+    (``conformance.engine.runner.nox_session_prefix``): this stack, the fork options verbatim
+    (noxw.py always runs from this folder, so a relative path means the same, and the same specs
+    reuse the same fork virtualenv), and where noxw.py is."""
+    options = {package: option for option, package in FORK_OPTIONS.items()}
+    words = [w for package, spec in sorted(forks.items()) for w in (options[package], spec)]
+    return {"CONFORMANCE_STACK": stack, "CONFORMANCE_FORKS": shlex.join(words), "CONFORMANCE_NOXW": str(ROOT / "noxw.py")}
+
+
 @nox.session(venv_backend="none")
 @nox.parametrize("stack", PINNED)
 def conformance(session: nox.Session, stack: str) -> None:
     """Run the conformance suite against one stack (pytest args after --; --peft-spec/--trl-spec for forks)."""
     forks, args = split_forks(list(session.posargs))
     python = stack_python(session, stack, forks)
-    session.run(python, "-m", "pytest", "conformance", *args, env=stack_env(stack), external=True)
+    session.run(python, "-m", "pytest", "conformance", *args, env=stack_env(stack) | replay_env(stack, forks),
+                external=True)
 
 
 @nox.session(venv_backend="none", name="conformance-on")
@@ -114,7 +131,20 @@ def conformance_on(session: nox.Session) -> None:
         session.error(f"usage: nox -s conformance-on -- STACK [pytest args]; stacks: {', '.join(STACKS)}")
     stack, args = args[0], args[1:]
     python = stack_python(session, stack, forks)
-    session.run(python, "-m", "pytest", "conformance", *args, env=stack_env(stack), external=True)
+    session.run(python, "-m", "pytest", "conformance", *args, env=stack_env(stack) | replay_env(stack, forks),
+                external=True)
+
+
+@nox.session(venv_backend="none")
+def cli(session: nox.Session) -> None:
+    """Run python -m conformance on any stack or fork: nox -s cli -- STACK [--peft-spec X] COMMAND [args] (replays use it)."""
+    forks, args = split_forks(list(session.posargs))
+    if not args or args[0].startswith("-"):
+        session.error(f"usage: nox -s cli -- STACK [--peft-spec X] [--trl-spec X] COMMAND [args], e.g. "
+                      f"nox -s cli -- current explain --model-type gpt2; stacks: {', '.join(STACKS)}")
+    stack, args = args[0], args[1:]
+    python = stack_python(session, stack, forks)
+    session.run(python, "-m", "conformance", *args, env=stack_env(stack) | replay_env(stack, forks), external=True)
 
 
 @nox.session(venv_backend="none")
@@ -161,11 +191,12 @@ def gate_options(args: list[str]) -> tuple[str, str, list[str], list[str]]:
             ok = (value in kind) if isinstance(kind, tuple) else value.lstrip("-").isdigit() and (
                 kind == "integer" or int(value) >= 1)
             if not ok:
-                allowed = ", ".join(kind) if isinstance(kind, tuple) else f"a {kind} integer"
-                raise SystemExit(f"gate: {option}={value!r} is not {allowed}\n{GATE_USAGE}")
+                allowed = (f"one of {', '.join(kind)}" if isinstance(kind, tuple)
+                           else "an integer" if kind == "integer" else f"a {kind} integer")
+                raise SystemExit(f"gate: {option}={value!r} is not {allowed}; {GATE_USAGE}")
             record += [option, value]
         else:
-            raise SystemExit(f"gate: unknown option {arg!r}\n{GATE_USAGE}")
+            raise SystemExit(f"gate: unknown option {arg!r}; {GATE_USAGE}")
     return stacks[0], stacks[1], record, compare
 
 

@@ -143,7 +143,7 @@ def test_record_strict_refuses_a_partial_corpus(tmp_path, capsys):
     target = tmp_path / "partial"
     assert main(["record", str(target), "--cases", "12", "--seed", "1", "--level", "peft", "--strict"]) == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("record: ")]
+    lines = [line for line in err.splitlines() if line.startswith("python -m conformance record: error: ")]
     assert len(lines) == 1 and "PARTIAL" in lines[0] and "--cases" in lines[0], err
     assert not (target / "corpus.json").exists()  # refused before anything was prepared
 
@@ -159,7 +159,8 @@ def test_record_strict_refuses_unbuildable_cases(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(corpus_module, "observe", lambda case: Observation("unbuildable", build_error="KeyError: 'x'"))
     target = tmp_path / "unbuildable"
     assert main(["record", str(target), "--cases", "2", "--level", "peft", "--strict"]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("record: ")]
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("python -m conformance record: error: ")]
     assert len(lines) == 1 and "2 cases are unbuildable" in lines[0] and "KeyError" in lines[0]
     assert len(load_corpus(target).cases) == 2  # the corpus is written all the same
 
@@ -264,6 +265,38 @@ def test_markdown_is_short(corpus_dir):
     assert len(text) < 20_000 and text.count("\n| `") <= 30
 
 
+def _row(field, cases, before, after, *, role="model", kind="-", model_type="llama", more=0, extra_values=()):
+    values = [{"before": before, "after": after, "count": cases}, *extra_values]
+    return {"level": "peft", "field": field, "module_kind": kind, "role": role, "count": cases, "cases": cases,
+            "case_ids": [], "values": values, "more_values": more,
+            "smallest": {"id": f"peft-none-{cases:04d}", "path": "p", "before": before, "after": after,
+                         "case": {"model": {"model_type": model_type}}, "replay": "python -m conformance compare c --case x"}}
+
+
+def test_markdown_puts_status_changes_first_and_keeps_the_table_whole():
+    rows = [
+        _row("dtype", 40, "'float32'", "'bfloat16'", role="lora_A", kind="bnb4bit", model_type="gpt2"),
+        _row("requires_grad", 12, "False", "True", role="other weight", more=2),
+        _row("<warning>.added", 9, "None", "'UserWarning: `tied` and ``x``'"),
+        _row("<error>.raised", 3, "'no error'", "'ValueError[x]: a | b'", model_type="mixtral"),
+    ]
+    report = {"stack_changes": {"trl": ["0.25.1", "0.26.0"]}, "changes": rows,
+              "totals": {"cases": 50, "changed": 45, "changes": 64, "groups": 4, "before": {}, "after": {}}}
+    text = markdown(report)
+    table = [line for line in text.splitlines() if line.startswith("| peft |")]
+    assert [line.split(" | ")[1] for line in table] == ["`<error>.raised`", "`dtype`", "`requires_grad`",
+                                                        "`<warning>.added`"]
+    assert "| model type |" in text and "| mixtral |" in table[0] and "| gpt2 |" in table[1]
+    # a value holding backticks is fenced by a longer run of them, and a pipe is escaped: each row keeps its cells
+    assert "``` 'UserWarning: `tied` and ``x``' ```" in table[3]
+    assert "a \\| b" in table[0]
+    header_cells = text.splitlines()[[i for i, x in enumerate(text.splitlines()) if x.startswith("| level |")][0]].count(" | ")
+    for line in table:
+        assert line.replace("\\|", "").count(" | ") == header_cells, line
+    assert "(+2 more)" in table[2] and "*(+N more)*: the group holds N more distinct before → after pairs" in text
+    assert "other weight: a weight of a module LoRA did not wrap" in text and "lora_A" in text
+
+
 @pytest.mark.parametrize("damage", ["missing", "not_json", "foreign", "newer", "checksum", "bad_case"])
 def test_bad_corpus_is_one_clear_line(corpus_dir, tmp_path, damage):
     bad = tmp_path / "bad"
@@ -295,8 +328,8 @@ def test_bad_corpus_is_one_clear_line(corpus_dir, tmp_path, damage):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    message = [line for line in proc.stderr.splitlines() if line.startswith("compare: ")]
-    assert len(message) == 1, proc.stderr
+    message = [line for line in proc.stderr.splitlines() if line.startswith("python -m conformance compare: error: ")]
+    assert len(message) == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_record_refuses_a_non_empty_directory(corpus_dir):

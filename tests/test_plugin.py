@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,9 @@ def test_a_run_writes_the_report_header_and_summary(suite, tmp_path):
     # are skipped by --conformance-quant (the excluded cells are deselected)
     result.assert_outcomes(passed=len(LLAMA_NONE_CELLS) + 2, skipped=4, deselected=None)
     out = result.stdout.str()
-    assert "conformance: profile=current" in out and "seed=3 (replay: --hypothesis-seed=3)" in out
+    assert "conformance: profile=current" in out
+    assert ("seed=3 (replay: --hypothesis-seed=3 --conformance-examples=4 --conformance-level=all "
+            "--conformance-quant=none --conformance-device=cpu --conformance-numerics=on)") in out
     assert "conformance stack: torch" in out and "peft 0.21.2" in out
     assert "LoRA conformance summary" in out and "(cells: agree/diverge/known/skip/invalid;" in out
     assert {"stack", "profile", "device", "examples", "summary"} <= report.keys()
@@ -115,8 +118,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_errors_are_one_line_naming_the_argument():
     result = _cli("explain", "--case", "{not json")
-    assert result.returncode == 2
-    assert "--case: not a valid case" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "argument --case: not valid JSON" in result.stderr
 
 
 def test_cli_explain_replays_a_case_and_exits_by_outcome():
@@ -125,6 +128,12 @@ def test_cli_explain_replays_a_case_and_exits_by_outcome():
     assert result.returncode == 0, result.stdout + result.stderr
     # gpt2's Conv1D flips the user's fan_in_fan_out: the known config-mutation divergence
     assert "outcome: known (known: loraconfig-mutated-in-place)" in result.stdout and "LoRA modules" in result.stdout
+    # the stack it ran on (versions and install sources, as the run header), and which entry explained what
+    assert result.stdout.startswith("stack: torch ") and "peft 0.21.2" in result.stdout.splitlines()[0]
+    assert f"interpreter: python {sys.version.split()[0]} ({sys.executable})" in result.stdout
+    explained = result.stdout.split("explained by the known-divergence registry")[1]
+    assert "loraconfig-mutated-in-place: get_peft_model" in explained
+    assert "<model>  config_mutations.fan_in_fan_out  False      True" in explained
 
 
 def test_cli_cases_and_profiles():
@@ -206,7 +215,7 @@ def test_cli_explain_builds_a_case_from_flags():
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"r":4' in result.stdout and "outcome: known" in result.stdout
     bad = _cli("explain", "--model-type", "nope")
-    assert bad.returncode != 0 and "--model-type='nope' is not one of" in bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "--model-type='nope' is not one of" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_versions_newer_than_every_profile_are_announced_in_the_header(suite):
@@ -220,3 +229,109 @@ def test_versions_newer_than_every_profile_are_announced_in_the_header(suite):
     assert len(warnings) == 2, result.stdout.str()
     assert "peft 0.99.0 is newer than the newest known profile" in warnings[0]
     assert "trl 9.0.0" in warnings[1]
+
+
+SCALING_FAULT = """
+from peft.tuners.lora.layer import LoraLayer
+
+_original = LoraLayer.update_layer
+
+
+def _faulty(self, adapter_name, r, lora_alpha, config, **kwargs):
+    _original(self, adapter_name, r, lora_alpha, config, **kwargs)
+    self.scaling[adapter_name] = lora_alpha / (2 * r)
+
+
+LoraLayer.update_layer = _faulty
+"""
+
+
+def test_a_failure_shows_the_table_and_the_replays_and_the_replay_reproduces_it(suite):
+    """Measured on `-k llama` with this fault: 751 lines for 7 failures before (40 lines of harness
+    source, Hypothesis's repr of the case and its blob each), 171 after."""
+    suite.makeconftest(SCALING_FAULT)
+    args = ["--conformance-examples", "4", "--hypothesis-seed", "4", "-p", "no:warnings", "-k", "llama-none"]
+    result = suite.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    failures = out.split("= FAILURES =")[1].split("LoRA conformance summary")[0]
+    sections = [s for s in failures.split("\n_") if "replay this case" in s]
+    assert len(sections) == 3  # llama's unquantized cells: two at the peft level, one at the trl level
+    for section in sections:
+        body = section.splitlines()[1:]
+        assert body[0].startswith("diverge: llama ") and body[0].endswith(" level)")
+        assert body[2].split() == ["path", "field", "reference", "upstream"] and "adapter[default].scaling" in section
+        assert "replay this case" in section and f"{sys.executable} -m conformance explain --profile current" in section
+        assert "replay this test (same seed and options):" in section and "replay this run: the same command" in section
+        assert len([line for line in body if line.strip()]) < 25, section
+    for noise in ("def check_case", "Failing test case", "reproduce_failure", "checks.py:", "These lines were always"):
+        assert noise not in out
+    # the test's replay command, run as printed (here, where the fault is planted), fails the same way
+    line = next(x for x in out.splitlines() if " -m pytest " in x and "-k " in x)
+    first = next(s for s in sections if line.strip() in s)
+    replay = subprocess.run(shlex.split(line.strip()), cwd=suite.path, capture_output=True, text=True, timeout=600)
+    assert replay.returncode == 1 and "1 failed" in replay.stdout, replay.stdout[-2000:]
+    table = first.split("replay this case")[0].strip().splitlines()[1:]
+    assert all(row in replay.stdout for row in table), replay.stdout[-3000:]
+
+
+def test_replay_commands_name_the_interpreter_or_the_nox_session(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from conformance.engine.runner import replay_command
+    from conformance.plugin import checks
+    from reference import select_profile
+    from reference.spec import Case
+
+    conf = SimpleNamespace(seed=5, examples=7, level="peft", quant_kinds=("none", "4bit"), device="cpu", numerics=False,
+                           profile_forced=True, profile_name="seed", shard="2/4", strict=True, rootdir=tmp_path)
+    for name in ("CONFORMANCE_STACK", "CONFORMANCE_FORKS", "CONFORMANCE_NOXW"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    options = ("--hypothesis-seed=5 --conformance-examples=7 --conformance-level=peft --conformance-quant=none,4bit "
+               "--conformance-device=cpu --conformance-numerics=off --conformance-profile=seed --conformance-shard=2/4 "
+               "--conformance-strict")
+    test_id = "conformance/test_conformance.py::test_peft_cell[llama-none-default-CAUSAL_LM]"
+    assert checks.run_command(conf, test_id) == (f"{sys.executable} -m pytest conformance/test_conformance.py {options} "
+                                                 "-k 'test_peft_cell[llama-none-default-CAUSAL_LM]'")
+    case = Case.from_json({"model": {"model_type": "gpt2"}})
+    assert replay_command(case, select_profile("current")).startswith(f"{sys.executable} -m conformance explain --profile current --case '")
+    # under a nox session (noxfile.replay_env), the session form with the same stack and forks
+    monkeypatch.setenv("CONFORMANCE_STACK", "current")
+    monkeypatch.setenv("CONFORMANCE_FORKS", "--peft-spec ../my-peft")
+    monkeypatch.setenv("CONFORMANCE_NOXW", "/repo/noxw.py")
+    assert checks.run_command(conf) == f"python3 /repo/noxw.py -s conformance-on -- current --peft-spec ../my-peft {options}"
+    assert replay_command(case, select_profile("current")).startswith(
+        "python3 /repo/noxw.py -s cli -- current --peft-spec ../my-peft explain --profile current --case '")
+
+
+NOISY_TEST = """
+import logging
+import warnings
+
+
+def test_noise():
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+        "`pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+    logging.getLogger("bitsandbytes.cextension").warning(
+        "The 8-bit optimizer is not available on your device, only available on CUDA for now.")
+    warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use "
+                  "`is_activation_checkpointing` instead.", FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes message stays")
+    logging.getLogger("mine").warning("my own log message stays")
+    warnings.warn("my own warning stays", UserWarning)
+    warnings.warn("my own deprecation stays", FutureWarning)
+    assert False, "show the captured logs"
+"""
+
+
+def test_only_the_known_upstream_noise_is_filtered(pytester):
+    pytester.makepyfile(test_noisy=NOISY_TEST)
+    result = pytester.runpytest_subprocess()
+    shown = result.stdout.str().split("Captured log call")[1]  # the captured logs and the warnings summary
+    for kept in ("another bitsandbytes message stays", "my own log message stays", "my own warning stays",
+                 "my own deprecation stays"):
+        assert kept in shown, shown
+    for noise in ("kernels-community", "8-bit optimizer", "is_gradient_checkpointing"):
+        assert noise not in shown, shown

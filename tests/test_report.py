@@ -63,7 +63,8 @@ def test_the_summary_groups_divergences_and_counts_invalid_inputs():
     ]
     text = "\n".join(summary_lines(report, strict=[]))
     assert "gpt22/1/0/0/1" in text.replace(" ", "") and "agree/diverge/known/skip/invalid" in text
-    assert "adapter[default].scaling on lora module: x1 (examples #0)" in text
+    assert "adapter[default].scaling on lora module: x1 in 1 example (#0 gpt2 none peft)" in text
+    assert "(#N: the example's index in the JSON report's \"examples\")" in text
 
 
 def test_strict_fails_an_empty_run_skips_stale_entries_and_crashes():
@@ -128,7 +129,8 @@ def test_merge_cli_exit_status_and_outputs(tmp_path):
     strict = subprocess.run(cmd[:5] + ["--out", str(out), "--strict"], capture_output=True, text=True, timeout=120)
     assert strict.returncode == 1 and "STRICT MODE FAILED" in strict.stdout and "coverage gap" in strict.stdout
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "none.json"), "--out", str(out)], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("merge: ") and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("python -m conformance merge: error: ") and "not a readable JSON report" in bad.stderr
 
 
 def test_summary_counts_the_numerics_checks():
@@ -153,3 +155,37 @@ def test_summary_counts_the_numerics_checks():
                     "reach 3.5); on 1 a forward raised the same exception on both sides, so those passes compared "
                     "nothing (see `both_raised` in the JSON report)")
     assert _numerics_line({"examples": []}) == ""
+
+
+def test_known_counts_agree_with_the_headline():
+    """An entry that explained a divergence of a diverging example is not a "known" example: the
+    summary says how many of the examples each entry touched ended known and how many diverge."""
+    mutated = {"known": ["loraconfig-mutated-in-place"]}
+    entries = [dict(DIVERGING, **mutated), dict(DIVERGING, **mutated), _entry(GPT2, "known", **mutated)]
+    report = build_report(_settings(), entries)
+    assert report["known_by_outcome"] == {"loraconfig-mutated-in-place": {"diverge": 2, "known": 1}}
+    text = "\n".join(summary_lines(report))
+    assert "3 examples: 0 agree, 2 diverge, 1 known, 0 skip (known: registry entries explain every divergence" in text
+    assert "loraconfig-mutated-in-place in 3 examples (1 known, 2 diverge)" in text
+    assert "those with another, unexplained divergence count as diverge" in text
+
+
+def test_the_summary_says_how_many_examples_each_test_family_asked_for_and_ran():
+    def ran(test, asked, n):
+        return [_entry(GPT2, test=test, asked=asked) for _ in range(n)]
+
+    entries = (ran("t.py::test_peft_cell[a]", 2, 2) + ran("t.py::test_peft_cell[b]", 2, 1)
+               + ran("t.py::test_peft_level_8bit", 20, 8) + ran("t.py::test_peft_level_4bit", 20, 22))
+    report = build_report(_settings(), entries)
+    assert report["tests"]["t.py::test_peft_level_8bit"] == {"asked": 20, "ran": 8}
+    line = next(x for x in summary_lines(report) if x.startswith("examples asked/ran per test family: "))
+    assert "test_peft_cell 4/3 (2 tests), test_peft_level_8bit 20/8, test_peft_level_4bit 20/22" in line
+    assert "Hypothesis ran out of new cases" in line and "explicit @examples" in line
+    assert not any(x.startswith("examples asked/ran") for x in summary_lines(build_report(_settings(), [_entry(GPT2)])))
+
+
+def test_the_markdown_replays_with_the_interpreter_of_the_run():
+    report = build_report(_settings(), [DIVERGING], run={"replay": {"conformance": "/venv/bin/python -m conformance"}})
+    text = markdown(report)
+    assert "/venv/bin/python -m conformance explain --profile current --case '" in text
+    assert "**example #0** (its index in the JSON report's `examples`): gpt2" in text

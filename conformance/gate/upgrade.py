@@ -227,8 +227,38 @@ def _cell(value: Any, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _code(value: Any, width: int = 50) -> str:
+    """``value`` as a markdown code span that survives a table cell: a value holding backticks (a
+    warning quoting `tie_word_embeddings`) gets a longer fence, since a backslash cannot escape
+    a backtick inside a code span; ``|`` is escaped, which GitHub tables allow inside spans."""
+    text = _cell(value, width)
+    if "`" not in text:
+        return f"`{text}`"
+    fence = "`" * (max(len(run) for run in re.findall(r"`+", text)) + 1)
+    return f"{fence} {text} {fence}"
+
+
+STATUS_FIELDS = ("<build>.", "<error>.")
+"""Fields of a status change (a case that no longer builds, raises now, no longer raises, raises
+something else): listed first, whatever the size of the dtype groups."""
+
+ROLE_NOTES = {
+    "base weight": "the frozen weight inside a LoRA layer",
+    "base bias": "the bias inside a LoRA layer",
+    "saved copy": "the trainable copy of a `modules_to_save` module",
+    "saved original": "the frozen original kept beside that copy",
+    "other weight": "a weight of a module LoRA did not wrap and no other role names (an untargeted linear, say)",
+    "other bias": "a bias of such a module",
+    "other": "a parameter path none of the role patterns matches",
+    "model": "a fact of the whole model or of the preparation's outcome (counts, checkpointing, error, warnings)",
+    "lora module": "a fact of a LoRA layer (its r, alpha, scaling, features...)",
+    "saved module": "a fact of a `modules_to_save` wrapper",
+}
+
+
 def markdown(report: dict[str, Any], max_rows: int = 30) -> str:
-    """A short markdown rendering of ``report``, sized for a pull-request comment."""
+    """A short markdown rendering of ``report``, sized for a pull-request comment: one table, status
+    changes first, then the largest groups, with footnotes for what a row cannot say."""
     t = report["totals"]
     lines = ["## LoRA preparation: upgrade report", ""]
     if report["stack_changes"]:
@@ -245,18 +275,32 @@ def markdown(report: dict[str, Any], max_rows: int = 30) -> str:
     if not report["changes"]:
         lines.append("No observable change in how these cases are prepared.")
         return "\n".join(lines) + "\n"
-    lines += ["| level | field | module kind | role | cases | before → after (most common) | smallest case |",
-              "| --- | --- | --- | --- | ---: | --- | --- |"]
-    for row in report["changes"][:max_rows]:
+    rows = sorted(report["changes"], key=lambda r: not r["field"].startswith(STATUS_FIELDS))  # stable: sizes kept
+    lines += ["| level | field | module kind | role | model type | cases | before → after (most common) | smallest case |",
+              "| --- | --- | --- | --- | --- | ---: | --- | --- |"]
+    any_more = False
+    for row in rows[:max_rows]:
         top = row["values"][0]
         more = len(row["values"]) - 1 + row["more_values"]
-        change = f"`{_cell(top['before'], 50)}` → `{_cell(top['after'], 50)}`" + (f" (+{more} more)" if more else "")
-        lines.append(f"| {row['level']} | `{row['field']}` | {row['module_kind']} | {row['role']} | {row['cases']} | {change} | "
-                     f"`{row['smallest']['id']}` |")
-    if len(report["changes"]) > max_rows:
-        lines.append(f"\n… and {len(report['changes']) - max_rows} smaller groups in the JSON report.")
-    first = report["changes"][0]["smallest"]
-    lines += ["", f"Replay a case: `{first['replay']}`"]
+        any_more = any_more or bool(more)
+        change = f"{_code(top['before'])} → {_code(top['after'])}" + (f" (+{more} more)" if more else "")
+        model_type = ((row["smallest"].get("case") or {}).get("model") or {}).get("model_type", "?")
+        lines.append(f"| {row['level']} | {_code(row['field'], 70)} | {row['module_kind']} | {row['role']} | {model_type} | "
+                     f"{row['cases']} | {change} | `{row['smallest']['id']}` |")
+    if len(rows) > max_rows:
+        lines.append(f"\n… and {len(rows) - max_rows} smaller groups in the JSON report.")
+    first = rows[0]["smallest"]
+    lines += ["", f"Replay a case: `{first['replay']}`", ""]
+    notes = ["*model type*: that of the smallest case; the group's other cases are listed in the JSON report "
+             "(`case_ids`)."]
+    if any_more:
+        notes.append("*(+N more)*: the group holds N more distinct before → after pairs; the JSON report lists the "
+                     "most common (`values`) and counts the rest (`more_values`).")
+    roles = [r for r in dict.fromkeys(row["role"] for row in rows[:max_rows]) if r in ROLE_NOTES]
+    if roles:
+        notes.append("*role* (read from the parameter's path): "
+                     + "; ".join(f"{role}: {ROLE_NOTES[role]}" for role in roles) + ".")
+    lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 

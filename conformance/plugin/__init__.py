@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import shutil
@@ -28,7 +29,7 @@ from conformance.plugin.shard import Shard, parse_shard, shard_seed
 from conformance.plugin.stream import ExampleStream, read_streams, stream_files
 from conformance.plugin.summary import markdown, summary_lines
 
-__all__ = ["Settings", "cell_examples_for", "settings_of"]
+__all__ = ["Settings", "cell_examples_for", "quiet_upstream_noise", "replay_options", "settings_of"]
 
 EXAMPLES = "--conformance-examples"
 LEVEL = "--conformance-level"
@@ -81,6 +82,8 @@ class Settings:
     lifted_suppressions: dict[str, list[str]] = field(default_factory=dict)
     report_data: dict[str, Any] | None = None
     strict_reasons: list[str] | None = None
+    rootdir: Path | None = None
+    """pytest's rootdir: test ids are relative to it (the replay commands name the test file)."""
 
     def __repr__(self) -> str:  # shown in Hypothesis's falsifying example: keep it short
         return f"Settings(profile={self.profile_name!r}, level={self.level!r}, device={self.device!r}, seed={self.seed})"
@@ -139,6 +142,58 @@ def _profile(value: str) -> str:
     if value not in PROFILES:
         raise argparse.ArgumentTypeError(f"{PROFILE}={value!r} is not one of {', '.join(PROFILES)}")
     return value
+
+
+UPSTREAM_NOISE_LOGS = {
+    # logger -> the start of a message it logs on every run, harmlessly: bitsandbytes >= 0.49 tries
+    # an optional CPU kernel package (`kernels`) and falls back; bitsandbytes 0.47 (seed stack) says
+    # at import that its 8-bit optimizers need CUDA, which preparation never uses.
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "bitsandbytes.cextension": "The 8-bit optimizer is not available",
+}
+UPSTREAM_NOISE_WARNINGS = (
+    # transformers 5 deprecates the property that peft and trl still read on every preparation.
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
+
+
+class _UpstreamNoise(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_upstream_noise(config: pytest.Config | None = None) -> None:
+    """Drop the known harmless upstream messages above, and only those, from the harness's own runs
+    (pytest and the CLI): a user's own warnings and logs, and upstream's others, stay visible."""
+    for name, prefix in UPSTREAM_NOISE_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UpstreamNoise) for f in logger.filters):
+            logger.addFilter(_UpstreamNoise(prefix))
+    import re
+    import warnings
+
+    for message, category in UPSTREAM_NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+        if config is not None:  # pytest resets the filters for each test from its ini lines
+            config.addinivalue_line("filterwarnings", f"ignore:{re.escape(message)}:{category.__name__}")
+
+
+def replay_options(s: Settings) -> list[str]:
+    """Every option that shaped the run, resolved: what replays it (the header, and the replay
+    commands of failures, ``conformance.plugin.checks.run_command``)."""
+    options = [f"--hypothesis-seed={s.seed}", f"{EXAMPLES}={s.examples}", f"{LEVEL}={s.level}",
+               f"{QUANT}={','.join(s.quant_kinds)}", f"{DEVICE}={s.device}", f"{NUMERICS}={'on' if s.numerics else 'off'}"]
+    if s.profile_forced:
+        options.append(f"{PROFILE}={s.profile_name}")
+    if s.shard:
+        options.append(f"{SHARD}={s.shard}")
+    if s.strict:
+        options.append(STRICT)
+    return options
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -200,6 +255,7 @@ def _seeds(config: pytest.Config, shard: Shard | None) -> int:
 def pytest_configure(config: pytest.Config) -> None:
     from reference.profiles import installed_versions, select_profile
 
+    quiet_upstream_noise(config)
     forced = config.getoption(PROFILE)
     stack = installed_versions()
     quant = config.getoption(QUANT)
@@ -222,6 +278,7 @@ def pytest_configure(config: pytest.Config) -> None:
         markdown=Path(config.getoption(MARKDOWN)) if config.getoption(MARKDOWN) else None,
         shard=shard,
         numerics=config.getoption(NUMERICS) == "on",
+        rootdir=config.rootpath,
     )
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and workerinput.get("conformance_stream_dir"):
@@ -260,12 +317,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     notes = [] if s.profile_forced else selection_notes(s.stack)
     forced = " (forced)" if s.profile_forced else ""
     shard = f" shard={s.shard} (draws with seed {shard_seed(s.seed, s.shard)})" if s.shard else ""
-    replay = f"--hypothesis-seed={s.seed}" + (f" {SHARD}={s.shard}" if s.shard else "")
+    replay = " ".join(replay_options(s))
     return [
         f"conformance: profile={s.profile_name}{forced} level={s.level} device={s.device} "
         f"quant={','.join(s.quant_kinds)} examples={s.examples} numerics={'on' if s.numerics else 'off'} "
-        f"seed={s.seed}{shard} (replay: {replay})"
-        + (" strict" if s.strict else ""),
+        f"seed={s.seed}{shard}" + (" strict" if s.strict else "") + f" (replay: {replay})",
         f"conformance stack: {stack}",
         *(f"conformance WARNING: {note}" for note in notes),
     ]
@@ -275,6 +331,21 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def conformance_settings(request: pytest.FixtureRequest) -> Settings:
     """The resolved options, for the conformance tests."""
     return settings_of(request.config)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A test that failed with conformance failures shows their messages alone (the diff table and
+    the replay commands), not harness source and Hypothesis's repr of the case; any other failure
+    keeps pytest's traceback.  An explicit ``--tb`` other than the default keeps pytest's report."""
+    report = yield
+    if report.failed and call.excinfo is not None and item.config.getoption("tbstyle", "auto") == "auto":
+        from conformance.plugin.checks import failure_report
+
+        short = failure_report(call.excinfo.value, str(item.path))
+        if short is not None:
+            report.longrepr = short
+    return report
 
 
 def _cell_wanted(s: Settings, item: pytest.Item) -> bool:
@@ -331,7 +402,11 @@ class _SkipCollector:
 
 
 def _run_facts(s: Settings, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    facts: dict[str, Any] = {"strict": s.strict, "shard": str(s.shard) if s.shard else None}
+    from conformance.engine.runner import conformance_command
+    from conformance.plugin.checks import run_command
+
+    facts: dict[str, Any] = {"strict": s.strict, "shard": str(s.shard) if s.shard else None,
+                             "replay": {"conformance": conformance_command(), "run": run_command(s)}}
     if s.shard is not None:
         facts["hypothesis_seed"] = shard_seed(s.seed, s.shard)
         # explicit @examples run in every shard; a suite that ignores the shard puts most examples outside it

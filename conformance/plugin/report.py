@@ -113,8 +113,13 @@ def build_report(
     skips: Counter = Counter()
     fields: Counter = Counter()
     unintended: Counter = Counter()
+    by_outcome: dict[str, Counter] = defaultdict(Counter)
+    tests: dict[str, dict[str, int]] = {}
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for index, e in enumerate(entries):
+        if e.get("test"):
+            test = tests.setdefault(e["test"], {"asked": int(e.get("asked") or 0), "ran": 0})
+            test["ran"] += 1
         summary[e["model_type"]][e["quantization"]][e["outcome"]] += 1
         invalid[e["model_type"]][e["quantization"]] += bool(e.get("invalid"))
         totals[e["outcome"]] += 1
@@ -126,6 +131,8 @@ def build_report(
                 totals["unintended_rejections"] += 1
                 unintended[e.get("upstream_error", "?")] += 1
         hits.update(e.get("known", ()))
+        for entry_id in e.get("known", ()):
+            by_outcome[entry_id][e["outcome"]] += 1
         if e["outcome"] == "skip":
             skips[e.get("reason", "?")] += 1
         for d in e.get("divergences", ()):
@@ -153,6 +160,8 @@ def build_report(
                    **{k: totals[k] for k in (*OUTCOMES, "invalid", "rejected", "valid", "unintended_rejections")}},
         "unintended_rejections": dict(unintended.most_common()),
         "known": dict(hits),
+        "known_by_outcome": {k: dict(c) for k, c in by_outcome.items()},
+        "tests": tests,
         "stale_known": list(stale),
         "stale_detail": stale,
         "unjudged_known": unjudged,
