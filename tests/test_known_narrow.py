@@ -472,3 +472,17 @@ def test_bf16_cast_entries_need_their_cause():
     packed = Divergence("<model>", "numerics.both_raised", "x",
                         "init forward: raised: RuntimeError: shape '[64, 32]' is invalid for input of size 1024")
     assert registry.explain(CaseContext(LLAMA_TRL_BIAS_ALL, with_bias, with_bias), [packed])[0] == [packed]
+
+
+def test_falcon_view_entry_needs_falcon_8bit_and_its_message():
+    registry = load_registry(versions={"transformers": "4.53.3", "bitsandbytes": "0.47.0"})
+    assert "falcon-8bit-modifies-a-matmul8bit-view-in-place" in {e.id for e in registry.active}
+    view = "eval forward: RuntimeError: Output 0 of MatMul8bitLt is a view and is being modified inplace."
+    raised = Divergence("<model>", "numerics.both_raised", view, view)
+    falcon = Case(ModelSpec("falcon", num_layers=1), QuantSpec(kind="8bit"), AdapterSpec(target_modules=("dense",)))
+    llama = dataclasses.replace(falcon, model=ModelSpec("llama", num_layers=1))
+    assert registry.explain(falcon, [raised])[0] == []
+    assert registry.explain(llama, [raised])[0] == [raised]
+    other = Divergence("<model>", "numerics.both_raised", "x", "eval forward: RuntimeError: CUDA error")
+    assert registry.explain(falcon, [other])[0] == [other]
+    assert registry.explain(falcon, [Divergence("<model>", "numerics.logits", "a", "b")])[0] != []

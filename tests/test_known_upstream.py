@@ -105,6 +105,11 @@ MINIMAL = {
         AdapterSpec(r=4, target_modules=("query",), modules_to_save=("lm_head",), task_type="CAUSAL_LM"),
         TrainingSpec(level="trl", prepare_kbit=False, gradient_checkpointing=False, bf16=True),
     ),
+    # transformers 4.x falcon changes an 8-bit matmul's output view in place: its LoRA forward cannot run.
+    "falcon-8bit-modifies-a-matmul8bit-view-in-place": Case(
+        ModelSpec("falcon", "CAUSAL_LM", num_layers=1), QuantSpec(kind="8bit"),
+        AdapterSpec(r=4, target_modules=("query_key_value",), task_type="CAUSAL_LM"), TrainingSpec(prepare_kbit=True),
+    ),
     # "all-linear" on a fused-expert MoE becomes parameter targeting, which the reference lacks.
     "moe-experts-as-parameters": Case(
         ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
