@@ -175,10 +175,15 @@ def test_corpus_round_trips(corpus_dir):
     assert any(o.status == "prepared" and o.snapshot.lora for o in corpus.observations.values())
 
 
-def test_same_stack_reports_no_change(corpus_dir, tmp_path):
+def test_same_stack_reports_no_change(corpus_dir, tmp_path, capsys):
     report = tmp_path / "r.json"
     md = tmp_path / "r.md"
     assert main(["compare", str(corpus_dir), "--report", str(report), "--markdown", str(md), "--fail-on-change"]) == 0
+    err = capsys.readouterr().err  # both stacks, with their install sources, and the interpreter replaying
+    assert "recorded under: " in err and f"replaying {CASES} cases under: python " in err and sys.executable in err
+    from importlib import metadata
+
+    assert f"peft {metadata.version('peft')}" in err.split("recorded under: ")[1].splitlines()[0]
     data = json.loads(report.read_text())
     assert data["totals"]["changed"] == 0 and data["changes"] == [] and data["stack_changes"] == {}
     assert "No observable change" in md.read_text()
