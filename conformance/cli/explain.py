@@ -101,8 +101,8 @@ def _explained(case: Any, outcome: Any, profile: Any) -> list[str]:
     lines = ["", "explained by the known-divergence registry (conformance/engine/known_divergences.toml):"]
     for entry_id in [*outcome.known, *(k for k in by_entry if k not in outcome.known)]:
         entry = entries.get(entry_id)
-        if entry is not None:
-            first = entry.explanation.split("\n\n")[0].replace("\n", " ")
+        if entry is not None:  # its one-line summary (the README's table), else the explanation's start
+            first = getattr(entry, "summary", "") or entry.explanation.split("\n\n")[0].replace("\n", " ")
             lines.append(f"  {entry_id}: {first[:300]}{'...' if len(first) > 300 else ''} ({entry.link})")
         else:
             lines.append(f"  {entry_id}")
