@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from reference.config import LoraSettings, resolve
 from reference.dispatch import wrap
 from reference.errors import InvalidBias, SavedModuleIsLora
-from reference.kbit import prepare_for_kbit_training
+from reference.kbit import is_kbit, prepare_for_kbit_training
 from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModule
 from reference.peft_model import PeftWrapper, condensed_targets, stored_config, wrapper_of
 from reference.profiles import Profile
@@ -63,6 +65,18 @@ def _mark_trainable(model: nn.Module, bias: str, substring: bool) -> None:
                     base_bias.requires_grad = True
 
 
+def _arrange_input_grads_for_checkpointing(model: nn.Module) -> None:
+    """A PEFT model built around a model that already checkpoints (and is not quantized) makes
+    its input embeddings' outputs require grad, on the embedding as it is *after* LoRA was
+    injected: a LoRA-wrapped embedding gets its own hook (PeftModel.__init__, peft 0.15 - 0.21;
+    the quantized case is the k-bit step's business)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers 5 deprecates the property's name
+        checkpointing = getattr(model, "is_gradient_checkpointing", True)
+    if checkpointing and not is_kbit(model) and not getattr(model, "is_quantized", False):
+        model.enable_input_require_grads()
+
+
 def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile) -> nn.Module:
     """Prepare ``model`` in place for LoRA training and return it.
 
@@ -113,5 +127,6 @@ def prepare_wrapped(
         )
         model.set_submodule(target.name, layer)
     _mark_trainable(model, settings.bias, profile.bias_all_substring)
+    _arrange_input_grads_for_checkpointing(model)
     _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora)
     return model, wrapper_of(settings, stored_config(settings, stored_targets, fan_in_fan_out), ADAPTER)

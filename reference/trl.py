@@ -32,9 +32,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
 
-from reference.errors import InvalidConfig, MergeImpossible
+from reference.errors import InvalidConfig
 from reference.kbit import is_kbit, prepare_for_kbit_training, prepare_for_kbit_training_norms_only
-from reference.layers import LoraEmbedding, LoraLinear, SavedModule
+from reference.merge import merge_and_unload
+from reference.trained import give_trained_values
 from reference.peft_model import PeftWrapper
 from reference.prepare import prepare_wrapped
 from reference.profiles import Profile
@@ -254,39 +255,6 @@ def _finish(model: nn.Module, trainer_gc: bool, wrapper: PeftWrapper) -> TrlResu
     return TrlResult(model, trainer_gc, wrapper)
 
 
-def _unload(model: nn.Module) -> None:
-    """``merge_and_unload``: every LoRA layer back to its base layer, every modules-to-save
-    wrapper replaced by its trained copy.  (Merging changes values only, never shapes,
-    dtypes or classes, which is all a snapshot sees.)"""
-    for name, module in list(model.named_modules()):
-        if not name:
-            continue
-        if isinstance(module, SavedModule):
-            model.set_submodule(name, module.modules_to_save[module.active_adapter])
-        elif isinstance(module, (LoraLinear, LoraEmbedding)):
-            base = module.base_layer
-            state = getattr(getattr(base, "weight", None), "quant_state", None)
-            factors = list(getattr(module, "lora_B", {}).values())
-            if state is not None and factors:
-                # A bnb 4-bit weight is dequantized, the delta added and the sum requantized:
-                # the new quant state records the promoted dtype (observed: fp16 base + fp32
-                # LoRA -> float32, trl 0.25.1 / peft 0.21.2).
-                state.dtype = torch.promote_types(state.dtype, factors[0].weight.dtype)
-            lora_bias = getattr(factors[0], "bias", None) if factors else None
-            base_bias = getattr(base, "bias", None)
-            if lora_bias is not None and base_bias is None:
-                # A LoRA bias is merged into the base bias; without one, the merge is refused
-                # (observed: trl 0.26.0 / peft 0.21.2, gptj all-linear with lora_bias=True).
-                raise MergeImpossible(f"Impossible to merge LoRA with lora_bias=True into {name}: "
-                                      "the base layer has no bias.")
-            if lora_bias is not None and base_bias is not None and type(base).__name__ in ("Linear4bit", "Linear8bitLt"):
-                # With lora_bias, a bnb layer's merged bias is the out-of-place sum of the base and
-                # LoRA biases, so it takes the promoted dtype (fp16 + fp32 -> fp32); a plain Linear
-                # keeps its bias dtype (observed: trl 0.25.1 / peft 0.21.2, bart 4-bit fp16).
-                base_bias.data = base_bias.data.to(torch.promote_types(base_bias.dtype, lora_bias.dtype))
-            model.set_submodule(name, base)
-
-
 def _helper_checkpointing(model: nn.Module, kwargs: dict) -> None:
     """helper trl without a k-bit step: checkpointing on at construction (no kwargs passed on),
     and input grads unless ``use_reentrant`` is False."""
@@ -296,7 +264,7 @@ def _helper_checkpointing(model: nn.Module, kwargs: dict) -> None:
 
 
 def _peft_model_in(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile,
-                   flow: TrlFlow, gc: bool) -> TrlResult:
+                   flow: TrlFlow, gc: bool, trained_seed: int | None) -> TrlResult:
     """The trainer gets a model that ``get_peft_model`` already prepared.
 
     classic: returned as it is (a peft_config passed too is silently ignored; no input
@@ -311,13 +279,15 @@ def _peft_model_in(model: nn.Module, adapter: AdapterSpec, training: TrainingSpe
     # The PeftModel is built first (its own errors come first), then handed to the trainer.
     _, wrapper = prepare_wrapped(
         model, adapter, dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT), profile)
+    if trained_seed is not None:
+        give_trained_values(model, trained_seed)  # the adapter a user trained and now hands over
     if flow.classic:
         return _finish(model, gc, wrapper)
     if training.peft_config_too:
         if flow.peft_model_with_config == "reject":
             raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
         if flow.peft_model_with_config == "merge":
-            _unload(model)
+            merge_and_unload(model)
             return prepare_trl(model, adapter, dataclasses.replace(training, peft_model_in=False), profile, flow)
         return _finish(model, gc, wrapper)
     if flow.shape == "helper":
@@ -358,11 +328,12 @@ def _sync_router_aux_loss(model: nn.Module) -> None:
 
 def prepare_trl(
     model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile, flow: TrlFlow,
-    *, pad_token_id: int | None = None,
+    *, pad_token_id: int | None = None, trained_seed: int | None = None,
 ) -> TrlResult:
     """Prepare ``model`` as ``SFTTrainer(model, args, peft_config=..., processing_class=tokenizer)``
-    does at construction; ``pad_token_id`` is the tokenizer's."""
-    result = _prepare_trl(model, adapter, training, profile, flow)
+    does at construction; ``pad_token_id`` is the tokenizer's, and ``trained_seed`` gives a
+    passed-in PeftModel's adapter its trained values (``reference.trained``)."""
+    result = _prepare_trl(model, adapter, training, profile, flow, trained_seed)
     if flow.syncs_router_aux_loss:
         _sync_router_aux_loss(result.model)
     if flow.mirrors_pad_token and pad_token_id is not None:
@@ -377,12 +348,13 @@ def _text_config(model: nn.Module):
 
 
 def _prepare_trl(
-    model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile, flow: TrlFlow
+    model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile, flow: TrlFlow,
+    trained_seed: int | None = None,
 ) -> TrlResult:
     gc = training.gradient_checkpointing
     gc = flow.gradient_checkpointing_default if gc is ABSENT else bool(gc)
     if training.peft_model_in:
-        return _peft_model_in(model, adapter, training, profile, flow, gc)
+        return _peft_model_in(model, adapter, training, profile, flow, gc, trained_seed)
     kwargs = {} if training.use_reentrant is ABSENT else {"use_reentrant": training.use_reentrant}
     peft_step = dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT)
     if flow.shape in ("classic", "helper"):

@@ -76,7 +76,8 @@ SEED_ONLY = {"layers-to-transform-zero-read-as-missing", "orphan-lora-inside-sav
              "lora-embedding-update-ignores-embed-scale", "falcon-8bit-modifies-a-matmul8bit-view-in-place"}
 # Entries for upstream ranges between the pinned stacks (trl 0.20 - 0.23; peft < 0.21.2 with transformers >= 5.18).
 NEITHER = {"trl-kbit-step-freezes-passed-peft-model", "seq2seq-peft-model-transformers-5-18",
-           "moe-string-targets-split-into-characters"}
+           "moe-string-targets-split-into-characters", "peft-bnb-merge-drops-lora-bias-scaling",
+           "peft-bnb-merge-reads-a-missing-bias", "trl-025-kbit-step-mixes-dtypes-in-full-precision-training"}
 
 
 def test_shipped_entries_are_active_for_their_stacks_and_not_for_an_old_one():

@@ -486,3 +486,44 @@ def test_falcon_view_entry_needs_falcon_8bit_and_its_message():
     other = Divergence("<model>", "numerics.both_raised", "x", "eval forward: RuntimeError: CUDA error")
     assert registry.explain(falcon, [other])[0] == [other]
     assert registry.explain(falcon, [Divergence("<model>", "numerics.logits", "a", "b")])[0] != []
+
+
+MERGE_STACK = {"peft": "0.21.2", "trl": "0.25.1", "transformers": "5.23.0"}
+QUANTIZED_MERGE = Case(ModelSpec("llama", num_layers=1), QuantSpec(kind="8bit"),
+                       AdapterSpec(r=4, lora_alpha=16, target_modules=("q_proj",), lora_bias=True),
+                       TrainingSpec(level="trl", prepare_kbit=False, peft_model_in=True, peft_config_too=True))
+
+
+def test_bnb_merge_bias_entries_need_a_quantized_merge_with_lora_bias():
+    from conformance.engine.snapshot import LoraModuleFacts, Snapshot
+
+    registry = load_registry(versions=MERGE_STACK)
+    ref = Snapshot(lora=(LoraModuleFacts("model.q_proj", "bnb8bit", 64, 64, False, (), ()),
+                         LoraModuleFacts("model.k_proj", "linear", 64, 64, False, (), ())))
+    unscaled = Divergence("model.q_proj.base_layer.bias", "value", "changed: a", "changed: b")
+    on_plain = Divergence("model.k_proj.base_layer.bias", "value", "changed: a", "changed: b")
+    weight = Divergence("model.q_proj.base_layer.weight", "value", "changed: a", "changed: b")
+    ctx = CaseContext(QUANTIZED_MERGE, ref, ref)
+    assert registry.explain(ctx, [unscaled])[0] == []
+    assert registry.explain(ctx, [on_plain, weight])[0] == [on_plain, weight]
+    no_bias = dataclasses.replace(QUANTIZED_MERGE, adapter=AdapterSpec(r=4, lora_alpha=16, target_modules=("q_proj",)))
+    assert registry.explain(CaseContext(no_bias, ref, ref), [unscaled])[0] == [unscaled]
+    swap = Divergence("<error>", "error", "RuntimeError[merge_lora_bias_without_base_bias]",
+                      "AttributeError[merge_reads_a_missing_bias]")
+    other = Divergence("<error>", "error", "RuntimeError[merge_lora_bias_without_base_bias]", "AttributeError[other]")
+    assert registry.explain(ctx, [swap])[0] == [] and registry.explain(ctx, [other])[0] == [other]
+    unquantized = dataclasses.replace(QUANTIZED_MERGE, quant=QuantSpec())
+    assert registry.explain(CaseContext(unquantized, ref, ref), [swap])[0] == [swap]
+
+
+def test_trl_025_kbit_entry_needs_half_precision_and_full_precision_training():
+    registry = load_registry(versions={"trl": "0.25.1"})
+    half = "eval forward: RuntimeError: expected m1 and m2 to have the same dtype, but got: float != c10::Half"
+    raised = Divergence("<model>", "numerics.both_raised", half, half)
+    case = Case(ModelSpec("glm", num_layers=1, load_dtype="float16"), QuantSpec(kind="8bit"),
+                AdapterSpec(target_modules=("q_proj",)), TrainingSpec(level="trl", prepare_kbit=False))
+    assert registry.explain(case, [raised])[0] == []
+    for other in (dataclasses.replace(case, model=ModelSpec("glm", num_layers=1)),  # an fp32 load
+                  dataclasses.replace(case, training=TrainingSpec(level="trl", prepare_kbit=False, bf16=True))):
+        assert registry.explain(other, [raised])[0] == [raised]
+    assert registry.explain(case, [Divergence("<model>", "numerics.loss", "a", "b")])[0] != []

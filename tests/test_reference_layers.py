@@ -354,7 +354,7 @@ def test_lora_update_rounding_follows_the_base_kind(bnb):
 
 def test_merging_a_lora_bias_without_a_base_bias_is_refused():
     from reference.errors import MergeImpossible
-    from reference.trl import _unload
+    from reference.merge import merge_and_unload as _unload
 
     model = nn.Sequential(nn.Linear(8, 8, bias=False))
     layer = LoraLinear(model[0], 8, 8, False)
@@ -369,3 +369,23 @@ def test_merging_a_lora_bias_without_a_base_bias_is_refused():
                                                       lora_bias=True, autocast=True))
     _unload(with_bias)
     assert type(with_bias[0]) is nn.Linear
+
+
+def test_a_merge_folds_the_scaled_update_into_the_base():
+    """merge_and_unload computes what the unmerged forward computes: W + s B A, b + s l."""
+    from reference.merge import merge_and_unload
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    model = nn.Sequential(LoraLinear(base, 8, 6, False))
+    model[0].add_adapter("default", AdapterParams(r=2, alpha=8, dropout=0.0, use_rslora=False, init=False,
+                                                  lora_bias=True, autocast=True))
+    with torch.no_grad():
+        model[0].lora_B["default"].bias.normal_()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        unmerged = model(x)
+        merge_and_unload(model)
+        merged = model(x)
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-6)

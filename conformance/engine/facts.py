@@ -111,13 +111,16 @@ def _hook_name(hook: Any) -> str:
 
 
 def hooks_of(model: nn.Module) -> tuple[tuple[str, str, str], ...]:
-    """Every forward / pre-forward / backward hook on the model's modules: (path, kind, function)."""
+    """Every forward / pre-forward / backward hook on the model's modules: (path, kind, function),
+    each once.  A hook registered twice (``enable_input_require_grads`` called again by trl, by
+    transformers 5's ``gradient_checkpointing_enable`` and by peft) acts once more on the same
+    tensor to the same effect; which hooks exist is the fact, not how often they were added."""
     out = []
     for path, module in model.named_modules():
         for kind, hooks in (("forward", module._forward_hooks), ("forward_pre", module._forward_pre_hooks),
                             ("backward", module._backward_hooks), ("backward_pre", module._backward_pre_hooks)):
             out.extend((path, kind, _hook_name(h)) for h in hooks.values())
-    return tuple(sorted(out))
+    return tuple(sorted(set(out)))
 
 
 # Keys that say where a config came from, not what preparation did to it: a trainer that

@@ -220,8 +220,12 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
 # -- set features for placeholders -----------------------------------------------------------------
 
 
+def _without(facts: Any, names: tuple[str, ...]) -> tuple:
+    return tuple((f.name, getattr(facts, f.name)) for f in dataclasses.fields(facts) if f.name not in names)
+
+
 def _without_path(facts: Any) -> tuple:
-    return tuple((f.name, getattr(facts, f.name)) for f in dataclasses.fields(facts) if f.name != "path")
+    return _without(facts, ("path",))
 
 
 def _relative(params: dict[str, Any], prefix: str) -> dict[str, tuple]:
@@ -268,12 +272,16 @@ def _moved_base_params(ctx: CaseContext) -> frozenset[str]:
         return frozenset()
     ref_params = {p.path: p for p in ref.params}
     up_paths = {p.path for p in up.params}
+    # trl 0.22 - 0.26 merge a passed-in adapter first: parameter-level LoRA (not modelled) then
+    # changed those weights' values upstream alone, so only their value is set aside there.
+    merged = ctx.case.training.peft_model_in and ctx.case.training.peft_config_too
+    skip = ("path", "value") if merged else ("path",)
     out = set()
     for p in up.params:
         if ".base_layer." not in p.path or p.path in ref_params:
             continue
         origin = re.sub(r"(\.base_layer)+\.", ".", p.path)
-        if origin in ref_params and origin not in up_paths and _without_path(ref_params[origin]) == _without_path(p):
+        if origin in ref_params and origin not in up_paths and _without(ref_params[origin], skip) == _without(p, skip):
             out |= {p.path, origin}
     return frozenset(out)
 
@@ -327,7 +335,14 @@ def _resolved_config_fields(ctx: CaseContext) -> frozenset[str]:
     return frozenset(k for k, v in normalise_config(given) if k in stored and stored[k] != v)
 
 
+def _bnb_lora_modules(ctx: CaseContext) -> frozenset[str]:
+    """The reference's LoRA modules around a bitsandbytes 8-bit or 4-bit base layer."""
+    snap = ctx.reference
+    return frozenset(m.path for m in snap.lora if m.kind in ("bnb4bit", "bnb8bit")) if snap is not None else frozenset()
+
+
 SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
+    "bnb_lora_modules": _bnb_lora_modules,
     "widened_targets": _widened_targets,
     "moved_base_params": _moved_base_params,
     "consistent_upstream_lora": _consistent_upstream_lora,

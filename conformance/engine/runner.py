@@ -30,6 +30,7 @@ from conformance.numerics import enabled as numerics_enabled
 from conformance.engine.snapshot import PeftFacts, Snapshot, error_snapshot, snapshot_of
 from reference import PreparationError, Profile, builtin_class
 from reference.prepare import prepare_wrapped
+from reference.trained import trained_seed
 from reference.notices import PreparationWarning
 from reference.trl import prepare_trl, select_trl_flow
 from reference.spec import Case
@@ -121,7 +122,7 @@ def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Modu
         try:
             if case.training.level == "trl":
                 result = prepare_trl(model, case.adapter, case.training, profile, select_trl_flow(),
-                                     pad_token_id=offline.tokenizer().pad_token_id)
+                                     pad_token_id=offline.tokenizer().pad_token_id, trained_seed=trained_seed(case))
                 prepared, trainer_gc, wrapper = result.model, result.trainer_gradient_checkpointing, result.wrapper
             else:
                 prepared, wrapper = prepare_wrapped(model, case.adapter, case.training, profile)

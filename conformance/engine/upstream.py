@@ -149,7 +149,10 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
     if t.peft_model_in:
         from peft import get_peft_model
 
+        from reference.trained import give_trained_values, trained_seed
+
         model = get_peft_model(model, peft_config)
+        give_trained_values(model.base_model.model, trained_seed(case))  # a trained adapter is handed over
         peft_config = LoraConfig(**case.adapter.given()) if t.peft_config_too else None
     try:
         trainer = SFTTrainer(
@@ -170,6 +173,8 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
 _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("invalid_r", r"`r` should be a positive integer"),
     ("merge_lora_bias_without_base_bias", r"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias"),
+    # peft's bitsandbytes merge reads the base bias without checking it exists (peft #2716, #3741).
+    ("merge_reads_a_missing_bias", r"'NoneType' object has no attribute 'data'"),
     ("no_default_targets", r"Please specify `target_modules`"),
     ("layers_with_regex_targets", r"`layers_to_transform` cannot be used when `target_modules` is a str"),
     ("layers_with_regex_targets", r"`layers_pattern` cannot be used when `target_modules` is a str"),

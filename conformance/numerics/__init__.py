@@ -53,6 +53,7 @@ __all__ = [
     "check_numerics",
     "configure",
     "enabled",
+    "one_side_passes",
     "tolerance_for",
 ]
 
@@ -276,13 +277,16 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
     init = resolve(case.adapter, profile).init_lora_weights
     ref_init, up_init = init_problems(reference, init), init_problems(upstream, init)
     for path in sorted(ref_init.keys() | up_init.keys()):
+        if ref_init.get(path) == up_init.get(path):
+            continue  # the same property broken alike on both sides (a passed-in trained adapter): not a divergence
         result.divergences.append(
             Divergence(path, "numerics.init", "; ".join(ref_init.get(path, ["ok"])), "; ".join(up_init.get(path, ["ok"])))
         )
     seed = case_seed(case)
     inputs = make_inputs(case, upstream, seed)
     ref_inputs = {k: v.to(next(reference.parameters()).device) for k, v in inputs.items()}
-    if init is True:
+    # A passed-in PeftModel carries a trained adapter (reference.trained): its output is no init output.
+    if init is True and not case.training.peft_model_in:
         r, u = _init_output(reference, ref_inputs, seed, autocast), _init_output(upstream, inputs, seed, autocast)
         if _error_class(r) is not None and _error_class(r) == _error_class(u):
             result.note = f"init forward {u} on both sides"
@@ -302,4 +306,24 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
         base = run_model(loaded(), inputs, train=False, seed=seed, backward=False, autocast=autocast)
         if base.error is not None:
             result.base_raised, result.both_raised, result.note = base.error, [], f"the loaded model raises: {base.error}"
+    if result.both_raised and case.training.level == "trl" and case.training.fp16 and autocast is None:
+        # fp16 training runs under fp16 autocast, which needs a GPU: on the CPU the prepared
+        # model's mixed dtypes cannot be run as the trainer would, so nothing is concluded here.
+        result.base_raised = "fp16 mixed precision needs a GPU: " + result.both_raised[0]
+        result.both_raised = []
     return result
+
+
+def one_side_passes(case: Case, profile: Profile, model: nn.Module) -> None:
+    """The forwards and backwards :func:`check_numerics` runs on each side, run on ``model``
+    alone: the init-output forwards (prepared and bypassed, for ``init_lora_weights=True``),
+    then the eval and the training pass, each with its backward.  The benchmarks' upstream-only
+    yardstick (``benchmarks/run.py``): what one preparation's passes cost, with no second side,
+    no value sharing and no comparison."""
+    autocast = trainer_autocast(case)
+    seed = case_seed(case)
+    inputs = make_inputs(case, model, seed)
+    if resolve(case.adapter, profile).init_lora_weights is True:
+        _init_output(model, inputs, seed, autocast)
+    for prefix, train in (("", False), ("train_", True)):
+        run_model(model, inputs, train=train, seed=case_seed(case, prefix or "eval"), autocast=autocast)
