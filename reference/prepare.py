@@ -73,8 +73,16 @@ def _arrange_input_grads_for_checkpointing(model: nn.Module) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers 5 deprecates the property's name
         checkpointing = getattr(model, "is_gradient_checkpointing", True)
-    if checkpointing and not is_kbit(model) and not getattr(model, "is_quantized", False):
+    if not checkpointing or is_kbit(model) or getattr(model, "is_quantized", False):
+        return
+    if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):  # a model that is no transformers model
+
+        def make_inputs_require_grad(module, inputs, output):
+            output.requires_grad_(True)
+
+        model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
 
 
 def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile) -> nn.Module:
