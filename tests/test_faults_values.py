@@ -212,3 +212,22 @@ def test_value_checks_hold_on_clean_quantized_cases():
         assert outcome.status in ("agree", "known"), outcome.divergences
         values = {p.value for p in outcome.upstream.params}
         assert values <= {"equal", "new"} and "equal" in values
+
+
+def test_float_storage_4bit_weights_read_equal_and_a_flipped_byte_is_caught(monkeypatch):
+    """A 4-bit weight kept in a float ``quant_storage`` holds packed bytes that may read as NaN:
+    untouched, it is ``equal`` (compared as bytes, not as floats, where NaN != NaN would call it
+    changed); one flipped byte in upstream's copy is caught on its value."""
+    case = dataclasses.replace(LLAMA_SAVE_HEAD, quant=QuantSpec(kind="4bit", quant_storage="bfloat16"),
+                               training=TrainingSpec(prepare_kbit=True))
+    clean = run_case(case, PROFILE, numerics=False)
+    assert clean.status in ("agree", "known"), clean.divergences
+    packed = [p for p in clean.upstream.params if p.dtype == "bfloat16"]  # every 4-bit weight, NaN patterns or not
+    assert len(packed) >= 10 and all(p.value == "equal" for p in packed), [(p.path, p.value) for p in packed]
+
+    def corrupt(model, config):
+        weight = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer").weight
+        weight.data.view(torch.uint8)[0, 0] ^= 0x01
+
+    _after_get_peft_model(monkeypatch, corrupt)
+    _caught(case, "value", "q_proj.base_layer.weight")

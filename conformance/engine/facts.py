@@ -61,19 +61,27 @@ def _fingerprint(t: torch.Tensor) -> str:
 def value_relation(tensor: torch.Tensor, original: torch.Tensor | None) -> str:
     """``equal``, ``changed: <fingerprint> (loaded: <fingerprint>)`` or ``new`` (see the module docstring).
 
-    Packed bitsandbytes tensors (4-bit, int8) compare their stored bytes and their
-    quantization state; floating ones compare values after rounding the loaded value
-    to the tensor's own dtype."""
+    Packed bitsandbytes tensors (4-bit, int8, whatever their storage dtype) compare their
+    stored bytes and their quantization state; floating ones compare bits after rounding
+    the loaded value to the tensor's own dtype (so an unchanged NaN is ``equal``)."""
     if original is None or tuple(original.shape) != tuple(tensor.shape):
         return "new"
-    if tensor.dtype.is_floating_point and original.dtype.is_floating_point:
-        same = torch.equal(tensor.detach(), original.detach().to(device=tensor.device, dtype=tensor.dtype))
-    else:
+    if _packed(tensor) or _packed(original) or not (tensor.dtype.is_floating_point and original.dtype.is_floating_point):
         same = tensor.dtype == original.dtype and torch.equal(_raw(tensor), _raw(original).to(tensor.device))
         same = same and _same_quant_state(tensor, original)
+    else:
+        rounded = original.detach().to(device=tensor.device, dtype=tensor.dtype)
+        # Bitwise: a NaN held unchanged is equal, and -0.0 is not 0.0.
+        same = torch.equal(_raw(tensor), _raw(rounded))
     if same:
         return "equal"
     return f"changed: {_fingerprint(tensor)} (loaded: {_fingerprint(original)})"
+
+
+def _packed(t: torch.Tensor) -> bool:
+    """A bitsandbytes tensor whose storage is packed, whatever its dtype: a 4-bit weight kept in
+    a float ``quant_storage`` (bf16, fp16, fp32) is bytes, not floats, and may read as NaN."""
+    return getattr(t, "quant_state", None) is not None or type(t).__name__ in ("Params4bit", "Int8Params")
 
 
 def _same_quant_state(a: torch.Tensor, b: torch.Tensor) -> bool:
