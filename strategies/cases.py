@@ -28,7 +28,7 @@ from hypothesis.strategies import SearchStrategy
 
 from reference.profiles import Profile, select_profile
 from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
-from strategies.targets import TARGET_KINDS, matching_regexes, near_miss_targets, near_misses
+from strategies.targets import TARGET_KINDS, layer_one_exclude, matching_regexes, near_miss_targets, near_misses
 from strategies.validation import check_kinds, check_rate
 from strategies.zoo import TASKS, ZOO, ZooEntry, tasks_of
 from strategies.zoo import model_types as zoo_types
@@ -190,7 +190,7 @@ def _excludes(draw, reached: tuple[str, ...], entry: ZooEntry, layer_filter: boo
     if spare:
         options.append(st.lists(st.sampled_from(spare), max_size=1).map(tuple))
     if not layer_filter:
-        options.append(st.just(r".*\.1\..*"))
+        options.append(st.just(layer_one_exclude(entry)))
     return draw(_absent_or(st.one_of(options)))
 
 

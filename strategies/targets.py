@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from reference.spec import ABSENT
 from strategies.zoo import ZooEntry
 
-__all__ = ["TARGET_KINDS", "matching_regexes", "near_miss_regexes", "near_misses", "target_kind"]
+__all__ = ["TARGET_KINDS", "layer_one_exclude", "matching_regexes", "near_miss_regexes", "near_misses", "target_kind"]
 
 TARGET_KINDS = ("default", "list", "regex", "all-linear")
 """``default``: ``target_modules`` absent or None (the type's default table); ``list``: names
@@ -59,6 +59,12 @@ def matching_regexes(entry: ZooEntry, names: tuple[str, ...]) -> list[str]:
         rf".*\.{entry.layer_container}\.0\..*\.({alt})",  # matches layer 0 only
         rf".*\.({alt})$|nothing",  # matches, through an alternation
     ]
+
+
+def layer_one_exclude(entry: ZooEntry) -> str:
+    """An ``exclude_modules`` regex for every module of layer 1 of the layer container (and
+    nothing else: t5's ``block.0.layer.1.DenseReluDense`` stays, it is in layer 0)."""
+    return rf".*\.{re.escape(entry.layer_container)}\.1\..*"
 
 
 def near_miss_regexes(names: tuple[str, ...]) -> list[str]:

@@ -37,6 +37,7 @@ from hypothesis.strategies import SearchStrategy
 from reference.profiles import Profile
 from reference.spec import ABSENT, Case
 from strategies.covering import Group
+from strategies.targets import layer_one_exclude
 
 __all__ = ["ADAPTER_FACTORS", "EMBEDDING", "Stratum", "compatible_model_types", "features", "jsonable", "row_case", "strata"]
 
@@ -45,8 +46,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 GIVEN, ABSENT_LABEL = "given", "absent"
 # Abstract levels of the adapter fields whose values are open-ended.
 _OPEN = ("absent", "given")
-EXCLUDE_REGEX = r".*\.1\..*"
-"""The strategies' regex exclude: every module of layer 1 (only without a layer filter)."""
 
 
 @dataclass(frozen=True)
@@ -352,7 +351,7 @@ def _pinned_adapter(draw, case: Case, row: Mapping[str, Any], profile: Profile):
         if level in ("absent", "none"):
             exclude = ABSENT if level == "absent" else None
         elif level == "regex":
-            exclude = EXCLUDE_REGEX
+            exclude = layer_one_exclude(entry)  # the strategies' regex exclude
         else:  # one name that leaves a reached name targeted
             spare = tuple(n for n in entry.linear_names if n not in reached or len(reached) > 1)
             exclude = (draw(st.sampled_from(spare)),) if spare else None
