@@ -8,6 +8,7 @@ import pathlib
 import warnings
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
@@ -411,3 +412,16 @@ def test_absent_is_a_falsy_singleton():
 def test_drawn_cases_round_trip(case):
     assert Case.loads(case.dumps()) == case
     assert Case.from_json(json.loads(json.dumps(case.to_json()))) == case
+
+
+def test_value_relation_is_bitwise_after_rounding_and_handles_scalars_and_nan():
+    from conformance.engine.facts import value_relation
+
+    scalar = torch.tensor(1.5, dtype=torch.bfloat16)  # a 0-dim bf16 tensor (a scale, a norm's eps buffer)
+    assert value_relation(scalar, torch.tensor(1.5)) == "equal"  # an exact cast is equal
+    assert value_relation(scalar, torch.tensor(1.501)) == "equal"  # the loaded value rounded to bf16 is 1.5
+    assert value_relation(scalar, torch.tensor(1.75)).startswith("changed: ")
+    with_nan = torch.tensor([float("nan"), 1.0])
+    assert value_relation(with_nan, with_nan.clone()) == "equal"  # an unchanged NaN is no change
+    assert value_relation(torch.tensor([-0.0]), torch.tensor([0.0])).startswith("changed: ")
+    assert value_relation(torch.zeros(3), None) == value_relation(torch.zeros(3), torch.zeros(4)) == "new"

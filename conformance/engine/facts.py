@@ -46,7 +46,7 @@ def pristine_path(path: str) -> str:
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.uint8) if t.numel() else t.detach()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8) if t.numel() else t.detach()
 
 
 def _fingerprint(t: torch.Tensor) -> str:
