@@ -488,6 +488,36 @@ def test_falcon_view_entry_needs_falcon_8bit_and_its_message():
     assert registry.explain(falcon, [Divergence("<model>", "numerics.logits", "a", "b")])[0] != []
 
 
+def test_deberta_rel_embeddings_entry_needs_reentrant_checkpointing_trained_embeddings_and_its_message():
+    from conformance.engine.snapshot import ModelFacts, ParamFacts, Snapshot
+
+    entry_id = "deberta-v2-reentrant-checkpointing-backwards-rel-embeddings-twice"
+    registry = load_registry(versions={"transformers": "5.23.0"})
+    assert entry_id in {e.id for e in registry.active}
+    twice = "train_forward: RuntimeError: Trying to backward through the graph a second time (or directly access"
+    raised = Divergence("<model>", "numerics.both_raised", twice, twice)
+    case = Case(ModelSpec("deberta-v2", "SEQ_CLS", num_layers=2), QuantSpec(kind="8bit"),
+                AdapterSpec(target_modules=("query_proj",), bias="all", task_type="SEQ_CLS"), TrainingSpec(prepare_kbit=True))
+
+    def snap(reentrant: str | None = "True", trained: str = "deberta.encoder.LayerNorm.bias", checkpointing=True):
+        facts = ModelFacts(checkpointing, True, False, True, 1, 2, gradient_checkpointing_kwargs=(
+            (("use_reentrant", reentrant),) if reentrant is not None else ()))
+        return Snapshot(params=(ParamFacts(trained, (4,), "float32", True, "plain"),), model=facts)
+
+    def left(case_: Case, s) -> list:
+        return registry.explain(CaseContext(case_, s, s), [raised])[0]
+
+    assert left(case, snap()) == [] and left(case, snap(reentrant=None)) == []
+    assert left(case, snap(trained="deberta.encoder.rel_embeddings.weight")) == []
+    assert left(case, snap(reentrant="False")) == [raised]  # non-reentrant checkpointing runs
+    assert left(case, snap(checkpointing=False)) == [raised]
+    assert left(case, snap(trained="deberta.encoder.layer.0.output.LayerNorm.bias")) == [raised]
+    assert left(dataclasses.replace(case, model=ModelSpec("deberta", "SEQ_CLS", num_layers=2)), snap()) == [raised]
+    other = Divergence("<model>", "numerics.both_raised", "x", "train_forward: RuntimeError: CUDA error")
+    assert registry.explain(CaseContext(case, snap(), snap()), [other])[0] == [other]
+    assert registry.explain(CaseContext(case, snap(), snap()), [Divergence("<model>", "numerics.loss", "a", "b")])[0] != []
+
+
 MERGE_STACK = {"peft": "0.21.2", "trl": "0.25.1", "transformers": "5.23.0"}
 QUANTIZED_MERGE = Case(ModelSpec("llama", num_layers=1), QuantSpec(kind="8bit"),
                        AdapterSpec(r=4, lora_alpha=16, target_modules=("q_proj",), lora_bias=True),

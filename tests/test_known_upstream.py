@@ -110,6 +110,12 @@ MINIMAL = {
         ModelSpec("falcon", "CAUSAL_LM", num_layers=1), QuantSpec(kind="8bit"),
         AdapterSpec(r=4, target_modules=("query_key_value",), task_type="CAUSAL_LM"), TrainingSpec(prepare_kbit=True),
     ),
+    # deberta-v2 reuses its relative embeddings' graph in every reentrant-checkpointed layer: training's
+    # backward raises once bias="all" trains encoder.LayerNorm.bias.
+    "deberta-v2-reentrant-checkpointing-backwards-rel-embeddings-twice": Case(
+        ModelSpec("deberta-v2", "SEQ_CLS", num_layers=2), QuantSpec(kind="8bit", skip_modules=("classifier",)),
+        AdapterSpec(r=4, target_modules=("query_proj",), bias="all", task_type="SEQ_CLS"), TrainingSpec(prepare_kbit=True),
+    ),
     # "all-linear" on a fused-expert MoE becomes parameter targeting, which the reference lacks.
     "moe-experts-as-parameters": Case(
         ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),

@@ -189,3 +189,16 @@ def test_the_markdown_replays_with_the_interpreter_of_the_run():
     text = markdown(report)
     assert "/venv/bin/python -m conformance explain --profile current --case '" in text
     assert "**example #0** (its index in the JSON report's `examples`): gpt2" in text
+
+
+def test_a_strict_reason_about_numerics_names_the_examples_and_their_replay():
+    """'a forward raised on both sides' is actionable: the test, the exception and a replay command."""
+    raised = {"tolerance": "fp32", "max_error_in_tolerances": 0.0,
+              "both_raised": ["train_forward: RuntimeError: Trying to backward through the graph a second time"]}
+    entries = [_entry(GPT2, "agree", numerics=raised, test=f"t::cell[{i}]") for i in range(5)]
+    report = build_report(_settings(), entries)
+    (reason,) = [r for r in strict_failures(report, judge_stale=False) if "raised the same exception" in r]
+    assert reason.startswith("5 examples whose forward raised")
+    assert "t::cell[0]: train_forward: RuntimeError: Trying to backward" in reason
+    assert reason.count("replay: ") == 3 and "explain --profile" in reason and '"model_type":"gpt2"' in reason
+    assert reason.endswith("... and 2 more (see the JSON report)")

@@ -113,6 +113,20 @@ def _explained(case: Any, outcome: Any, profile: Any) -> list[str]:
     return lines
 
 
+def _numerics_lines(facts: dict[str, Any] | None) -> list[str]:
+    """What the numerical checks found (``conformance.numerics.NumericsResult.to_json``), or why none ran."""
+    if not facts:
+        return ["numerics: not run (the sides differ structurally, one side raised, or numerics are off)"]
+    line = f"numerics: tolerance {facts.get('tolerance')}, worst error {facts.get('max_error_in_tolerances')} of it"
+    out = [line + (f"; {facts['note']}" if facts.get("note") else "")]
+    out += [f"  a forward raised on both sides (unexplained; fails --conformance-strict): {r}"
+            for r in facts.get("both_raised", ())]
+    out += [f"  a forward raised on both sides, explained by {k}" for k in facts.get("both_raised_known", ())]
+    if facts.get("base_raised"):
+        out.append(f"  the loaded model's own forward raises: {facts['base_raised']}")
+    return out
+
+
 def explain(args: argparse.Namespace) -> int:
     from conformance.engine.diff import format_table
     from conformance.engine.runner import run_case
@@ -141,6 +155,8 @@ def explain(args: argparse.Namespace) -> int:
                 f"trainable {m.trainable_params}/{m.total_params}, checkpointing={m.gradient_checkpointing}, "
                 f"input grads={m.input_grads}"
             )
+    for line in _numerics_lines(outcome.numerics):
+        print(line)
     if outcome.divergences:
         print()
         print("unexplained divergences (the outcome is diverge):")

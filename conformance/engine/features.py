@@ -193,6 +193,26 @@ def _trainable_4bit_weight(ctx: CaseContext) -> bool:
     return snap is not None and any(p.requires_grad and p.cls == "Params4bit" for p in snap.params)
 
 
+def _reentrant_checkpointing(ctx: CaseContext) -> bool:
+    """The reference's prepared model checkpoints its blocks with torch's reentrant checkpoint
+    (``use_reentrant=True``, what transformers and peft pass when the user gives no kwargs;
+    kwargs without the key read as reentrant too, torch's default before 2.9)."""
+    snap = ctx.reference
+    if snap is None or snap.model is None or not snap.model.gradient_checkpointing:
+        return False
+    kwargs = dict(snap.model.gradient_checkpointing_kwargs or ())
+    return kwargs.get("use_reentrant", "True") == "True"
+
+
+def _relative_embeddings_trained(ctx: CaseContext) -> bool:
+    """The reference's prepared model trains a parameter of the relative position embeddings a
+    DeBERTa encoder computes once, before its layers (``encoder.rel_embeddings``, and
+    ``encoder.LayerNorm``, which deberta-v2 applies to them): a bias with bias="all", a saved copy."""
+    snap = ctx.reference
+    return snap is not None and any(p.requires_grad and re.search(r"(^|\.)encoder\.(rel_embeddings|LayerNorm)\.", p.path)
+                                    for p in snap.params)
+
+
 def _layers_pattern_given(ctx: CaseContext) -> bool:
     return ctx.case.adapter.layers_pattern not in (ABSENT, None, "", ())
 
@@ -213,6 +233,8 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "targets_inside_saved": lambda ctx: bool(ctx.paths("targets_inside_saved")),
     "trainable_besides_lora": _trainable_besides_lora,
     "trainable_4bit_weight": _trainable_4bit_weight,
+    "reentrant_checkpointing": _reentrant_checkpointing,
+    "relative_embeddings_trained": _relative_embeddings_trained,
 }
 """Scalar features for ``when``; each is documented by its function."""
 

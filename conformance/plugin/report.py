@@ -181,6 +181,25 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+REPLAYS_SHOWN = 3
+"""Examples a strict-mode reason lists with their replay command."""
+
+
+def _replays(report: dict[str, Any], examples: list[dict[str, Any]], key: str) -> str:
+    """The first examples behind a strict-mode reason: their test, what the numerics recorded, and
+    the command that replays each (``explain`` prints the numerics)."""
+    from conformance.plugin.summary import replay_command  # summary imports this module
+
+    lines = []
+    for e in examples[:REPLAYS_SHOWN]:
+        what = (e.get("numerics") or {}).get(key)
+        what = what[0] if isinstance(what, list) and what else what
+        replay = replay_command(report, e) if "case" in e and "profile" in report else "(no case recorded)"
+        lines.append(f"\n      {e.get('test', '?')}: {str(what)[:200]}\n      replay: {replay}")
+    more = len(examples) - REPLAYS_SHOWN
+    return "".join(lines) + (f"\n      ... and {more} more (see the JSON report)" if more > 0 else "")
+
+
 def strict_failures(report: dict[str, Any], *, judge_stale: bool = True) -> list[str]:
     """Why a gating (``--conformance-strict``) run fails even though no test did; empty when it passes.
 
@@ -199,12 +218,15 @@ def strict_failures(report: dict[str, Any], *, judge_stale: bool = True) -> list
     for reason, n in report.get("skips", {}).items():
         out.append(f"{n} examples skipped: {reason}")
     out.extend(f"coverage gap: {line}" for line in missing_cells(report))
-    inconclusive = sum(1 for e in report.get("examples", []) if (e.get("numerics") or {}).get("inconclusive"))
+    inconclusive = [e for e in report.get("examples", []) if (e.get("numerics") or {}).get("inconclusive")]
     if inconclusive:
-        out.append(f"{inconclusive} examples with inconclusive numerics (non-finite in the same places on both sides)")
-    both_raised = sum(1 for e in report.get("examples", []) if (e.get("numerics") or {}).get("both_raised"))
+        out.append(f"{len(inconclusive)} examples with inconclusive numerics (non-finite in the same places on both sides)"
+                   + _replays(report, inconclusive, "inconclusive"))
+    both_raised = [e for e in report.get("examples", []) if (e.get("numerics") or {}).get("both_raised")]
     if both_raised:
-        out.append(f"{both_raised} examples whose forward raised the same exception on both sides (numerics compared nothing there)")
+        out.append(f"{len(both_raised)} examples whose forward raised the same exception on both sides (numerics "
+                   "compared nothing there; a registry entry may name it as an upstream behaviour)"
+                   + _replays(report, both_raised, "both_raised"))
     for test, reason in report.get("skipped_tests", {}).items():
         out.append(f"test skipped: {test}: {reason}")
     if judge_stale:
