@@ -2,25 +2,33 @@
 
     python benchmarks/run.py [--quick] [--json PATH] [--no-xdist]
 
-For each case of a fixed corpus (Hypothesis, fixed seed, the default peft-level
-mix of quantization kinds), timed with the same loader state:
+For each case of a fixed corpus (the suite's strategy, a fixed seed, half peft level and half
+trl level, each with its default mix of quantization kinds), timed with the same loader state:
 
-* (a) upstream only: ``load_model`` + ``conformance.engine.upstream.prepare_peft`` + ``snapshot_of``;
+* (a) upstream only: what the differential example does on the upstream side, alone:
+  ``load_model`` + upstream preparation + ``snapshot_of`` (``conformance.engine.runner``'s
+  upstream half), and, where the differential example ran the numerical checks, the same
+  forward and backward passes on the upstream model
+  (``conformance.numerics.one_side_passes``);
 * (b) the full differential example: ``conformance.engine.runner.run_case`` (both
-  preparations, both snapshots, the diff and the known-divergence registry).
+  preparations, both snapshots, the diff, the registry, and the numerical checks).
 
-It writes ``overhead_ratio`` (sum of b / sum of a, both with the pristine-model
-cache warm), ``examples_per_second`` (b, single process, the model cache
-cleared first, as a suite run meets new cases), the same with the cache off
-(the "before" figures), per-quantization figures, the cost per example at 1, 4
-and 16 layers (hidden size 64) with a linear fit against the number of wrapped
-modules, and the wall time of the suite under ``pytest -n 1`` and ``-n 2``.
+Both are timed in the default mode (numerics on) and with the numerical checks off ((a)
+without passes, (b) with ``numerics=False``).  It writes ``overhead_ratio`` (sum of b / sum
+of a, default mode, the pristine-model cache warm), ``examples_per_second`` (b in the
+default mode, one process, the model cache cleared first, as a suite run meets new cases),
+``overhead_ratio_structural`` and ``examples_per_second_structural`` (the same, numerics
+off), the share of examples the numerical checks ran on, figures per quantization kind and
+per level, the cost per example at 1, 4 and 16 layers (hidden size 64) with a linear fit
+against the number of wrapped modules, and the wall time of the suite under ``pytest -n 0``
+and ``-n 2``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import platform
@@ -39,85 +47,88 @@ SEED = 20240607
 
 
 def corpus(n: int, seed: int = SEED) -> list:
-    """``n`` generated peft-level cases (every quantization kind), the same for a given seed."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import seed as hseed
+    """``n`` generated cases, alternately peft level and trl level (each level's default mix of
+    quantization kinds), the same for a given seed."""
+    from strategies import cases, sample
 
-    from strategies import cases
-
-    out: list = []
-
-    @hseed(seed)
-    @settings(max_examples=n, database=None, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(cases(level="peft"))
-    def collect(case) -> None:
-        out.append(case)
-
-    collect()
-    return out[:n]
+    half = (n + 1) // 2
+    peft, trl = sample(cases(level="peft"), half, seed), sample(cases(level="trl"), half, seed)
+    return [c for pair in zip(peft, trl, strict=True) for c in pair][:n]
 
 
-def upstream_only(case) -> Any:
-    """(a): what one upstream preparation costs inside the harness."""
-    from conformance.engine import upstream
-    from conformance.engine.models import load_model
-    from conformance.engine.runner import cache_dir
-    from conformance.engine.snapshot import error_snapshot, snapshot_of
+def upstream_only(case, passes: bool = False, profile=None) -> Any:
+    """(a): the upstream half of a differential example, alone: load, prepare, snapshot (as the
+    runner takes it, values against the loaded model) and, with ``passes``, the forward and
+    backward passes the numerical checks run on each side.  Returns the snapshot."""
+    from conformance.engine.runner import _upstream_prepared
+    from conformance.numerics import one_side_passes
 
-    model = load_model(case.model, case.quant, cache_dir(), device=case.training.device)
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        try:
-            prepared, _, _ = upstream.prepare_peft(model, case)
-        except Exception as exc:  # noqa: BLE001 - a rejection is an outcome, as in the runner
-            cls, kind = upstream.classify_error(exc)
-            return error_snapshot(cls, kind, str(exc))
-    return snapshot_of(prepared, [])
+    snap, model = _upstream_prepared(case)
+    if passes and model is not None:
+        if profile is None:
+            from reference import select_profile
+
+            profile = select_profile()
+        one_side_passes(case, profile, model)
+    return snap
 
 
-def _timed(fn, *args) -> tuple[float, Any]:
+def _timed(fn, *args, **kwargs) -> tuple[float, Any]:
     start = time.perf_counter()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     return time.perf_counter() - start, out
+
+
+def _best(fn, *args, **kwargs) -> float:
+    return min(_timed(fn, *args, **kwargs)[0] for _ in range(2))
 
 
 def measure_corpus(cases: list, profile) -> dict[str, Any]:
     from conformance.engine.models import clear_model_cache
     from conformance.engine.runner import run_case
 
-    for case in cases:  # write the quantized checkpoints to disk once; not part of any figure
-        run_case(case, profile)
+    # write the quantized checkpoints to disk once, and learn where the numerics run; not timed
+    checked = [run_case(case, profile, numerics=True).numerics is not None for case in cases]
     clear_model_cache()
-    cold = [_timed(run_case, c, profile)[0] for c in cases]  # as a suite run meets the cases
-    warm_a, warm_b, kinds = [], [], []
-    for case in cases:
-        warm_a.append(min(_timed(upstream_only, case)[0] for _ in range(2)))
-        warm_b.append(min(_timed(run_case, case, profile)[0] for _ in range(2)))
-        kinds.append(case.quant.kind)
-    os.environ["CONFORMANCE_MODEL_CACHE"] = "0"
-    try:
-        fresh_a = [_timed(upstream_only, c)[0] for c in cases]
-        fresh_b = [_timed(run_case, c, profile)[0] for c in cases]
-    finally:
-        del os.environ["CONFORMANCE_MODEL_CACHE"]
-    per_quant: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for kind, a, b, c, fa, fb in zip(kinds, warm_a, warm_b, cold, fresh_a, fresh_b, strict=True):
-        for name, value in (("a", a), ("b", b), ("cold", c), ("fresh_a", fa), ("fresh_b", fb)):
-            per_quant[kind][name].append(value)
+    cold = [_timed(run_case, c, profile, numerics=True)[0] for c in cases]  # as a suite run meets the cases
+    clear_model_cache()
+    cold_off = [_timed(run_case, c, profile, numerics=False)[0] for c in cases]
+    rows = []
+    for case, ran in zip(cases, checked, strict=True):
+        rows.append({
+            "quantization": case.quant.kind, "level": case.training.level, "checked": ran,
+            "a": _best(upstream_only, case, ran, profile), "b": _best(run_case, case, profile, numerics=True),
+            "a_off": _best(upstream_only, case, False), "b_off": _best(run_case, case, profile, numerics=False),
+        })
+    for row, c, c_off in zip(rows, cold, cold_off, strict=True):
+        row["cold"], row["cold_off"] = c, c_off
 
-    def figures(d: dict[str, list[float]]) -> dict[str, Any]:
+    def figures(group: list[dict[str, Any]]) -> dict[str, Any]:
+        def total(key: str) -> float:
+            return sum(r[key] for r in group)
+
+        n = len(group)
         return {
-            "cases": len(d["b"]),
-            "upstream_only_ms": round(1e3 * sum(d["a"]) / len(d["a"]), 2),
-            "differential_ms": round(1e3 * sum(d["b"]) / len(d["b"]), 2),
-            "overhead_ratio": round(sum(d["b"]) / sum(d["a"]), 3),
-            "examples_per_second": round(len(d["cold"]) / sum(d["cold"]), 2),
-            "examples_per_second_uncached": round(len(d["fresh_b"]) / sum(d["fresh_b"]), 2),
-            "overhead_ratio_uncached": round(sum(d["fresh_b"]) / sum(d["fresh_a"]), 3),
+            "cases": n,
+            "numerics_ran_on": sum(r["checked"] for r in group),
+            "numerics_share": round(sum(r["checked"] for r in group) / n, 3),
+            "upstream_only_ms": round(1e3 * total("a") / n, 2),
+            "differential_ms": round(1e3 * total("b") / n, 2),
+            "overhead_ratio": round(total("b") / total("a"), 3),
+            "examples_per_second": round(n / total("cold"), 2),
+            "upstream_only_structural_ms": round(1e3 * total("a_off") / n, 2),
+            "differential_structural_ms": round(1e3 * total("b_off") / n, 2),
+            "overhead_ratio_structural": round(total("b_off") / total("a_off"), 3),
+            "examples_per_second_structural": round(n / total("cold_off"), 2),
         }
 
-    every = {"a": warm_a, "b": warm_b, "cold": cold, "fresh_a": fresh_a, "fresh_b": fresh_b}
-    return {"all": figures(every), "per_quantization": {k: figures(v) for k, v in sorted(per_quant.items())}}
+    def grouped(key: str) -> dict[str, Any]:
+        groups: dict[str, list] = defaultdict(list)
+        for r in rows:
+            groups[r[key]].append(r)
+        return {k: figures(v) for k, v in sorted(groups.items())}
+
+    return {"all": figures(rows), "per_quantization": grouped("quantization"), "per_level": grouped("level")}
 
 
 def measure_layers(cases: list, profile, layers=(1, 4, 16)) -> dict[str, Any]:
@@ -128,7 +139,7 @@ def measure_layers(cases: list, profile, layers=(1, 4, 16)) -> dict[str, Any]:
     for n in layers:
         total, modules = 0.0, 0
         for case in cases:
-            c = dataclasses.replace(case, model=dataclasses.replace(case.model, num_layers=n))
+            c = dataclasses.replace(case, model=dataclasses.replace(case.model, num_layers=n, hidden_size=64))
             run_case(c, profile)  # checkpoint + pristine model
             seconds, outcome = min((_timed(run_case, c, profile) for _ in range(2)), key=lambda t: t[0])
             total += seconds
@@ -147,29 +158,39 @@ def measure_layers(cases: list, profile, layers=(1, 4, 16)) -> dict[str, Any]:
             "fixed_ms": round(intercept, 2), "r_squared": round(1 - ss_res / ss_tot, 4)}
 
 
-def measure_xdist(examples: int, workers=(1, 2)) -> dict[str, Any]:
-    """Wall time of ``pytest conformance`` with a fixed seed and example count, per worker count."""
-    out = {}
+def measure_xdist(examples: int, workers=(0, 2), seed: int = 3) -> dict[str, Any]:
+    """Wall time of ``pytest conformance`` (both levels, numerics on) with a fixed seed and
+    example count, per worker count; the examples executed are counted from the JSON report."""
+    import tempfile
+
+    out: dict[str, Any] = {"conformance_examples": examples, "hypothesis_seed": seed}
     for n in workers:
-        cmd = [sys.executable, "-m", "pytest", "conformance", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
-               "-n", str(n), "--conformance-examples", str(examples), "--hypothesis-seed", "3"]
-        start = time.perf_counter()
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        wall = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "report.json"
+            cmd = [sys.executable, "-m", "pytest", "conformance", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
+                   "-n", str(n), "--conformance-examples", str(examples), "--hypothesis-seed", str(seed),
+                   "--conformance-report", str(report)]
+            start = time.perf_counter()
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            wall = time.perf_counter() - start
+            executed = len(json.loads(report.read_text())["examples"]) if report.is_file() else 0
         tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
         session = float(tail.rsplit(" in ", 1)[1].split("s")[0]) if " in " in tail else wall
-        out[f"n{n}"] = {"wall_s": round(wall, 2), "pytest_session_s": session, "examples": 3 * examples,
-                        "returncode": done.returncode, "examples_per_second": round(3 * examples / wall, 2)}
-    if "n1" in out and "n2" in out:
-        out["speedup_n2"] = round(out["n1"]["wall_s"] / out["n2"]["wall_s"], 2)
+        out[f"n{n}"] = {"wall_s": round(wall, 2), "pytest_session_s": session, "examples": executed,
+                        "returncode": done.returncode, "examples_per_second": round(executed / wall, 2)}
+    if "n0" in out and "n2" in out:
+        out["speedup_n2"] = round(out["n0"]["wall_s"] / out["n2"]["wall_s"], 2)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small corpus (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a small corpus and no suite runs (about a minute)")
     parser.add_argument("--json", metavar="PATH", default=str(ROOT / "benchmarks" / "results.json"))
-    parser.add_argument("--no-xdist", action="store_true", help="skip the pytest -n 1 / -n 2 runs")
+    parser.add_argument("--no-xdist", action="store_true", help="skip the pytest -n 0 / -n 2 suite runs")
+    parser.add_argument("--xdist-examples", type=int, default=None, metavar="N",
+                        help="--conformance-examples of the suite runs (default 150; 10 with --quick)")
     args = parser.parse_args(argv)
 
     import torch
@@ -180,29 +201,39 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     profile = select_profile(None, installed_versions())
-    n_cases, n_layer_cases, xdist_examples = (30, 4, 10) if args.quick else (120, 12, 40)
+    n_cases, n_layer_cases = (40, 4) if args.quick else (160, 12)
+    xdist_examples = args.xdist_examples or (10 if args.quick else 150)
+    load_before = os.getloadavg()
     cases = corpus(n_cases)
     started = time.perf_counter()
     corpus_figures = measure_corpus(cases, profile)
-    layer_cases = [c for c in cases if c.quant.kind == "none" and not c.invalid][:n_layer_cases]
+    layer_cases = [c for c in cases if c.quant.kind == "none" and not c.invalid and c.training.level == "peft"]
+    every = corpus_figures["all"]
     results = {
+        "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads()},
+                    "load_average_before": [round(x, 2) for x in load_before], "torch_threads": torch.get_num_threads()},
         "stack": installed_versions(),
         "profile": profile.name,
         "quick": args.quick,
-        "corpus": {"cases": len(cases), "seed": SEED, "invalid": sum(c.invalid for c in cases)},
-        "overhead_ratio": corpus_figures["all"]["overhead_ratio"],
-        "examples_per_second": corpus_figures["all"]["examples_per_second"],
+        "corpus": {"cases": len(cases), "seed": SEED, "invalid": sum(c.invalid for c in cases),
+                   "levels": {lv: sum(c.training.level == lv for c in cases) for lv in ("peft", "trl")}},
+        "overhead_ratio": every["overhead_ratio"],
+        "examples_per_second": every["examples_per_second"],
+        "overhead_ratio_structural": every["overhead_ratio_structural"],
+        "examples_per_second_structural": every["examples_per_second_structural"],
+        "numerics_share": every["numerics_share"],
         **corpus_figures,
-        "layers": measure_layers(layer_cases, profile),
+        "layers": measure_layers(layer_cases[:n_layer_cases], profile),
     }
     if not args.no_xdist:
         results["xdist"] = measure_xdist(xdist_examples)
+    results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.perf_counter() - started, 1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps({k: results[k] for k in ("overhead_ratio", "examples_per_second")}, indent=None))
+    keys = ("overhead_ratio", "examples_per_second", "overhead_ratio_structural", "numerics_share")
+    print(json.dumps({k: results[k] for k in keys}, indent=None))
     print(f"written to {args.json}")
     return 0
 

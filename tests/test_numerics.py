@@ -253,3 +253,45 @@ def test_inconclusive_numerics_are_counted_and_fail_strict_mode():
     report = {"totals": {"examples": 1, "diverge": 0}, "examples": examples, "skips": {}}
     assert "inconclusive on 1" in _numerics_line(report)
     assert any("inconclusive numerics" in why for why in strict_failures(report, judge_stale=False))
+
+
+# -- speed without change (issue 16) -------------------------------------------------------------------------
+
+
+def test_seeding_one_device_draws_the_masks_torch_manual_seed_draws():
+    """run_model seeds the generator of the model's device alone (``_seed``): the dropout masks
+    are those ``torch.manual_seed`` gives, so both sides still share one stream."""
+    from conformance.numerics.run import _seed
+
+    drop = nn.Dropout(0.5).train()
+    x = torch.ones(64, 64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        expected = drop(x)
+        _seed(123, torch.device("cpu"))
+        assert torch.equal(drop(x), expected)
+
+
+def test_the_upstream_only_yardstick_runs_the_passes_of_one_side(monkeypatch):
+    """``one_side_passes`` (the benchmarks' yardstick) runs exactly the forwards and backwards
+    ``check_numerics`` runs on each side: same train/backward/seed sequence, init output included."""
+    import conformance.numerics as numerics_module
+    from conformance.numerics.run import run_model as real_run_model
+
+    calls: list[tuple[int, bool, bool, int]] = []
+
+    def recording(model, inputs, *, train, seed, backward=True, autocast=None):
+        calls.append((id(model), train, backward, seed))
+        return real_run_model(model, inputs, train=train, seed=seed, backward=backward, autocast=autocast)
+
+    monkeypatch.setattr(numerics_module, "run_model", recording)
+    for case in (_case(lora_dropout=0.1), _case(init_lora_weights="gaussian")):
+        calls.clear()
+        reference, upstream = _prepared(case), _prepared(case)
+        numerics_module.check_numerics(case, PROFILE, reference, upstream)
+        per_side = [c[1:] for c in calls if c[0] == id(upstream)]
+        assert per_side == [c[1:] for c in calls if c[0] == id(reference)]
+        calls.clear()
+        alone = _prepared(case)
+        numerics_module.one_side_passes(case, PROFILE, alone)
+        assert [c[1:] for c in calls] == per_side, case.adapter

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import weakref
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -28,6 +30,7 @@ __all__ = [
     "checkpointing_kwargs",
     "config_writes",
     "hooks_of",
+    "loaded_state",
     "normal_value",
     "normalise_config",
     "pristine_path",
@@ -147,7 +150,7 @@ def config_writes(model: nn.Module, pristine: nn.Module | None) -> tuple[tuple[s
     """The ``model.config`` keys whose values differ from the loaded model's, as (key, repr(value))."""
     if pristine is None:
         return ()
-    now, before = _config_dict(getattr(model, "config", None)), _config_dict(getattr(pristine, "config", None))
+    now, before = _config_dict(getattr(model, "config", None)), loaded_state(pristine).config
     out = []
     for key in sorted(now.keys() | before.keys()):
         if key in _CONFIG_PROVENANCE:
@@ -190,3 +193,27 @@ def normalise_config(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 def tensors_by_path(model: nn.Module, *, buffers: bool = False) -> dict[str, torch.Tensor]:
     items: Iterable[tuple[str, torch.Tensor]] = model.named_buffers() if buffers else model.named_parameters()
     return dict(items)
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """What the facts read of a loaded model: its parameters and buffers by path, and its config."""
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+
+_LOADED: weakref.WeakKeyDictionary[nn.Module, LoadedState] = weakref.WeakKeyDictionary()
+
+
+def loaded_state(pristine: nn.Module) -> LoadedState:
+    """:class:`LoadedState` of ``pristine``, read once per model object: a loaded model is never
+    changed (``conformance.engine.models.pristine_model``), and both sides' snapshots of every
+    case that starts from it compare with it (``config.to_dict()`` alone is a deep copy)."""
+    state = _LOADED.get(pristine)
+    if state is None:
+        state = LoadedState(tensors_by_path(pristine), tensors_by_path(pristine, buffers=True),
+                            _config_dict(getattr(pristine, "config", None)))
+        _LOADED[pristine] = state
+    return state

@@ -22,8 +22,8 @@ from conformance.engine.facts import (
     checkpointing_kwargs,
     config_writes,
     hooks_of,
+    loaded_state,
     pristine_path,
-    tensors_by_path,
     value_relation,
 )
 
@@ -368,7 +368,8 @@ def snapshot_of(
     ``pristine`` is the loaded model preparation started from: parameter and buffer
     values are then recorded against it, and so are ``model.config`` writes.  ``peft``
     holds the facts of the PEFT wrapper (read by the caller, which has it)."""
-    originals = tensors_by_path(pristine) if pristine is not None else None
+    loaded = loaded_state(pristine) if pristine is not None else None
+    originals = loaded.params if loaded is not None else None
     params = []
     numels: dict[str, int] = {}
     for path, param in model.named_parameters(remove_duplicate=True):
@@ -376,11 +377,10 @@ def snapshot_of(
         params.append(_param_facts(path, param, value))
         numels[path] = param.numel()
     buffers = []
-    if pristine is not None:
-        loaded = tensors_by_path(pristine, buffers=True)
+    if loaded is not None:
         for path, buf in model.named_buffers():
             buffers.append(BufferFacts(path, tuple(buf.shape), _dtype(buf.dtype),
-                                       value_relation(buf, loaded.get(pristine_path(path)))))
+                                       value_relation(buf, loaded.buffers.get(pristine_path(path)))))
         buffers.sort(key=lambda b: b.path)
     lora = []
     saved = []

@@ -260,6 +260,12 @@ def _init_output(model: nn.Module, inputs: dict[str, torch.Tensor], seed: int, a
     return f"differs from the base output by {float((prepared.logits.double() - base.logits.double()).abs().max()):.3g}"
 
 
+def _checks_init_output(case: Case, init: Any) -> bool:
+    """Whether the init output is checked: for ``init_lora_weights=True``, except on a passed-in
+    PeftModel, which carries a trained adapter (reference.trained): its output is no init output."""
+    return init is True and not case.training.peft_model_in
+
+
 def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream: nn.Module,
                    loaded: Callable[[], nn.Module] | None = None) -> NumericsResult:
     """The numerical checks of one example whose two preparations agree structurally.
@@ -285,8 +291,7 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
     seed = case_seed(case)
     inputs = make_inputs(case, upstream, seed)
     ref_inputs = {k: v.to(next(reference.parameters()).device) for k, v in inputs.items()}
-    # A passed-in PeftModel carries a trained adapter (reference.trained): its output is no init output.
-    if init is True and not case.training.peft_model_in:
+    if _checks_init_output(case, init):
         r, u = _init_output(reference, ref_inputs, seed, autocast), _init_output(upstream, inputs, seed, autocast)
         if _error_class(r) is not None and _error_class(r) == _error_class(u):
             result.note = f"init forward {u} on both sides"
@@ -316,14 +321,14 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
 
 def one_side_passes(case: Case, profile: Profile, model: nn.Module) -> None:
     """The forwards and backwards :func:`check_numerics` runs on each side, run on ``model``
-    alone: the init-output forwards (prepared and bypassed, for ``init_lora_weights=True``),
+    alone: the init-output forwards (prepared and bypassed, where :func:`_checks_init_output`),
     then the eval and the training pass, each with its backward.  The benchmarks' upstream-only
     yardstick (``benchmarks/run.py``): what one preparation's passes cost, with no second side,
     no value sharing and no comparison."""
     autocast = trainer_autocast(case)
     seed = case_seed(case)
     inputs = make_inputs(case, model, seed)
-    if resolve(case.adapter, profile).init_lora_weights is True:
+    if _checks_init_output(case, resolve(case.adapter, profile).init_lora_weights):
         _init_output(model, inputs, seed, autocast)
     for prefix, train in (("", False), ("train_", True)):
         run_model(model, inputs, train=train, seed=case_seed(case, prefix or "eval"), autocast=autocast)

@@ -20,14 +20,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from conformance.plugin.report import Recorder, build_report, strict_failures, write_report
+from conformance.plugin import startup
 from conformance.plugin.shard import Shard, parse_shard, shard_seed
 from conformance.plugin.stream import ExampleStream, read_streams, stream_files
-from conformance.plugin.summary import markdown, summary_lines
+
+if TYPE_CHECKING:  # report, summary and checks import the zoo and the engine: only where used (startup)
+    from conformance.plugin.report import Recorder
 
 __all__ = ["Settings", "cell_examples_for", "quiet_upstream_noise", "replay_options", "settings_of"]
 
@@ -74,7 +76,8 @@ class Settings:
     shard: Shard | None = None
     numerics: bool = True
     """``--conformance-numerics``: run the numerical checks on every agreeing example."""
-    recorder: Recorder = field(default_factory=Recorder)
+    recorder: Recorder | None = None
+    """The examples this process ran (an xdist controller makes it when needed: :func:`_recorder`)."""
     stream_dir: Path | None = None
     """The xdist run directory of the workers' example streams (controller and workers)."""
     crashed: dict[str, str] = field(default_factory=dict)
@@ -281,20 +284,33 @@ def pytest_configure(config: pytest.Config) -> None:
         rootdir=config.rootpath,
     )
     workerinput = getattr(config, "workerinput", None)
+    controller = startup.controller(config)
+    if not controller:
+        _recorder(settings)
     if workerinput is not None and workerinput.get("conformance_stream_dir"):
         settings.stream_dir = Path(workerinput["conformance_stream_dir"])
         settings.recorder.stream = ExampleStream(settings.stream_dir, workerinput.get("workerid", "worker"))
     config.stash[_KEY] = settings
     if workerinput is None:
         config.pluginmanager.register(_SkipCollector(settings), "conformance-skips")
-    from conformance.plugin import checks
+    if not controller:  # where tests run
+        config.pluginmanager.register(startup.GarbageCollection(), "conformance-gc")
+        from conformance.plugin import checks
 
-    checks.configure(settings)
-    from conformance import numerics
+        checks.configure(settings)
+        from conformance import numerics
 
-    numerics.configure(settings.numerics)
+        numerics.configure(settings.numerics)
     if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(_XdistHooks(), "conformance-xdist")
+        config.pluginmanager.register(_XdistHooks(controller), "conformance-xdist")
+
+
+def _recorder(s: Settings) -> Recorder:
+    if s.recorder is None:
+        from conformance.plugin.report import Recorder
+
+        s.recorder = Recorder()
+    return s.recorder
 
 
 def cell_examples_for(examples: int) -> int:
@@ -359,6 +375,8 @@ def _cell_wanted(s: Settings, item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Cell tests whose cell the options exclude (``--conformance-level``, ``--conformance-quant``,
     ``--conformance-shard``) are deselected, not skipped: they are not part of this run.
+    On an xdist worker the long free tests are spread over the workers' first batches
+    (``startup.spread_long_tests``).
 
     Under ``--conformance-strict``, health checks a test suppresses are switched back on.
     Hypothesis reads a test's settings from ``_hypothesis_internal_use_settings``
@@ -371,6 +389,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if _cell_wanted(s, item)]
+    startup.spread_long_tests(config, items)
     if not s.strict:
         return
     from hypothesis import settings as hypothesis_settings
@@ -421,17 +440,21 @@ def _run_facts(s: Settings, entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    from conformance.plugin.report import build_report, strict_failures, write_report
+    from conformance.plugin.summary import markdown
+
     s = settings_of(session.config)
-    s.recorder.flush()
+    recorder = _recorder(s)
+    recorder.flush()
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: its examples are in its stream file
-        if s.recorder.stream is not None:
-            s.recorder.stream.close()
+        if recorder.stream is not None:
+            recorder.stream.close()
         else:
-            workeroutput["conformance_examples"] = json.dumps(s.recorder.entries)
+            workeroutput["conformance_examples"] = json.dumps(recorder.entries)
         workeroutput["conformance_lifted"] = json.dumps(s.lifted_suppressions)
         return
-    entries = s.recorder.entries
+    entries = recorder.entries
     if s.stream_dir is not None:  # the controller: every worker's stream, finished or crashed
         entries = entries + read_streams(stream_files(s.stream_dir))
     s.report_data = build_report(s, entries, run=_run_facts(s, entries))
@@ -450,9 +473,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    from conformance.plugin.summary import summary_lines
+
     s = settings_of(config)
     report = s.report_data
-    if report is None or (not report["examples"] and not s.recorder.touched and not s.strict):
+    if report is None or (not report["examples"] and not _recorder(s).touched and not s.strict):
         return
     terminalreporter.section("LoRA conformance summary")
     for line in summary_lines(report, s.strict_reasons if s.strict else None):
@@ -469,6 +494,15 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 class _XdistHooks:
     """Registered only when pytest-xdist is active: stream directory, seed, crashes, the workers' examples."""
 
+    def __init__(self, controller: bool) -> None:
+        self.waiting_to_preload = controller
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.waiting_to_preload:  # the controller, once the workers run tests
+            self.waiting_to_preload = False
+            startup.preload()
+
     @pytest.hookimpl
     def pytest_configure_node(self, node: Any) -> None:
         s = settings_of(node.config)
@@ -479,6 +513,7 @@ class _XdistHooks:
             s.stream_dir = Path(tempfile.mkdtemp(prefix="conformance-run-", dir=base))
         node.workerinput["conformance_stream_dir"] = str(s.stream_dir)
         node.workerinput["conformance_seed"] = s.seed
+        node.workerinput.update(startup.scheduling(node.config))
 
     @pytest.hookimpl
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -487,6 +522,6 @@ class _XdistHooks:
             s.crashed[node.gateway.id] = str(error)
         output = getattr(node, "workeroutput", {}) or {}
         if output.get("conformance_examples"):  # a worker without a stream (not configured by us)
-            s.recorder.extend(json.loads(output["conformance_examples"]))
+            _recorder(s).extend(json.loads(output["conformance_examples"]))
         if output.get("conformance_lifted"):
             s.lifted_suppressions.update(json.loads(output["conformance_lifted"]))
