@@ -52,7 +52,16 @@ def corpus(n: int, seed: int = SEED) -> list:
     from strategies import cases, sample
 
     half = (n + 1) // 2
-    peft, trl = sample(cases(level="peft"), half, seed), sample(cases(level="trl"), half, seed)
+    def level_cases(level: str) -> list:
+        # distinct cases: Hypothesis repeats some draws, so a larger corpus may need more draws than
+        # cases.  The budget changes what Hypothesis draws first, so the smallest that suffices is used.
+        for budget in (half, 2 * half, 4 * half):
+            out = sample(cases(level=level), half, seed, budget=budget)
+            if len(out) == half:
+                return out
+        raise RuntimeError(f"the corpus strategy gave {len(out)} distinct {level} cases, not {half}")
+
+    peft, trl = level_cases("peft"), level_cases("trl")
     return [c for pair in zip(peft, trl, strict=True) for c in pair][:n]
 
 
@@ -186,7 +195,7 @@ def measure_xdist(examples: int, workers=(0, 2), seed: int = 3) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small corpus and no suite runs (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a small corpus and short suite runs (a few minutes)")
     parser.add_argument("--json", metavar="PATH", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--no-xdist", action="store_true", help="skip the pytest -n 0 / -n 2 suite runs")
     parser.add_argument("--xdist-examples", type=int, default=None, metavar="N",
