@@ -202,3 +202,16 @@ def test_a_strict_reason_about_numerics_names_the_examples_and_their_replay():
     assert "t::cell[0]: train_forward: RuntimeError: Trying to backward" in reason
     assert reason.count("replay: ") == 3 and "explain --profile" in reason and '"model_type":"gpt2"' in reason
     assert reason.endswith("... and 2 more (see the JSON report)")
+
+
+def test_valid_cases_upstream_rejected_are_split_by_whether_a_registry_entry_names_the_bug():
+    """The share of wasted examples the issue bounds (under 5 %) is the one no registry entry explains."""
+    named = _entry(GPT2, "known", rejected=True, upstream_error="TypeError[saved_module_is_lora]",
+                   known=["token-classification-head-targeted"])
+    both = _entry(GPT2, "agree", rejected=True, upstream_error="ValueError[no_target_modules]",
+                  reference_error="ValueError[no_target_modules]")
+    report = build_report(_settings(), [named, both] + [_entry(GPT2) for _ in range(8)])
+    assert report["totals"]["unintended_rejections"] == 2 and report["totals"]["rejections_by_known_bugs"] == 1
+    text = "\n".join(summary_lines(report))
+    assert ("valid cases upstream rejected anyway: 2 of 10 (20.0%; 1 of them upstream bugs the registry names, "
+            "the rest 10.0%)") in text

@@ -130,6 +130,8 @@ def build_report(
             if e.get("rejected"):
                 totals["unintended_rejections"] += 1
                 unintended[e.get("upstream_error", "?")] += 1
+                # a registry entry explains how upstream's rejection differs from the reference's result
+                totals["rejections_by_known_bugs"] += e["outcome"] == "known"
         hits.update(e.get("known", ()))
         for entry_id in e.get("known", ()):
             by_outcome[entry_id][e["outcome"]] += 1
@@ -157,7 +159,8 @@ def build_report(
         "summary": {m: {q: dict(c) for q, c in qs.items()} for m, qs in sorted(summary.items())},
         "invalid_summary": {m: dict(c) for m, c in sorted(invalid.items())},
         "totals": {"examples": len(entries),
-                   **{k: totals[k] for k in (*OUTCOMES, "invalid", "rejected", "valid", "unintended_rejections")}},
+                   **{k: totals[k] for k in (*OUTCOMES, "invalid", "rejected", "valid", "unintended_rejections",
+                                              "rejections_by_known_bugs")}},
         "unintended_rejections": dict(unintended.most_common()),
         "known": dict(hits),
         "known_by_outcome": {k: dict(c) for k, c in by_outcome.items()},

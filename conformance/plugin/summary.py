@@ -46,13 +46,17 @@ def _headline(report: dict[str, Any]) -> list[str]:
     run = [t[k] for k in OUTCOMES if k != "skip"]
     ran = sum(run)
     kinds = ", ".join(f"{kind} x{n}" for kind, n in report.get("unintended_rejections", {}).items())
+    bugs = t.get("rejections_by_known_bugs", 0)
     return [
         f"profile {report['profile']} on {report['device']}, seed {report['seed']}{shard}: {t['examples']} examples: "
         + ", ".join(f"{t[k]} {k}" for k in OUTCOMES)
         + " (known: registry entries explain every divergence of the example; diverge: at least one is unexplained)",
         f"deliberately invalid inputs (both sides must reject them): {t['invalid']} ({_pct(t['invalid'], ran)} of the "
         f"examples run); valid cases upstream rejected anyway: {t.get('unintended_rejections', 0)} of "
-        f"{t.get('valid', 0)} ({_pct(t.get('unintended_rejections', 0), t.get('valid', 0))})" + (f": {kinds}" if kinds else ""),
+        f"{t.get('valid', 0)} ({_pct(t.get('unintended_rejections', 0), t.get('valid', 0))}"
+        + (f"; {bugs} of them upstream bugs the registry names, the rest "
+           f"{_pct(t.get('unintended_rejections', 0) - bugs, t.get('valid', 0))}" if bugs else "")
+        + ")" + (f": {kinds}" if kinds else ""),
     ]
 
 
