@@ -128,3 +128,17 @@ def test_a_bad_case_never_prints_a_traceback():
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "__init__()" not in proc.stderr and "missing 1 required positional argument" not in proc.stderr
+
+
+def test_explain_prints_what_the_numerics_found():
+    """A replayed strict failure about numerics shows it: the exception raised on both sides, or the entry naming it."""
+    from conformance.cli.explain import _numerics_lines
+
+    raised = "train_forward: RuntimeError: Trying to backward through the graph a second time"
+    lines = _numerics_lines({"tolerance": "int8", "max_error_in_tolerances": 0.0, "both_raised": [raised],
+                             "note": f"{raised} on both sides"})
+    assert lines[0].startswith("numerics: tolerance int8, worst error 0.0 of it; train_forward")
+    assert lines[1] == f"  a forward raised on both sides (unexplained; fails --conformance-strict): {raised}"
+    known = _numerics_lines({"tolerance": "int8", "max_error_in_tolerances": 0.0, "both_raised_known": ["entry-id"]})
+    assert known[1] == "  a forward raised on both sides, explained by entry-id"
+    assert _numerics_lines(None)[0].startswith("numerics: not run")

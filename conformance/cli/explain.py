@@ -155,7 +155,7 @@ def explain(args: argparse.Namespace) -> int:
                 f"trainable {m.trainable_params}/{m.total_params}, checkpointing={m.gradient_checkpointing}, "
                 f"input grads={m.input_grads}"
             )
-    for line in _numerics_lines(outcome.numerics):
+    for line in _numerics_lines(getattr(outcome, "numerics", None)):
         print(line)
     if outcome.divergences:
         print()
