@@ -295,3 +295,45 @@ def test_the_upstream_only_yardstick_runs_the_passes_of_one_side(monkeypatch):
         alone = _prepared(case)
         numerics_module.one_side_passes(case, PROFILE, alone)
         assert [c[1:] for c in calls] == per_side, case.adapter
+
+
+# -- what this device cannot run ------------------------------------------------------------------------------
+
+
+def test_cpu_autocast_refusing_float16_is_a_device_limit_and_nothing_else():
+    """A float16 model trained with bf16 runs under the CPU's bf16 autocast, whose promote ops refuse
+    float16: counted as not run (``base_raised``), never as agreement; any other exception, precision
+    or load dtype stays a both-raised failure."""
+    from conformance.numerics import CPU_AUTOCAST_HALF, NumericsResult, _device_limits
+
+    trl_bf16 = Case(ModelSpec("mixtral", num_layers=1, load_dtype="float16"), adapter=AdapterSpec(target_modules=("k_proj",)),
+                    training=TrainingSpec(level="trl", prepare_kbit=False, bf16=True))
+    raised = f"eval forward: RuntimeError: {CPU_AUTOCAST_HALF}"
+
+    def after(case: Case, autocast, *both: str) -> NumericsResult:
+        result = NumericsResult(both_raised=list(both))
+        _device_limits(case, autocast, result)
+        return result
+
+    moved = after(trl_bf16, torch.bfloat16, raised, "train_" + raised)
+    assert moved.both_raised == [] and moved.base_raised.startswith("the CPU's bf16 autocast") and raised in moved.base_raised
+    assert after(trl_bf16, torch.bfloat16, raised, "train_forward: RuntimeError: other").both_raised != []
+    fp32_load = dataclasses.replace(trl_bf16, model=ModelSpec("mixtral", num_layers=1))
+    assert after(fp32_load, torch.bfloat16, raised).both_raised == [raised]
+    on_gpu = dataclasses.replace(trl_bf16, training=dataclasses.replace(trl_bf16.training, device="cuda"))
+    assert after(on_gpu, torch.bfloat16, raised).both_raised == [raised]
+    peft_level = dataclasses.replace(trl_bf16, training=TrainingSpec(prepare_kbit=False))
+    assert after(peft_level, None, raised).both_raised == [raised]
+
+
+def test_a_float16_moe_trained_with_bf16_on_the_cpu_is_counted_as_not_run():
+    """The case seed 31337 found (150 examples, current stack): trl switches mixtral's router aux loss
+    on, whose torch.cat of float16 router logits the CPU's bf16 autocast refuses, on both sides."""
+    case = Case(ModelSpec("mixtral", num_layers=1, load_dtype="float16"),
+                adapter=AdapterSpec(r=4, target_modules=("k_proj",), task_type="CAUSAL_LM"),
+                training=TrainingSpec(level="trl", prepare_kbit=False, bf16=True))
+    outcome = run_case(case, select_profile(), numerics=True)
+    if outcome.numerics is None or not outcome.numerics.get("base_raised"):
+        pytest.skip(f"this stack runs it: {outcome.numerics}")  # trl without the aux-loss switch (seed stack)
+    assert "both_raised" not in outcome.numerics
+    assert outcome.numerics["base_raised"].startswith("the CPU's bf16 autocast"), outcome.numerics

@@ -311,12 +311,38 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
         base = run_model(loaded(), inputs, train=False, seed=seed, backward=False, autocast=autocast)
         if base.error is not None:
             result.base_raised, result.both_raised, result.note = base.error, [], f"the loaded model raises: {base.error}"
-    if result.both_raised and case.training.level == "trl" and case.training.fp16 and autocast is None:
-        # fp16 training runs under fp16 autocast, which needs a GPU: on the CPU the prepared
-        # model's mixed dtypes cannot be run as the trainer would, so nothing is concluded here.
-        result.base_raised = "fp16 mixed precision needs a GPU: " + result.both_raised[0]
-        result.both_raised = []
+    _device_limits(case, autocast, result)
     return result
+
+
+CPU_AUTOCAST_HALF = "Unexpected floating ScalarType in at::autocast::prioritize"
+"""What torch's CPU autocast raises when a float16 tensor reaches one of its promote ops
+(``torch.cat``, ``torch.stack``...): CPU autocast knows float32 and bfloat16 only there, CUDA
+autocast knows float16 too."""
+
+
+def _device_limits(case: Case, autocast: torch.dtype | None, result: NumericsResult) -> None:
+    """Forwards that raised alike on both sides only because this device cannot run what the
+    trainer would run on a GPU: they are moved to ``base_raised`` (counted as examples the checks
+    could not run, not as agreement), each rule narrowed to its device, precision and message.
+
+    * fp16 training runs under fp16 autocast, which needs a GPU: on the CPU the prepared model's
+      mixed dtypes cannot be run as the trainer would (``trainer_autocast`` gives none).
+    * A model held in float16 trained with bf16 runs under the CPU's bf16 autocast, whose promote
+      ops refuse float16 (:data:`CPU_AUTOCAST_HALF`); a MoE model reaches one once trl switches the
+      router aux loss on (``torch.cat`` of the router logits), which the loaded model never computes.
+    """
+    if not result.both_raised or case.training.level != "trl" or case.training.device != "cpu":
+        return
+    if case.training.fp16 and autocast is None:
+        why = "fp16 mixed precision needs a GPU: "
+    elif (autocast is not None and case.model.load_dtype == "float16"
+          and all(CPU_AUTOCAST_HALF in raised for raised in result.both_raised)):
+        why = "the CPU's bf16 autocast cannot run float16 tensors through its promote ops (a GPU can): "
+    else:
+        return
+    result.base_raised = why + result.both_raised[0]
+    result.both_raised = []
 
 
 def one_side_passes(case: Case, profile: Profile, model: nn.Module) -> None:
