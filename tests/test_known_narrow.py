@@ -415,6 +415,12 @@ def test_moe_string_split_entry_needs_a_string_target():
     other = Divergence("<error>", "raised", "no error", "ValueError[targets_not_found]: ValueError: Target modules "
                        "{'q_proj'} not found in the base model.")
     assert registry.explain(regex, [other])[0] == [other]
+    # an invalid rank: the reference refuses it, peft never reaches its rank check
+    rank = Divergence("<error>", "error", "ValueError[invalid_r]", "ValueError[targets_not_found]")
+    assert registry.explain(regex, [rank])[0] == [] and registry.explain(listed, [rank])[0] == [rank]
+    for swap in (Divergence("<error>", "error", "ValueError[invalid_r]", "TypeError[targets_not_found]"),
+                 Divergence("<error>", "error", "ValueError[lora_bias_init]", "ValueError[targets_not_found]")):
+        assert registry.explain(regex, [swap])[0] == [swap]
 
 
 def test_trl_kbit_entry_excuses_frozen_lora_and_upcasts_only():
