@@ -26,6 +26,8 @@ from torch import nn
 
 from reference.errors import MergeImpossible
 from reference.layers import LoraEmbedding, LoraLinear, SavedModule
+from reference.notices import warn
+from reference.profiles import Profile
 
 __all__ = ["delta_weight", "merge_and_unload"]
 
@@ -101,9 +103,10 @@ def _merge(name: str, module: LoraLinear | LoraEmbedding) -> None:
                 base_bias.data = base_bias.data + update
 
 
-def merge_and_unload(model: nn.Module) -> None:
+def merge_and_unload(model: nn.Module, profile: Profile | None = None) -> None:
     """Fold every LoRA layer's update into its base and put the base back; replace every
-    modules-to-save wrapper by its trained copy."""
+    modules-to-save wrapper by its trained copy; then, where ``profile`` says so, record in the
+    config that the embeddings came apart."""
     for name, module in list(model.named_modules()):
         if not name:
             continue
@@ -112,3 +115,20 @@ def merge_and_unload(model: nn.Module) -> None:
         elif isinstance(module, (LoraLinear, LoraEmbedding)):
             _merge(name, module)
             model.set_submodule(name, module.base_layer)
+    if profile is not None and profile.merge_unties_diverged_embeddings:
+        _untie_if_apart(model)
+
+
+def _untie_if_apart(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return
+    out_w, in_w = getattr(out_emb, "weight", None), getattr(in_emb, "weight", None)
+    if out_w is not None and in_w is not None and out_w.data_ptr() != in_w.data_ptr():
+        config.tie_word_embeddings = False
+        warn("embeddings_untied_after_merge", "the merged model's output embedding is not its input embedding: "
+             "tie_word_embeddings=False is written into the config")

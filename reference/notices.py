@@ -18,6 +18,7 @@ KINDS = {
     "rank_pattern_unused": "a rank_pattern key matched no targeted module",
     "alpha_pattern_unused": "an alpha_pattern key matched no targeted module",
     "lora_bias_without_base_bias": "lora_bias=True on a layer without a bias: merging is impossible",
+    "embeddings_untied_after_merge": "a merge left the output embedding apart from the input one: the config says untied",
 }
 
 

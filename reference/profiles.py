@@ -148,6 +148,11 @@ class Profile:
     bias_all_substring: bool = False
     """``bias="all"`` trains every parameter whose name *contains* "bias" (peft 0.15,
     e.g. DeBERTa's ``q_bias``); later only names that are or end with ``.bias``."""
+    merge_unties_diverged_embeddings: bool = True
+    """``merge_and_unload`` on a model whose config says its embeddings are tied, but whose
+    output embedding no longer shares the input embedding's weight (a trained modules_to_save
+    copy of ``lm_head`` replaced it), writes ``tie_word_embeddings=False`` into the config and
+    warns (peft >= 0.19; observed on 0.19.0 and 0.21.2, absent from 0.18.1's source)."""
 
 
 # One profile per range of peft releases whose rules agree; each profile after the seed is
@@ -169,6 +174,7 @@ _SEED = Profile(
     layer_pattern_regex=r".*\.{pattern}\.(\d+)\.",
     saved_module_may_be_lora=True,
     bias_all_substring=True,
+    merge_unties_diverged_embeddings=False,
 )
 # peft 0.16.0: SEQ_CLS heads guarded before targeting,
 # modules_to_save over a LoRA layer is a TypeError, bias="all" by name suffix, new default-target
@@ -207,6 +213,7 @@ _PEFT_0_19 = dataclasses.replace(
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_19),
     embedding_keeps_fan_in_fan_out=True,
     adapter_dtype_follows_4bit_compute=True,
+    merge_unties_diverged_embeddings=True,
 )
 # peft 0.20.0: the layer index is the *first* digit segment after two leading segments (lazy
 # `.*?`; before, the greedy `.*` took the last one, e.g. an MoE expert index instead of the

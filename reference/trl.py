@@ -287,7 +287,7 @@ def _peft_model_in(model: nn.Module, adapter: AdapterSpec, training: TrainingSpe
         if flow.peft_model_with_config == "reject":
             raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
         if flow.peft_model_with_config == "merge":
-            merge_and_unload(model)
+            merge_and_unload(model, profile)
             return prepare_trl(model, adapter, dataclasses.replace(training, peft_model_in=False), profile, flow)
         return _finish(model, gc, wrapper)
     if flow.shape == "helper":

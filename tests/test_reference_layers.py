@@ -389,3 +389,30 @@ def test_a_merge_folds_the_scaled_update_into_the_base():
         merged = model(x)
     assert type(model[0]) is nn.Linear
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("saved_head", [True, False])
+def test_a_merge_that_parts_the_embeddings_unties_them_from_peft_0_19(saved_head):
+    """peft >= 0.19 writes tie_word_embeddings=False (and warns) when a merge leaves the output
+    embedding apart from the input one: a trained lm_head copy replaced it (trl 0.22 - 0.26 merge a
+    passed-in PeftModel; found on trl 0.25.1, starcoder2).  A merge that keeps them together, or
+    peft before 0.19, leaves the config alone."""
+    from conformance.engine.models import load_model
+    from conformance.engine.runner import cache_dir
+    from reference.merge import merge_and_unload
+    from reference.prepare import prepare_wrapped
+    from reference.profiles import PROFILES
+    from reference.spec import AdapterSpec, ModelSpec, QuantSpec
+
+    adapter = AdapterSpec(r=2, target_modules=("q_proj",), task_type="CAUSAL_LM",
+                          modules_to_save=("lm_head",) if saved_head else None)
+    for name, unties in (("peft-0.19", saved_head), ("current", saved_head), ("peft-0.18", False), ("seed", False)):
+        model = load_model(ModelSpec("starcoder2", num_layers=1), QuantSpec(), cache_dir())
+        assert model.config.tie_word_embeddings is True
+        prepare_wrapped(model, adapter, TrainingSpec(prepare_kbit=False), PROFILES[name])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merge_and_unload(model, PROFILES[name])
+        kinds = [getattr(w.message, "kind", None) for w in caught]
+        assert model.config.tie_word_embeddings is (not unties), name
+        assert ("embeddings_untied_after_merge" in kinds) is unties, (name, kinds)

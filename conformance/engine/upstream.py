@@ -211,6 +211,7 @@ _WARNING_KINDS: tuple[tuple[str, str], ...] = (
     ("rank_pattern_unused", r"rank_pattern keys did not match any targeted module"),
     ("alpha_pattern_unused", r"alpha_pattern keys did not match any targeted module"),
     ("lora_bias_without_base_bias", r"`lora_bias=True` was passed but the targeted layer of type .* has no bias"),
+    ("embeddings_untied_after_merge", r"Input and output embeddings are no longer tied after merging"),
 )
 
 
