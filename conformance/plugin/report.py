@@ -130,8 +130,10 @@ def build_report(
             if e.get("rejected"):
                 totals["unintended_rejections"] += 1
                 unintended[e.get("upstream_error", "?")] += 1
-                # a registry entry explains how upstream's rejection differs from the reference's result
-                totals["rejections_by_known_bugs"] += e["outcome"] == "known"
+                # the sides' results differ (the reference prepared, or refused otherwise) and a
+                # registry entry explains it: an upstream bug, not a case the strategies drew badly
+                totals["rejections_by_known_bugs"] += (e["outcome"] == "known"
+                                                       and e.get("reference_error") != e.get("upstream_error"))
         hits.update(e.get("known", ()))
         for entry_id in e.get("known", ()):
             by_outcome[entry_id][e["outcome"]] += 1
