@@ -23,6 +23,22 @@ from strategies import cases, sample
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = select_profile()
 
+SCALING_FAULT_CONFTEST = '''
+"""Injects a fault into upstream peft at import: LoRA scaling alpha / (2 r)."""
+from peft.tuners.lora.layer import LoraLayer
+
+_original = LoraLayer.update_layer
+
+
+def _faulty(self, adapter_name, r, lora_alpha, config, **kwargs):
+    _original(self, adapter_name, r, lora_alpha, config, **kwargs)
+    self.scaling[adapter_name] = lora_alpha / (2 * r)
+
+
+LoraLayer.update_layer = _faulty
+'''
+"""A conftest that plants one fault into upstream peft, for runs of the real suite in a pytester."""
+
 # -- the corpus ------------------------------------------------------------------------
 
 CORPUS_SEED = 1234

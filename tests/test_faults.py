@@ -38,6 +38,7 @@ from strategies.zoo import ZOO
 from strategies.coverage import cells
 from fault_kit import (  # noqa: F401 - the corpus, scenarios and fault helpers
     REPO,
+    SCALING_FAULT_CONFTEST,
     PROFILE,
     CORPUS_SEED,
     CORPUS_PER_KIND,
@@ -450,20 +451,6 @@ def test_corpus_is_deterministic_and_varied():
 
 # -- the real suite, end to end ----------------------------------------------------------------------
 
-SCALING_FAULT_CONFTEST = '''
-"""Injects a fault into upstream peft at import: LoRA scaling alpha / (2 r)."""
-from peft.tuners.lora.layer import LoraLayer
-
-_original = LoraLayer.update_layer
-
-
-def _faulty(self, adapter_name, r, lora_alpha, config, **kwargs):
-    _original(self, adapter_name, r, lora_alpha, config, **kwargs)
-    self.scaling[adapter_name] = lora_alpha / (2 * r)
-
-
-LoraLayer.update_layer = _faulty
-'''
 
 
 def _run_real_suite(pytester: pytest.Pytester, conftest: str | None) -> pytest.RunResult:

@@ -83,6 +83,16 @@ def _modules(peft_model, suffix: str):
     return [(n, m) for n, m in peft_model.named_modules() if n.endswith(suffix)]
 
 
+def _double_scaling(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """Plant a doubled LoRA scaling on every module whose name ends in ``suffix``."""
+
+    def double(peft_model, config):
+        for _, module in _modules(peft_model, suffix):
+            module.scaling["default"] *= 2
+
+    _after_get_peft_model(monkeypatch, double)
+
+
 # -- quantized-classification-head -----------------------------------------------------------------
 
 ELECTRA_8BIT = Case(ModelSpec("electra", "SEQ_CLS", num_layers=1), QuantSpec(kind="8bit"),
@@ -218,35 +228,20 @@ def test_moe_experts_entry_catches_a_trainable_half_precision_router(monkeypatch
 
 def test_moe_experts_entry_catches_doubled_scaling_on_the_experts(monkeypatch):
     _active("moe-experts-as-parameters")
-
-    def double(peft_model, config):
-        for _, experts in _modules(peft_model, "mlp.experts"):
-            experts.scaling["default"] *= 2
-
-    _after_get_peft_model(monkeypatch, double)
+    _double_scaling(monkeypatch, "mlp.experts")
     _fails(MIXTRAL_ALL_LINEAR, "lora.present", path="model.layers.0.mlp.experts")
 
 
 def test_moe_experts_entry_catches_a_fault_on_the_attention(monkeypatch):
     _active("moe-experts-as-parameters")
-
-    def double(peft_model, config):
-        for _, q in _modules(peft_model, "self_attn.q_proj"):
-            q.scaling["default"] *= 2
-
-    _after_get_peft_model(monkeypatch, double)
+    _double_scaling(monkeypatch, "self_attn.q_proj")
     _fails(MIXTRAL_ALL_LINEAR, "adapter[default].scaling", path="model.layers.0.self_attn.q_proj")
 
 
 def test_moe_regex_entry_catches_a_fault_on_a_widened_module(monkeypatch):
     _active("moe-regex-targets-widened")
     _in_scope("moe-regex-targets-widened", MIXTRAL_REGEX)
-
-    def double(peft_model, config):
-        for _, q in _modules(peft_model, "layers.1.self_attn.q_proj"):
-            q.scaling["default"] *= 2
-
-    _after_get_peft_model(monkeypatch, double)
+    _double_scaling(monkeypatch, "layers.1.self_attn.q_proj")
     _fails(MIXTRAL_REGEX, "lora.present", path="model.layers.1.self_attn.q_proj")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conformance.plugin.report import Recorder
+from fault_kit import SCALING_FAULT_CONFTEST
 from strategies.coverage import cells
 
 pytest_plugins = ["pytester"]
@@ -231,25 +232,12 @@ def test_versions_newer_than_every_profile_are_announced_in_the_header(suite):
     assert "trl 9.0.0" in warnings[1]
 
 
-SCALING_FAULT = """
-from peft.tuners.lora.layer import LoraLayer
-
-_original = LoraLayer.update_layer
-
-
-def _faulty(self, adapter_name, r, lora_alpha, config, **kwargs):
-    _original(self, adapter_name, r, lora_alpha, config, **kwargs)
-    self.scaling[adapter_name] = lora_alpha / (2 * r)
-
-
-LoraLayer.update_layer = _faulty
-"""
 
 
 def test_a_failure_shows_the_table_and_the_replays_and_the_replay_reproduces_it(suite):
     """Measured on `-k llama` with this fault: 751 lines for 7 failures before (40 lines of harness
     source, Hypothesis's repr of the case and its blob each), 171 after."""
-    suite.makeconftest(SCALING_FAULT)
+    suite.makeconftest(SCALING_FAULT_CONFTEST)
     args = ["--conformance-examples", "4", "--hypothesis-seed", "4", "-p", "no:warnings", "-k", "llama-none"]
     result = suite.runpytest_subprocess(*args)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
