@@ -8,6 +8,7 @@ fork, install it in the environment; nothing here names a version.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from typing import Any
@@ -109,6 +110,26 @@ def prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, tuple[str, ..
     return peft_model.base_model.model, config_mutations(config, case.adapter.given()), peft_model
 
 
+@functools.lru_cache(maxsize=1)
+def memoize_accelerate_package_lookups() -> None:
+    """Make accelerate remember which packages are installed.
+
+    ``accelerate.utils.imports._is_package_available`` reads the package's metadata from disk
+    on every call, and SFTTrainer's set-up asks ``is_peft_model`` (so ``is_peft_available``)
+    about a dozen times: some 12 ms per trainer.  The installed packages do not change while
+    the harness runs, so the answers are kept per (package, metadata name); nothing else of
+    accelerate is touched.  Idempotent; an accelerate without that helper is left alone.
+    """
+    try:
+        from accelerate.utils import imports
+    except ImportError:
+        return
+    lookup = getattr(imports, "_is_package_available", None)
+    if lookup is None or hasattr(lookup, "cache_info"):
+        return
+    imports._is_package_available = functools.lru_cache(maxsize=None)(lookup)
+
+
 def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tuple[str, ...], Any]:
     """``SFTTrainer(model, args, peft_config=LoraConfig(...))``, built offline.
 
@@ -127,10 +148,12 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
     from conformance.engine import offline
     from conformance.engine.models import quantization_config
 
+    memoize_accelerate_package_lookups()
     t = case.training
     out = tempfile.mkdtemp(prefix="conformance-trl-")
     kwargs: dict[str, Any] = dict(
-        output_dir=out, report_to="none", max_steps=1, use_cpu=t.device == "cpu", bf16=t.bf16, fp16=t.fp16
+        output_dir=out, report_to="none", max_steps=1, use_cpu=t.device == "cpu", bf16=t.bf16, fp16=t.fp16,
+        dataset_kwargs=dict(offline.DATASET_KWARGS),
     )
     if t.gradient_checkpointing is not ABSENT:
         kwargs["gradient_checkpointing"] = t.gradient_checkpointing
