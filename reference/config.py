@@ -35,6 +35,7 @@ class LoraSettings:
     bias: str
     lora_bias: bool
     use_rslora: bool
+    use_dora: bool
     init_lora_weights: Any
     fan_in_fan_out: bool
     task_type: str | None
@@ -92,6 +93,9 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
             "lora_bias_init",
             f"lora_bias=True needs init_lora_weights True or False, got init_lora_weights={init!r}",
         )
+    # after the init check, as upstream's config checks run (peft 0.15 - 0.21)
+    if get("lora_bias") and get("use_dora"):
+        raise InvalidConfig("dora_lora_bias", "lora_bias=True cannot be combined with use_dora=True (DoRA)")
     return LoraSettings(
         r=r,
         lora_alpha=get("lora_alpha"),
@@ -108,6 +112,7 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         bias=get("bias"),
         lora_bias=bool(get("lora_bias")),
         use_rslora=bool(get("use_rslora")),
+        use_dora=bool(get("use_dora")),
         init_lora_weights=init,
         fan_in_fan_out=bool(get("fan_in_fan_out")),
         task_type=get("task_type"),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from reference import dora
 from reference.errors import InvalidConfig, InvalidRank, LoraBiasUnsupported
 from reference.notices import warn
 from reference.rules import adapter_dtype, scaling
@@ -35,6 +36,8 @@ class AdapterParams:
     """True, False or ``"gaussian"``."""
     lora_bias: bool
     autocast: bool
+    use_dora: bool = False
+    """DoRA: a trainable magnitude beside the factors (``reference.dora``)."""
     follow_4bit_compute: bool = True
     """Factors on a bnb 4-bit layer follow its compute dtype (profile rule)."""
     warn_no_base_bias: bool = True
@@ -69,6 +72,7 @@ class _LoraBase(nn.Module):
         self.scaling: dict[str, float] = {}
         self.lora_bias: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.active_adapters: list[str] = []
 
     # Model code reads the wrapped module's tensors (t5's feed-forward compares its
@@ -127,6 +131,10 @@ class LoraLinear(_LoraBase):
         if p.init is not False:
             self._init(a, b, p)
         self._place(list(a.parameters()) + list(b.parameters()), p)
+        if p.use_dora:
+            norm = dora.linear_norm(self.base_layer, self.fan_in_fan_out, a.weight.detach(), b.weight.detach(),
+                                    self.scaling[name], dora.norm_dtype(a.weight.dtype, init=True))
+            self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(device=a.weight.device, dtype=a.weight.dtype))
 
     def _init(self, a: nn.Linear, b: nn.Linear, p: AdapterParams) -> None:
         with torch.no_grad():
@@ -151,7 +159,14 @@ class LoraLinear(_LoraBase):
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(a.weight.dtype))
-            update = b(a(h)) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                reuse = isinstance(self.lora_dropout[name], nn.Identity) or not self.training
+                bias = getattr(self.base_layer, "bias", None)
+                base_result = (result - bias if bias is not None else result) if reuse else None
+                update = dora.linear_update(self.base_layer, self.fan_in_fan_out, a, b, self.scaling[name],
+                                            self.lora_magnitude_vector[name].weight, h, base_result)
+            else:
+                update = b(a(h)) * self.scaling[name]
             result = result + (update.to(out_dtype) if round_update else update)
         return result.to(out_dtype)
 
@@ -179,6 +194,11 @@ class LoraEmbedding(_LoraBase):
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
         self._place([self.lora_embedding_A[name], self.lora_embedding_B[name]], p)
+        if p.use_dora:
+            placed_a, placed_b = self.lora_embedding_A[name].detach(), self.lora_embedding_B[name].detach()
+            norm = dora.embedding_norm(dora.dense_weight(self.base_layer), placed_a, placed_b, self.scaling[name],
+                                       dora.norm_dtype(placed_a.dtype, init=True))
+            self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(device=placed_a.device, dtype=placed_a.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -195,6 +215,14 @@ class LoraEmbedding(_LoraBase):
             embed_scale = getattr(base, "embed_scale", None)
             if embed_scale is not None:
                 update = update * torch.as_tensor(embed_scale, device=update.device).to(update.dtype)
+            if name in self.lora_magnitude_vector:
+                with torch.no_grad():
+                    a_emb = self.lora_embedding_A[name]
+                    norm = dora.embedding_norm(base.weight, a_emb, self.lora_embedding_B[name], self.scaling[name],
+                                               a_emb.dtype)
+                scale = self.lora_magnitude_vector[name].weight / norm
+                result = scale * (result + update)
+                continue
             result = result + update
         return result.to(out_dtype)
 

@@ -13,6 +13,8 @@ fp32 on the CPU when the factors are half precision and cast back to their dtype
   dtype, which the new quant state records), and the sum quantized again as a new
   ``Params4bit`` with the old one's settings.
 
+A DoRA adapter folds ``(m / n) * (W + delta) - W`` instead (``reference.dora.merged_delta``).
+
 A LoRA bias (``lora_bias``) is folded into the base bias *scaled*, as the forward scales it:
 ``b + scaling * l``.  peft does so for plain layers (PR 2489) but adds it unscaled into
 bitsandbytes layers (peft issue 3741, open): a known divergence, not this module's rule.  A
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reference import dora
 from reference.errors import MergeImpossible
 from reference.layers import LoraEmbedding, LoraLinear, SavedModule
 from reference.notices import warn
@@ -79,6 +82,10 @@ def _merge(name: str, module: LoraLinear | LoraEmbedding) -> None:
     kind = type(base).__name__ if type(base).__module__.startswith("bitsandbytes") else "plain"
     for adapter in module.active_adapters:
         delta = delta_weight(module, adapter)
+        if adapter in module.lora_magnitude_vector:  # DoRA: the merged weight is m * V / ||V||
+            per_column = isinstance(module, LoraEmbedding) or bool(module.fan_in_fan_out)
+            delta = dora.merged_delta(module.lora_magnitude_vector[adapter].weight, dora.dense_weight(base).to(delta.device),
+                                      delta, per_column)
         with torch.no_grad():
             if kind == "Linear8bitLt":
                 _merge_8bit(base, delta)

@@ -74,6 +74,7 @@ def stored_config(settings: LoraSettings, resolved_targets: Any, fan_in_fan_out:
         "bias": settings.bias,
         "lora_bias": settings.lora_bias,
         "use_rslora": settings.use_rslora,
+        "use_dora": settings.use_dora,
         "init_lora_weights": settings.init_lora_weights,
         "fan_in_fan_out": fan_in_fan_out,
         "task_type": settings.task_type,

@@ -126,6 +126,7 @@ def prepare_wrapped(
                 alpha=target.alpha,
                 dropout=settings.lora_dropout,
                 use_rslora=settings.use_rslora,
+                use_dora=settings.use_dora,
                 init=settings.init_lora_weights,
                 lora_bias=settings.lora_bias,
                 autocast=autocast,

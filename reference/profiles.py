@@ -105,6 +105,7 @@ class Profile:
                 "lora_dropout": 0.0,
                 "bias": "none",
                 "use_rslora": False,
+                "use_dora": False,
                 "init_lora_weights": True,
                 "fan_in_fan_out": False,
                 "lora_bias": False,

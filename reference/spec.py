@@ -117,6 +117,8 @@ class AdapterSpec:
     """``"none"``, ``"all"``, ``"lora_only"`` or anything else (invalid)."""
     lora_bias: Any = ABSENT
     use_rslora: Any = ABSENT
+    use_dora: Any = ABSENT
+    """DoRA (Liu et al. 2024): a trainable magnitude per output row beside the factors."""
     init_lora_weights: Any = ABSENT
     """True, False or ``"gaussian"``."""
     fan_in_fan_out: Any = ABSENT

@@ -163,7 +163,7 @@ def config_writes(model: nn.Module, pristine: nn.Module | None) -> tuple[tuple[s
 ADAPTER_CONFIG_KEYS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "lora_bias", "use_rslora",
-    "init_lora_weights", "fan_in_fan_out", "task_type", "inference_mode", "target_parameters",
+    "use_dora", "init_lora_weights", "fan_in_fan_out", "task_type", "inference_mode", "target_parameters",
 )
 """The ``LoraConfig`` fields compared as stored on the PEFT model (what ``save_pretrained`` writes
 to ``adapter_config.json``), where preparation resolves or rewrites some of them."""

@@ -203,6 +203,7 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("layers_with_regex_targets", r"`layers_pattern` cannot be used when `target_modules` is a str"),
     ("layers_pattern_without_layers", r"When `layers_pattern` is specified, `layers_to_transform` must also"),
     ("unsupported_module", r"Target module .* is not supported"),
+    ("dora_lora_bias", r"lora_bias=True is not supported for DoRA"),
     ("lora_bias_unsupported", r"lora_bias=True is not supported for"),
     ("lora_bias_init", r"lora_bias=True is only supported with init_lora_weights"),
     ("unknown_init", r"Unknown initialization init_lora_weights"),

@@ -11,6 +11,11 @@ numbers, so they hold whatever order the two sides draw from the RNG in:
 * ``lora_bias``: with ``init_lora_weights=True``, B's bias is exactly zero.
 * embeddings (``init_lora_weights`` not False): A is exactly zero and B is standard
   normal; with ``False``, B is not zero.
+* DoRA (``use_dora``): the magnitude equals the norms of ``W + scaling * B A`` per output
+  feature (rows of the dense (out, in) weight; for an embedding, columns of (vocab, dim) over
+  the vocabulary), computed here in float64 from the side's own factors, within 8 rounding
+  units of the least precise dtype involved (dense weight, 4-bit compute dtype, factors,
+  magnitude): upstream computes it in the factors' or compute dtype.
 
 Statistical bounds are exact tail bounds with a failure probability of at most
 ``exp(-TAIL)`` (about 4e-18) per check, for any sample size: a correct init
@@ -33,6 +38,7 @@ import torch
 from torch import nn
 
 from conformance.numerics.run import adapter_names, lora_layers
+from reference.dora import dense_weight
 
 __all__ = ["TAIL", "init_problems", "mean_square_bounds_normal", "mean_square_bounds_uniform"]
 
@@ -124,6 +130,37 @@ def _embedding_problems(module: nn.Module, name: str, init: Any, pooled: dict) -
     return out + ([problem] if problem else [])
 
 
+def _magnitude_problems(module: nn.Module, name: str) -> list[str]:
+    """The DoRA magnitude against the norms it should start from (any ``init_lora_weights``)."""
+    magnitudes = getattr(module, "lora_magnitude_vector", None)
+    if magnitudes is None or name not in magnitudes:
+        return []
+    m = magnitudes[name].weight.detach()
+    base = module.base_layer
+    dense = dense_weight(base)
+    dtypes = [dense.dtype, m.dtype]
+    if name in getattr(module, "lora_embedding_A", {}):
+        a, b = module.lora_embedding_A[name].detach(), module.lora_embedding_B[name].detach()
+        total = dense.double() + (b.double() @ a.double()).T * float(module.scaling[name])
+        expected = torch.linalg.norm(total, dim=0)
+    else:
+        a, b = module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach()
+        w = dense.double().T if getattr(module, "fan_in_fan_out", False) else dense.double()
+        expected = torch.linalg.norm(w + (b.double() @ a.double()) * float(module.scaling[name]), dim=1)
+        compute = getattr(base, "compute_dtype", None)
+        if compute is not None:
+            dtypes.append(compute)
+    dtypes.append(a.dtype)
+    if tuple(m.shape) != tuple(expected.shape):
+        return [f"DoRA magnitude has shape {tuple(m.shape)}, the norms per output feature {tuple(expected.shape)}"]
+    rounding = max(_EPS.get(d, 2.0**-7) for d in dtypes)
+    err = float((m.double() - expected).abs().max()) if m.numel() else 0.0
+    bound = 8.0 * rounding * float(expected.abs().max() if expected.numel() else 0.0)
+    if err > bound:
+        return [f"DoRA magnitude is not the norm of W + scaling*B@A: max error {err:.3g} > {bound:.3g}"]
+    return []
+
+
 def init_problems(model: nn.Module, init: Any) -> dict[str, list[str]]:
     """Init properties that ``model``'s adapters break, by module path (``<pooled>`` for
     the pooled statistics); empty when every property holds.  ``init`` is the resolved
@@ -137,6 +174,7 @@ def init_problems(model: nn.Module, init: Any) -> dict[str, list[str]]:
                 found = _embedding_problems(module, name, init, pooled)
             else:
                 found = _linear_problems(module, name, init, pooled)
+            found += _magnitude_problems(module, name)
             problems += [f"[{name}] {p}" for p in found]
         if problems:
             out[path] = problems

@@ -163,6 +163,18 @@ def _fill_lora(path: str, module: nn.Module, seed: int, sizing: nn.Module) -> No
         _set(b.weight, _values(g, tuple(b.weight.shape), "normal", DELTA_RMS / (s * math.sqrt(r))))
         if getattr(b, "bias", None) is not None:
             _set(b.bias, _values(g, tuple(b.bias.shape), "normal", DELTA_RMS / s))
+    _nudge_magnitudes(path, module, seed)
+
+
+def _nudge_magnitudes(path: str, module: nn.Module, seed: int) -> None:
+    """DoRA magnitudes scaled by ``1 + 0.1 N(0, 1)`` per entry: after the factors are filled the
+    norms already differ from the initial magnitudes, and the nudge also makes a forward that
+    read the norms (or ones) where the magnitudes belong show."""
+    for name, magnitude in getattr(module, "lora_magnitude_vector", {}).items():
+        g = _generator(seed ^ int.from_bytes(hashlib.sha256(f"{path}/{name}/m".encode()).digest()[:7], "little"))
+        weight = magnitude.weight
+        factor = 1.0 + _values(g, tuple(weight.shape), "normal", 0.1)
+        _set(weight, weight.detach().double().cpu() * factor)
 
 
 def assign_shared_values(upstream: nn.Module, reference: nn.Module, seed: int) -> list[str]:

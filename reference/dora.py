@@ -1,0 +1,121 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, "DoRA"), as peft lays it out.
+
+With ``use_dora=True`` each adapted module gets, beside ``lora_A`` / ``lora_B``, a trainable
+magnitude ``lora_magnitude_vector.<adapter>.weight``:
+
+* a Linear-like layer (``nn.Linear``, transformers ``Conv1D``, bitsandbytes 4/8-bit) holds one
+  entry per *output* feature, initialised to the row norms of ``W + scaling * B @ A``, with ``W``
+  the dense (dequantized; for ``Conv1D`` transposed) base weight in the (out, in) layout;
+* an Embedding holds one entry per *embedding dimension*: the norms, over the vocabulary, of
+  ``W + scaling * (B @ A)^T``, ``W`` being (vocab, dim).
+
+The magnitude is created in the factors' dtype (the adapter dtype policy of
+``reference.rules``), after the factors are placed.  Its initial value is computed here in
+float64 from the dense weight and the placed factors and then rounded once; peft computes it in
+the factors' or the 4-bit compute dtype, so the two agree within that dtype's rounding (the
+numerical checks compare the magnitude with the norm it should be, per side, within it).
+
+The forward (observed in peft 0.15 - 0.21, as the paper writes it, the norm a constant for the
+gradient: section 4.3): with ``x_d`` the dropped-out input, ``n`` the current norms of
+``W + scaling * B @ A`` (detached) and ``m`` the magnitude, a Linear-like layer outputs
+
+    base(x) + (m / n - 1) * (W x_d) + (m / n) * scaling * B A x_d
+
+which, without dropout, is ``(m / n) * (W + scaling * B A) x + bias``: the paper's
+``m * V / ||V||``.  An Embedding outputs ``(m / n) * (base(x) + update)``, ``update`` being
+the plain LoRA embedding update.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Magnitude", "dense_weight", "embedding_norm", "linear_norm", "linear_update"]
+
+
+class Magnitude(nn.Module):
+    """Holds one adapter's magnitude as ``weight``, as peft's checkpoints name it."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(values)
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense floating tensor in its stored layout: bitsandbytes
+    4-bit weights dequantized, 8-bit ones scaled back by their row-wise scales."""
+    kind = type(base).__name__ if type(base).__module__.startswith("bitsandbytes") else "plain"
+    weight = base.weight
+    if kind == "Linear4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "Linear8bitLt":
+        import bitsandbytes as bnb
+
+        scales = base.state.SCB if base.state.SCB is not None else weight.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.data.device))
+    return weight.data if weight.dtype.is_floating_point else weight.data.float()
+
+
+def _out_in(base: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
+    dense = dense_weight(base)
+    return dense.T if fan_in_fan_out else dense
+
+
+def norm_dtype(factors: torch.dtype, *, init: bool) -> torch.dtype:
+    """The dtype the norms are computed in: the factors' (peft casts the dense weight to the
+    input's dtype, which is the factors'), except that fp16 factors are upcast to fp32 for the
+    initial value (fp16 matmuls on the CPU)."""
+    return torch.float32 if init and factors == torch.float16 else factors
+
+
+def linear_norm(base: nn.Module, fan_in_fan_out: bool, a: torch.Tensor, b: torch.Tensor,
+                scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """Row norms of ``W + scaling * B @ A`` (shape (out,)), computed in ``dtype``."""
+    work = dtype
+    w = _out_in(base, fan_in_fan_out).to(work)
+    delta = (b.to(work) @ a.to(work)) * scaling
+    return torch.linalg.norm(w + delta, dim=1)
+
+
+def embedding_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Norms over the vocabulary of ``W + scaling * (B @ A)^T`` (shape (dim,)), computed in
+    ``dtype``; A is (r, vocab), B (dim, r), W (vocab, dim)."""
+    work = dtype
+    delta = (b.to(work) @ a.to(work)).T * scaling
+    return torch.linalg.norm(weight.to(work) + delta, dim=0)
+
+
+def linear_update(base: nn.Module, fan_in_fan_out: bool, lora_a: nn.Linear, lora_b: nn.Linear,
+                  scaling: float, magnitude: torch.Tensor, dropped: torch.Tensor,
+                  base_result: torch.Tensor | None) -> torch.Tensor:
+    """What DoRA adds to ``base(x)`` for a Linear-like layer, given the dropped-out input
+    (already in the factors' dtype).
+
+    ``base_result`` is the base layer's own output without its bias, reused where dropout
+    changes nothing (no dropout, or eval mode: so a bitsandbytes layer's rounding in its
+    compute dtype carries over); None recomputes ``W x_d`` from the dense weight in the
+    factors' dtype."""
+    dtype = lora_a.weight.dtype
+    with torch.no_grad():
+        norm = linear_norm(base, fan_in_fan_out, lora_a.weight, lora_b.weight, scaling, dtype)
+    scale = magnitude / norm
+    if base_result is None:
+        base_result = F.linear(dropped, _out_in(base, fan_in_fan_out).to(dtype))
+    lora_part = lora_b(lora_a(dropped)) * scaling
+    return (scale - 1) * base_result + scale * lora_part
+
+
+def merged_delta(magnitude: torch.Tensor, dense: torch.Tensor, delta: torch.Tensor, per_column: bool) -> torch.Tensor:
+    """What merging a DoRA adapter adds to the dense weight: ``(m / n) * (W + delta) - W``,
+    ``n`` the norms per output feature (per row of (out, in); per column where the weight is
+    laid out (in, out) or is an embedding's (vocab, dim))."""
+    total = dense.to(delta.dtype) + delta
+    norm = torch.linalg.norm(total.float(), dim=0 if per_column else 1)
+    scale = (magnitude.detach().float() / norm).to(delta.dtype)
+    scale = scale[None, :] if per_column else scale[:, None]
+    return scale * total - dense.to(delta.dtype)
