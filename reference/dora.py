@@ -9,11 +9,10 @@ magnitude ``lora_magnitude_vector.<adapter>.weight``:
 * an Embedding holds one entry per *embedding dimension*: the norms, over the vocabulary, of
   ``W + scaling * (B @ A)^T``, ``W`` being (vocab, dim).
 
-The magnitude is created in the factors' dtype (the adapter dtype policy of
-``reference.rules``), after the factors are placed.  Its initial value is computed here in
-float64 from the dense weight and the placed factors and then rounded once; peft computes it in
-the factors' or the 4-bit compute dtype, so the two agree within that dtype's rounding (the
-numerical checks compare the magnitude with the norm it should be, per side, within it).
+The magnitude is created after the factors are placed, in the promotion of the dense weight's
+dtype and the factors' (:func:`magnitude_dtype`), from the dense weight and the placed factors
+(the numerical checks compare it with the norm it should be, per side, within that dtype's
+rounding).
 
 The forward (observed in peft 0.15 - 0.21, as the paper writes it, the norm a constant for the
 gradient: section 4.3): with ``x_d`` the dropped-out input, ``n`` the current norms of
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Magnitude", "dense_weight", "embedding_norm", "linear_norm", "linear_update"]
+__all__ = ["Magnitude", "dense_weight", "embedding_norm", "linear_norm", "linear_update", "magnitude_dtype", "merged_delta"]
 
 
 class Magnitude(nn.Module):
@@ -65,11 +64,12 @@ def _out_in(base: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
     return dense.T if fan_in_fan_out else dense
 
 
-def norm_dtype(factors: torch.dtype, *, init: bool) -> torch.dtype:
-    """The dtype the norms are computed in: the factors' (peft casts the dense weight to the
-    input's dtype, which is the factors'), except that fp16 factors are upcast to fp32 for the
-    initial value (fp16 matmuls on the CPU)."""
-    return torch.float32 if init and factors == torch.float16 else factors
+def magnitude_dtype(base: nn.Module, factors: torch.dtype) -> torch.dtype:
+    """The magnitude's dtype, and the one its initial norms are computed in: the promotion of the
+    dense weight's (a 4-bit weight dequantizes to its load dtype) and the factors' (peft adds the
+    two; observed on peft 0.15.2, 0.18.1, 0.19.0 and 0.21.2: fp32 beside bf16 factors on an fp32
+    4-bit model with bf16 storage, fp32 for fp16 factors on a bf16 model)."""
+    return torch.promote_types(dense_weight(base).dtype, factors)
 
 
 def linear_norm(base: nn.Module, fan_in_fan_out: bool, a: torch.Tensor, b: torch.Tensor,

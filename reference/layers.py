@@ -132,9 +132,10 @@ class LoraLinear(_LoraBase):
             self._init(a, b, p)
         self._place(list(a.parameters()) + list(b.parameters()), p)
         if p.use_dora:
+            dtype = dora.magnitude_dtype(self.base_layer, a.weight.dtype)
             norm = dora.linear_norm(self.base_layer, self.fan_in_fan_out, a.weight.detach(), b.weight.detach(),
-                                    self.scaling[name], dora.norm_dtype(a.weight.dtype, init=True))
-            self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(device=a.weight.device, dtype=a.weight.dtype))
+                                    self.scaling[name], dtype)
+            self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(device=a.weight.device, dtype=dtype))
 
     def _init(self, a: nn.Linear, b: nn.Linear, p: AdapterParams) -> None:
         with torch.no_grad():
@@ -196,9 +197,9 @@ class LoraEmbedding(_LoraBase):
         self._place([self.lora_embedding_A[name], self.lora_embedding_B[name]], p)
         if p.use_dora:
             placed_a, placed_b = self.lora_embedding_A[name].detach(), self.lora_embedding_B[name].detach()
-            norm = dora.embedding_norm(dora.dense_weight(self.base_layer), placed_a, placed_b, self.scaling[name],
-                                       dora.norm_dtype(placed_a.dtype, init=True))
-            self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(device=placed_a.device, dtype=placed_a.dtype))
+            dtype = dora.magnitude_dtype(self.base_layer, placed_a.dtype)
+            norm = dora.embedding_norm(dora.dense_weight(self.base_layer), placed_a, placed_b, self.scaling[name], dtype)
+            self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(device=placed_a.device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -149,6 +149,9 @@ class Profile:
     bias_all_substring: bool = False
     """``bias="all"`` trains every parameter whose name *contains* "bias" (peft 0.15,
     e.g. DeBERTa's ``q_bias``); later only names that are or end with ``.bias``."""
+    features: tuple[str, ...] = ("use_dora",)
+    """The ``LoraConfig`` features beyond the base fields that this era has and the reference
+    models: the strategies draw only these, and the run header lists them."""
     merge_unties_diverged_embeddings: bool = True
     """``merge_and_unload`` on a model whose config says its embeddings are tied, but whose
     output embedding no longer shares the input embedding's weight (a trained modules_to_save

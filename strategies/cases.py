@@ -63,6 +63,7 @@ INVALID_KINDS = (
     "container_target",
     "no_default_targets",
     "peft_model_with_config",
+    "dora_with_lora_bias",
 )
 # Which target kinds each invalid kind is built with (so that a pinned cell stays that cell).
 _INVALID_TARGET_KINDS = {
@@ -77,7 +78,10 @@ _INVALID_TARGET_KINDS = {
     "container_target": ("list",),
     "no_default_targets": ("default",),
     "peft_model_with_config": TARGET_KINDS,
+    "dora_with_lora_bias": TARGET_KINDS,
 }
+# Invalid kinds built with lora_bias=True: with DoRA pinned, the DoRA check would reject them first.
+_NEED_LORA_BIAS_ALONE = ("lora_bias_on_embedding",)
 
 
 def _absent_or(strategy: SearchStrategy[Any]) -> SearchStrategy[Any]:
@@ -91,8 +95,10 @@ def _rejects_peft_model_with_config() -> bool:
     return select_trl_flow().peft_model_with_config == "reject"
 
 
-def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, profile: Profile) -> tuple[str, ...]:
-    """The invalid kinds that can be built for this model, level and target kind, alone."""
+def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, profile: Profile,
+                             dora: bool | None = None) -> tuple[str, ...]:
+    """The invalid kinds that can be built for this model, level and target kind, alone
+    (``dora`` True: with ``use_dora`` pinned on)."""
     entry = ZOO[model.model_type]
     has_defaults = model.model_type in profile.default_targets
     if target_kind == "default" and not has_defaults:
@@ -106,6 +112,12 @@ def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, pro
         if kind == "lora_bias_on_embedding" and not entry.embedding_names:
             continue
         if kind == "peft_model_with_config" and (level != "trl" or not _rejects_peft_model_with_config()):
+            continue
+        if kind == "peft_model_with_config" and dora:
+            continue  # DoRA is not drawn on a passed-in PeftModel (cases())
+        if kind == "dora_with_lora_bias" and "use_dora" not in profile.features:
+            continue
+        if kind in _NEED_LORA_BIAS_ALONE and dora:
             continue
         out.append(kind)
     return tuple(out)
@@ -213,12 +225,13 @@ def _targets(draw, entry: ZooEntry, model: ModelSpec, kind: str, invalid: str | 
 @st.composite
 def adapter_specs(
     draw, model: ModelSpec, *, invalid: str | None = None, profile: Profile | None = None,
-    target_kind: str | None = None,
+    target_kind: str | None = None, dora: bool | None = None,
 ) -> AdapterSpec:
     """A LoRA spec for ``model``: valid, or built to be rejected as ``invalid`` (one of
     :data:`INVALID_KINDS`, with nothing else wrong).  ``target_kind`` pins the kind of
     ``target_modules`` (one of ``strategies.targets.TARGET_KINDS``); an invalid kind that
-    cannot be built with it takes a kind it can be built with."""
+    cannot be built with it takes a kind it can be built with.  ``dora`` pins ``use_dora``
+    (None: drawn where the profile models it)."""
     entry = ZOO[model.model_type]
     profile = profile or select_profile()
     has_defaults = model.model_type in profile.default_targets
@@ -264,6 +277,19 @@ def adapter_specs(
         init = "gaussian"
     elif lora_bias is True and init == "gaussian":
         init = draw(st.sampled_from((ABSENT, True, False)))  # LoRA biases need the zero init of B
+    if dora is None:
+        use_dora = draw(_absent_or(st.booleans()), label="use_dora") if "use_dora" in profile.features else ABSENT
+    else:
+        use_dora = bool(dora)
+    if invalid == "dora_with_lora_bias":
+        use_dora, lora_bias = True, True
+        if init == "gaussian":
+            init = draw(st.sampled_from((ABSENT, True, False)))  # the init check would reject it first
+    elif use_dora is True and lora_bias is True:
+        if invalid in _NEED_LORA_BIAS_ALONE:
+            use_dora = ABSENT  # the DoRA check would reject the case first (never pinned: compatible_invalid_kinds)
+        elif invalid != "lora_bias_with_gaussian_init":  # (the init check rejects that one first)
+            lora_bias = draw(st.sampled_from((ABSENT, False)))  # DoRA takes no LoRA bias
     pattern_keys = st.sampled_from(names)
     excludes = ABSENT if invalid == "container_target" else draw(
         _excludes(reached or names, entry, layers_to_transform is not ABSENT))
@@ -285,6 +311,7 @@ def adapter_specs(
             _absent_or(st.sampled_from(("none", "all", "lora_only"))), label="bias"),
         lora_bias=lora_bias,
         use_rslora=draw(_absent_or(st.booleans()), label="use_rslora"),
+        use_dora=use_dora,
         init_lora_weights=init,
         fan_in_fan_out=draw(_absent_or(st.booleans())),
         task_type=draw(st.sampled_from((model.task, model.task, ABSENT))),
@@ -343,11 +370,15 @@ def cases(
     target_kinds: tuple[str, ...] | None = None,
     tasks: tuple[str, ...] | None = None,
     profile: Profile | None = None,
+    dora: bool | None = None,
 ) -> Case:
     """A whole case; about ``invalid_rate`` of them deliberately invalid (one rule broken).
 
     ``model_types``, ``quant_kinds``, ``target_kinds`` and ``tasks`` restrict the cell the
-    case is drawn in.  A ``default`` target kind on a type without default targets can
+    case is drawn in; ``dora`` True pins ``use_dora`` (a DoRA cell).  A passed-in PeftModel
+    carries no DoRA adapter (the trained values of ``reference.trained`` leave magnitudes at
+    their initial norms, and a merge of them is not modelled bit for bit): such a draw drops
+    ``use_dora``, or, pinned, the passed-in model.  A ``default`` target kind on a type without default targets can
     only be invalid (``no_default_targets``), whatever ``invalid_rate`` says.
     """
     check_rate("invalid_rate", invalid_rate)
@@ -374,12 +405,18 @@ def cases(
     forced = kind == "default" and model.model_type not in profile.default_targets
     if forced or draw(st.sampled_from((False,) * (40 - slots) + (True,) * slots), label="invalid_roll"):
         if kind is not None:
-            possible = compatible_invalid_kinds(model, level, kind, profile)
+            possible = compatible_invalid_kinds(model, level, kind, profile, dora)
         else:
-            possible = tuple(dict.fromkeys(k for tk in TARGET_KINDS for k in compatible_invalid_kinds(model, level, tk, profile)))
+            possible = tuple(dict.fromkeys(k for tk in TARGET_KINDS
+                                           for k in compatible_invalid_kinds(model, level, tk, profile, dora)))
         invalid = draw(st.sampled_from(possible), label="invalid_kind")
-    adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind))
+    adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind, dora=dora))
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
                                         False if _rejects_peft_model_with_config() else None)
     training = draw(training_specs(level, quant, peft_model_with_config=pair))
+    if training.peft_model_in and adapter.use_dora is True:
+        if dora or invalid == "dora_with_lora_bias":
+            training = dataclasses.replace(training, peft_model_in=False, peft_config_too=False)
+        else:
+            adapter = dataclasses.replace(adapter, use_dora=ABSENT)
     return Case(model=model, quant=quant, adapter=adapter, training=training, invalid=invalid is not None)

@@ -8,7 +8,11 @@ per level, the few cells that together reach every value pair of the coverage
 * peft level: model type x quantization kind, model type x target kind, model type x task
   (four cells per model type: the kinds rotate, so each type meets each kind);
 * trl level (SFTTrainer trains causal LMs): causal model type x quantization kind (three
-  cells per type), the target kinds rotating over the types.
+  cells per type), the target kinds rotating over the types;
+* both levels: adapter feature x quantization kind, where the feature is ``lora`` (plain) or
+  one that changes the layers (``dora``): extra cells pin the feature, one per quantization
+  kind and target kind at the peft level, one per quantization kind at the trl level, the
+  model types rotating over the zoo.
 
 The conformance suite runs one test per cell, so which cells exist is decided here, not by
 the draw.  :func:`dimension_cells` reads the cells of the same dimensions off any case,
@@ -23,15 +27,21 @@ from typing import Any, Callable, Iterable, Mapping
 from strategies.targets import TARGET_KINDS, target_kind
 from strategies.zoo import model_types, tasks_of
 
-__all__ = ["DIMENSIONS", "QUANT_KINDS", "Cell", "cells", "dimension_cells", "expected_cells"]
+__all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_feature", "cells", "dimension_cells",
+           "expected_cells"]
 
 QUANT_KINDS = ("none", "8bit", "4bit")
+ADAPTER_FEATURES = ("lora", "dora")
+"""The adapter features a cell may pin: ``lora`` leaves them to the draw (its first example is
+plain LoRA), ``dora`` pins ``use_dora=True``."""
 
 DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peft: model_type x quantization": ("peft", ("model_type", "quantization")),
     "peft: model_type x target_kind": ("peft", ("model_type", "target_kind")),
     "peft: model_type x task": ("peft", ("model_type", "task")),
     "trl: model_type x quantization": ("trl", ("model_type", "quantization")),
+    "peft: adapter_feature x quantization": ("peft", ("adapter_feature", "quantization")),
+    "trl: adapter_feature x quantization": ("trl", ("adapter_feature", "quantization")),
 }
 """Each coverage dimension: the level it is measured at and the case features it pairs."""
 
@@ -45,10 +55,13 @@ class Cell:
     quantization: str
     target_kind: str
     task: str
+    adapter_feature: str = "lora"
+    """One of :data:`ADAPTER_FEATURES`."""
 
     @property
     def id(self) -> str:
-        return f"{self.model_type}-{self.quantization}-{self.target_kind}-{self.task}"
+        base = f"{self.model_type}-{self.quantization}-{self.target_kind}-{self.task}"
+        return base if self.adapter_feature == "lora" else f"{base}-{self.adapter_feature}"
 
     def feature(self, name: str) -> str:
         return getattr(self, name)
@@ -71,13 +84,33 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
             for row in range(rows):
                 out.append(Cell("peft", model_type, quants[(row + index) % len(quants)],
                                 TARGET_KINDS[row % len(TARGET_KINDS)], tasks[row % len(tasks)]))
+        types = _with_defaults(model_types())
+        for feature in ADAPTER_FEATURES[1:]:
+            for row, (quant, kind) in enumerate((q, k) for q in quants for k in TARGET_KINDS):
+                model_type = types[(row * 7 + len(feature)) % len(types)]
+                task = tasks_of(model_type)[row % len(tasks_of(model_type))]
+                out.append(Cell("peft", model_type, quant, kind, task, feature))
     elif level == "trl":
-        for index, model_type in enumerate(model_types("CAUSAL_LM")):
+        causal = model_types("CAUSAL_LM")
+        for index, model_type in enumerate(causal):
             for row, quant in enumerate(quants):
                 out.append(Cell("trl", model_type, quant, TARGET_KINDS[(row + index) % len(TARGET_KINDS)], "CAUSAL_LM"))
+        causal = _with_defaults(causal)
+        for feature in ADAPTER_FEATURES[1:]:
+            for row, quant in enumerate(quants):
+                model_type = causal[(row * 11 + len(feature)) % len(causal)]
+                out.append(Cell("trl", model_type, quant, TARGET_KINDS[row % len(TARGET_KINDS)], "CAUSAL_LM", feature))
     else:
         raise ValueError(f"level={level!r} is not one of peft, trl")
     return tuple(c for c in out if keep is None or keep(c))
+
+
+def _with_defaults(types: tuple[str, ...]) -> tuple[str, ...]:
+    """The types every profile has default targets for: a feature cell's ``default`` target kind
+    then stays a valid case on any stack (the plain cells meet the types without defaults)."""
+    from reference.profiles import PROFILES
+
+    return tuple(t for t in types if all(t in p.default_targets for p in PROFILES.values()))
 
 
 def _features(case: Mapping[str, Any]) -> dict[str, str]:
@@ -89,7 +122,13 @@ def _features(case: Mapping[str, Any]) -> dict[str, str]:
         "quantization": case.get("quant", {}).get("kind", "none"),
         "target_kind": target_kind(adapter.get("target_modules")),
         "task": model.get("task", "CAUSAL_LM"),
+        "adapter_feature": adapter_feature(adapter),
     }
+
+
+def adapter_feature(adapter: Mapping[str, Any]) -> str:
+    """The adapter feature of an ``adapter`` in its JSON form: ``dora`` with ``use_dora``, else ``lora``."""
+    return "dora" if adapter.get("use_dora") is True else "lora"
 
 
 def dimension_cells(case: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:

@@ -325,6 +325,7 @@ def settings_of(config: pytest.Config) -> Settings:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from conformance.gate.corpus import stack_versions
+    from reference.profiles import PROFILES
     from reference.selection import selection_notes
 
     s = settings_of(config)
@@ -339,6 +340,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"quant={','.join(s.quant_kinds)} examples={s.examples} numerics={'on' if s.numerics else 'off'} "
         f"seed={s.seed}{shard}" + (" strict" if s.strict else "") + f" (replay: {replay})",
         f"conformance stack: {stack}",
+        f"conformance features: {', '.join(PROFILES[s.profile_name].features) or 'none'} "
+        f"(the LoraConfig features beyond the base fields that profile {s.profile_name} draws)",
         *(f"conformance WARNING: {note}" for note in notes),
     ]
 
