@@ -18,7 +18,7 @@ QUANTS = ("none", "8bit", "4bit")
 
 
 def test_peft_cells_reach_every_pair_of_each_dimension():
-    peft = cells("peft")
+    peft = tuple(c for c in cells("peft") if c.adapter_feature == "lora")
     types = model_types()
     assert {(c.model_type, c.quantization) for c in peft} == set(itertools.product(types, QUANTS))
     assert {(c.model_type, c.target_kind) for c in peft} == set(itertools.product(types, TARGET_KINDS))
@@ -27,11 +27,30 @@ def test_peft_cells_reach_every_pair_of_each_dimension():
 
 
 def test_trl_cells_reach_every_causal_type_with_every_quantization():
-    trl = cells("trl")
+    trl = tuple(c for c in cells("trl") if c.adapter_feature == "lora")
     causal = model_types("CAUSAL_LM")
     assert {(c.model_type, c.quantization) for c in trl} == set(itertools.product(causal, QUANTS))
     assert {c.task for c in trl} == {"CAUSAL_LM"}
     assert {c.target_kind for c in trl} == set(TARGET_KINDS)
+
+
+@pytest.mark.parametrize("level", ["peft", "trl"])
+def test_feature_cells_reach_every_quantization_kind_with_valid_default_targets(level):
+    """Each adapter feature beyond plain LoRA has a cell per quantization kind (and, at the peft
+    level, per target kind too), on types every profile has default targets for, so that a
+    feature cell is never forced invalid; restricting the quantization kinds keeps them."""
+    from reference.profiles import PROFILES
+    from strategies.coverage import ADAPTER_FEATURES
+
+    for feature in ADAPTER_FEATURES[1:]:
+        pinned = [c for c in cells(level) if c.adapter_feature == feature]
+        wanted = set(itertools.product(QUANTS, TARGET_KINDS)) if level == "peft" else set(QUANTS)
+        got = {(c.quantization, c.target_kind) for c in pinned} if level == "peft" else {c.quantization for c in pinned}
+        assert got == wanted
+        assert all(c.model_type in p.default_targets for c in pinned for p in PROFILES.values())
+        assert all(c.id.endswith(f"-{feature}") for c in pinned)
+        only = [c for c in cells(level, quant_kinds=("8bit",)) if c.adapter_feature == feature]
+        assert only and {c.quantization for c in only} == {"8bit"}
 
 
 def test_cells_follow_the_quantization_restriction_and_a_shard_filter():
@@ -48,7 +67,10 @@ def test_expected_cells_are_the_projections_of_the_cells():
     assert set(expected) == set(DIMENSIONS)
     assert len(expected["peft: model_type x quantization"]) == len(model_types()) * 3
     assert len(expected["trl: model_type x quantization"]) == len(model_types("CAUSAL_LM")) * 3
-    assert set(expected_cells(("trl",))) == {"trl: model_type x quantization"}
+    for level in ("peft", "trl"):
+        assert expected[f"{level}: adapter_feature x quantization"] == sorted(
+            itertools.product(("dora", "lora"), QUANTS))
+    assert set(expected_cells(("trl",))) == {"trl: model_type x quantization", "trl: adapter_feature x quantization"}
 
 
 def test_a_case_falls_in_the_cells_of_its_level():
@@ -58,9 +80,12 @@ def test_a_case_falls_in_the_cells_of_its_level():
         "peft: model_type x quantization": ("gpt2", "8bit"),
         "peft: model_type x target_kind": ("gpt2", "regex"),
         "peft: model_type x task": ("gpt2", "SEQ_CLS"),
+        "peft: adapter_feature x quantization": ("lora", "8bit"),
     }
     case["training"]["level"] = "trl"
-    assert dimension_cells(case) == {"trl: model_type x quantization": ("gpt2", "8bit")}
+    case["adapter"]["use_dora"] = True
+    assert dimension_cells(case) == {"trl: model_type x quantization": ("gpt2", "8bit"),
+                                     "trl: adapter_feature x quantization": ("dora", "8bit")}
 
 
 @pytest.mark.parametrize("targets, kind", [(None, "default"), ("ALL-LINEAR", "all-linear"), (".*q", "regex"),

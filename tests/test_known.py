@@ -15,7 +15,7 @@ from conformance.engine.features import FEATURES
 from conformance.engine.known import REGISTRY_PATH, Entry, Registry, load_registry
 from reference import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec
 
-STACK = {"peft": "0.21.2", "transformers": "5.23.0", "torch": "2.13.0", "trl": "1.16.0"}
+STACK = {"peft": "0.21.2", "transformers": "5.23.0", "torch": "2.13.0", "trl": "1.16.0", "bitsandbytes": "0.50.2"}
 
 
 def write(tmp_path, text: str, name: str = "registry.toml"):
@@ -85,6 +85,8 @@ def test_shipped_entries_are_active_for_their_stacks_and_not_for_an_old_one():
     assert {e.id for e in current.active} == {e.id for e in current.entries} - SEED_ONLY - NEITHER
     seed = load_registry(REGISTRY_PATH, versions={"peft": "0.15.2", "transformers": "4.53.3", "bitsandbytes": "0.47.0"})
     assert SEED_ONLY <= {e.id for e in seed.active} and not NEITHER & {e.id for e in seed.active}
+    # bitsandbytes 0.47 keeps the int8 scales of a re-assigned 8-bit weight: QDoRA runs on the seed stack
+    assert "qdora-8bit-cpu-weight-loses-int8-scales" not in {e.id for e in seed.active}
     middle = load_registry(REGISTRY_PATH, versions={"peft": "0.17.1", "transformers": "4.56.0", "trl": "0.21.0"})
     assert "trl-kbit-step-freezes-passed-peft-model" in {e.id for e in middle.active}
     release = load_registry(REGISTRY_PATH, versions={"peft": "0.19.0", "transformers": "5.23.0", "trl": "1.16.0"})

@@ -122,6 +122,14 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # QDoRA on an 8-bit llama on the CPU: peft's DoRA re-assigns the weight as weight.to("cpu"), losing
+    # its int8 scales, and bitsandbytes 0.50's CPU matmul raises in every forward
+    "qdora-8bit-cpu-weight-loses-int8-scales": Case(
+        ModelSpec("llama", num_layers=1),
+        QuantSpec(kind="8bit"),
+        AdapterSpec(target_modules=("q_proj",), use_dora=True, task_type="CAUSAL_LM"),
+        TrainingSpec(),
+    ),
 }
 
 

@@ -166,7 +166,8 @@ def test_strict_fails_a_run_with_unreached_cells_and_writes_the_markdown(suite, 
     assert report["strict"] is True and any("coverage gap" in why for why in report["strict_failures"])
     peft_none = cells("peft", quant_kinds=("none",))
     assert report["coverage"]["peft: model_type x quantization"]["total"] == len({c.model_type for c in peft_none})
-    assert report["coverage"]["peft: model_type x target_kind"]["total"] == len(peft_none)
+    assert report["coverage"]["peft: model_type x target_kind"]["total"] == len({(c.model_type, c.target_kind)
+                                                                                 for c in peft_none})
     assert md.read_text().startswith("## LoRA conformance: ❌ failed") and "Strict mode failed" in md.read_text()
 
 

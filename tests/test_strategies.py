@@ -109,6 +109,8 @@ def invalid_kind(case: Case) -> str | None:
         return "lora_bias_on_embedding"
     if a.lora_bias is True and a.init_lora_weights == "gaussian":
         return "lora_bias_with_gaussian_init"
+    if a.lora_bias is True and a.use_dora is True:
+        return "dora_with_lora_bias"
     if targets in (ABSENT, None) and case.model.model_type not in CURRENT.default_targets:
         return "no_default_targets"
     if targets == (entry.layer_container,):

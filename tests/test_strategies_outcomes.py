@@ -29,6 +29,7 @@ EXPECTED = {
     "container_target": {"unsupported_module"},
     "no_default_targets": {"no_default_targets"},
     "peft_model_with_config": {"trl_peft_model_with_config"},
+    "dora_with_lora_bias": {"dora_lora_bias"},
 }
 
 
