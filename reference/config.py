@@ -39,6 +39,7 @@ class LoraSettings:
     init_lora_weights: Any
     fan_in_fan_out: bool
     task_type: str | None
+    inference_mode: bool = False
     given_layers: Any = None
     """``layers_to_transform`` as given (an int stays an int): what the stored config holds."""
     given_layers_pattern: Any = None
@@ -116,6 +117,7 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         init_lora_weights=init,
         fan_in_fan_out=bool(get("fan_in_fan_out")),
         task_type=get("task_type"),
+        inference_mode=bool(get("inference_mode")),
         given_layers=layers,
         given_layers_pattern=pattern,
     )

@@ -231,11 +231,11 @@ class LoraEmbedding(_LoraBase):
 class SavedModule(nn.Module):
     """A module trained in full: the frozen original beside one trainable copy per adapter."""
 
-    def __init__(self, original: nn.Module, adapter: str) -> None:
+    def __init__(self, original: nn.Module, adapter: str, *, trains: bool = True) -> None:
         super().__init__()
         self.original_module = original
         for param in original.parameters():
-            if not param.dtype.is_floating_point:
+            if trains and not param.dtype.is_floating_point:
                 raise InvalidConfig(
                     "saved_module_quantized",
                     f"modules_to_save cannot train a quantized module ({type(original).__name__}); "
@@ -246,7 +246,7 @@ class SavedModule(nn.Module):
         for param in original.parameters():
             param.requires_grad = False
         for param in self.modules_to_save[adapter].parameters():
-            param.requires_grad = True
+            param.requires_grad = trains
 
     def forward(self, *args, **kwargs):
         return self.modules_to_save[self.active_adapter](*args, **kwargs)

@@ -78,7 +78,7 @@ def stored_config(settings: LoraSettings, resolved_targets: Any, fan_in_fan_out:
         "init_lora_weights": settings.init_lora_weights,
         "fan_in_fan_out": fan_in_fan_out,
         "task_type": settings.task_type,
-        "inference_mode": False,
+        "inference_mode": settings.inference_mode,
         "target_parameters": None,
     }
 

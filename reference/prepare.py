@@ -35,9 +35,10 @@ def _saved_names(settings: LoraSettings, profile: Profile, *, guarded: bool) -> 
     return tuple(settings.modules_to_save or ()) + heads
 
 
-def _wrap_saved(model: nn.Module, names: tuple[str, ...], lora_ok: bool) -> None:
+def _wrap_saved(model: nn.Module, names: tuple[str, ...], lora_ok: bool, trains: bool = True) -> None:
     """Wrap every module whose name ends with an entry (a plain string suffix, as
-    upstream does: ``"head"`` wraps ``lm_head``).  Entries that match nothing are ignored."""
+    upstream does: ``"head"`` wraps ``lm_head``).  Entries that match nothing are ignored.
+    ``trains`` False (inference mode): the copies stay frozen, so a quantized one is no error."""
     if not names:
         return
     for key, module in list(model.named_modules()):
@@ -45,7 +46,7 @@ def _wrap_saved(model: nn.Module, names: tuple[str, ...], lora_ok: bool) -> None
             continue
         if not lora_ok and isinstance(module, (LoraLinear, LoraEmbedding)):
             raise SavedModuleIsLora(f"modules_to_save entry reaches {key!r}, which already has LoRA")
-        model.set_submodule(key, SavedModule(module, ADAPTER))
+        model.set_submodule(key, SavedModule(module, ADAPTER, trains=trains))
 
 
 def _mark_trainable(model: nn.Module, bias: str, substring: bool) -> None:
@@ -83,6 +84,13 @@ def _arrange_input_grads_for_checkpointing(model: nn.Module) -> None:
             output.requires_grad_(True)
 
         model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+
+
+def _freeze_for_inference(model: nn.Module) -> None:
+    """``inference_mode=True``: a model prepared for inference trains nothing - no LoRA factor, no
+    DoRA magnitude, no saved copy, no bias (peft's own deviations are registry entries)."""
+    for param in model.parameters():
+        param.requires_grad = False
 
 
 def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile) -> nn.Module:
@@ -137,5 +145,8 @@ def prepare_wrapped(
         model.set_submodule(target.name, layer)
     _mark_trainable(model, settings.bias, profile.bias_all_substring)
     _arrange_input_grads_for_checkpointing(model)
-    _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora)
+    _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora,
+                trains=not settings.inference_mode)
+    if settings.inference_mode:
+        _freeze_for_inference(model)
     return model, wrapper_of(settings, stored_config(settings, stored_targets, fan_in_fan_out), ADAPTER)

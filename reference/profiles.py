@@ -106,6 +106,7 @@ class Profile:
                 "bias": "none",
                 "use_rslora": False,
                 "use_dora": False,
+                "inference_mode": False,
                 "init_lora_weights": True,
                 "fan_in_fan_out": False,
                 "lora_bias": False,
@@ -147,9 +148,11 @@ class Profile:
     """A modules_to_save entry may wrap a module that already got LoRA (peft 0.15);
     later that is a TypeError."""
     bias_all_substring: bool = False
-    """``bias="all"`` trains every parameter whose name *contains* "bias" (peft 0.15,
-    e.g. DeBERTa's ``q_bias``); later only names that are or end with ``.bias``."""
-    features: tuple[str, ...] = ("use_dora",)
+    """``bias="all"`` trains every parameter whose name *contains* "bias" (peft 0.15 - 0.20,
+    e.g. DeBERTa's ``q_bias``, t5's ``relative_attention_bias.weight``: observed on 0.15.2,
+    0.18.1 and 0.19.0, in 0.16.0 - 0.20.0's source); peft 0.21 (PR #3490, "Refactor state dict
+    handling") trains only names that are or end with ``.bias``."""
+    features: tuple[str, ...] = ("use_dora", "inference_mode")
     """The ``LoraConfig`` features beyond the base fields that this era has and the reference
     models: the strategies draw only these, and the run header lists them."""
     merge_unties_diverged_embeddings: bool = True
@@ -181,7 +184,7 @@ _SEED = Profile(
     merge_unties_diverged_embeddings=False,
 )
 # peft 0.16.0: SEQ_CLS heads guarded before targeting,
-# modules_to_save over a LoRA layer is a TypeError, bias="all" by name suffix, new default-target
+# modules_to_save over a LoRA layer is a TypeError, new default-target
 # families (see the 0.15 notes, docs/spec/).  The greedy layer-index regexes stay until 0.20.
 _PEFT_0_16 = dataclasses.replace(
     _SEED,
@@ -192,7 +195,6 @@ _PEFT_0_16 = dataclasses.replace(
     guarded_task_heads=("SEQ_CLS", "TOKEN_CLS"),
     saved_guard_counts_as_excluded=True,
     saved_module_may_be_lora=False,
-    bias_all_substring=False,
 )
 # peft 0.18.0: the "lora_bias=True but the targeted layer has no bias" warning; rwkv defaults.
 _PEFT_0_18 = dataclasses.replace(
@@ -231,7 +233,8 @@ _PEFT_0_20 = dataclasses.replace(
     layer_index_regex=r".*?\.[^.]*\.(\d+)\.",
     layer_pattern_regex=r".*?\.{pattern}\.(\d+)\.",
 )
-# peft 0.21.0: unused rank_pattern / alpha_pattern keys warn ("did not match any targeted
+# peft 0.21.0: bias="all" by name suffix (PR #3490; 0.16 - 0.20 still matched "bias" anywhere in the
+# name, observed on 0.18.1 and 0.19.0); unused rank_pattern / alpha_pattern keys warn ("did not match any targeted
 # module"); a layers_pattern may start the module name (`(?:^|.*?\.)`, peft issue #3610).
 _CURRENT = dataclasses.replace(
     _PEFT_0_20,
@@ -240,6 +243,7 @@ _CURRENT = dataclasses.replace(
     description="peft 0.21 (current: peft 0.21.2 with trl 1.16 / transformers 5.23)",
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_21),
     warns_unused_patterns=True,
+    bias_all_substring=False,
     layer_index_regex=Profile.layer_index_regex,
     layer_pattern_regex=Profile.layer_pattern_regex,
 )

@@ -124,6 +124,8 @@ class AdapterSpec:
     fan_in_fan_out: Any = ABSENT
     task_type: Any = ABSENT
     """Usually the model's task; absent gives a plain ``PeftModel``."""
+    inference_mode: Any = ABSENT
+    """A model prepared for inference: nothing trains."""
 
     def given(self) -> dict[str, Any]:
         """The fields that are passed, converted to ``LoraConfig`` argument types."""

@@ -315,6 +315,9 @@ def adapter_specs(
         init_lora_weights=init,
         fan_in_fan_out=draw(_absent_or(st.booleans())),
         task_type=draw(st.sampled_from((model.task, model.task, ABSENT))),
+        # a sixth of the cases prepare for inference (nothing trains); only where the profile models it
+        inference_mode=draw(_absent_or(st.sampled_from((False, False, True))), label="inference_mode")
+        if "inference_mode" in profile.features else ABSENT,
     )
 
 
@@ -375,7 +378,8 @@ def cases(
     """A whole case; about ``invalid_rate`` of them deliberately invalid (one rule broken).
 
     ``model_types``, ``quant_kinds``, ``target_kinds`` and ``tasks`` restrict the cell the
-    case is drawn in; ``dora`` True pins ``use_dora`` (a DoRA cell).  A passed-in PeftModel
+    case is drawn in; ``dora`` True pins ``use_dora`` (a DoRA cell).  ``inference_mode`` is
+    drawn at the peft level only (a trainer is given a config to train).  A passed-in PeftModel
     carries no DoRA adapter (the trained values of ``reference.trained`` leave magnitudes at
     their initial norms, and a merge of them is not modelled bit for bit): such a draw drops
     ``use_dora``, or, pinned, the passed-in model.  A ``default`` target kind on a type without default targets can
@@ -414,6 +418,8 @@ def cases(
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
                                         False if _rejects_peft_model_with_config() else None)
     training = draw(training_specs(level, quant, peft_model_with_config=pair))
+    if level == "trl" and adapter.inference_mode is not ABSENT:
+        adapter = dataclasses.replace(adapter, inference_mode=ABSENT)  # a trainer trains: peft level only
     if training.peft_model_in and adapter.use_dora is True:
         if dora or invalid == "dora_with_lora_bias":
             training = dataclasses.replace(training, peft_model_in=False, peft_config_too=False)

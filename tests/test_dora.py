@@ -232,7 +232,7 @@ def test_catches_a_magnitude_initialised_without_the_update(monkeypatch):
     """With init_lora_weights=False, B is not zero: the norm must include scaling B A."""
     def without_update(pm):
         with torch.no_grad():
-            for name, module in pm.named_modules():
+            for module in pm.modules():
                 if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
                     w = module.get_base_layer().weight
                     module.lora_magnitude_vector["default"].weight.copy_(torch.linalg.norm(w.float(), dim=1))

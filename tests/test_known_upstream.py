@@ -122,6 +122,18 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # inference_mode=True with bias="all": peft freezes the adapters, not the biases it marked
+    "inference-mode-leaves-biases-trainable": Case(
+        ModelSpec("gpt2", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("c_attn",), bias="all", inference_mode=True),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # inference_mode=True on a SEQ_CLS model: peft < 0.18 leaves the saved head's copy trainable
+    "inference-mode-leaves-saved-copy-trainable": Case(
+        ModelSpec("gpt2", "SEQ_CLS", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("c_attn",), task_type="SEQ_CLS", inference_mode=True),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # QDoRA on an 8-bit llama on the CPU: peft's DoRA re-assigns the weight as weight.to("cpu"), losing
     # its int8 scales, and bitsandbytes 0.50's CPU matmul raises in every forward
     "qdora-8bit-cpu-weight-loses-int8-scales": Case(
