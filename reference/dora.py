@@ -106,8 +106,9 @@ def linear_update(base: nn.Module, fan_in_fan_out: bool, lora_a: nn.Linear, lora
     scale = magnitude / norm
     if base_result is None:
         base_result = F.linear(dropped, _out_in(base, fan_in_fan_out).to(dtype))
-    lora_part = lora_b(lora_a(dropped)) * scaling
-    return (scale - 1) * base_result + scale * lora_part
+    # the magnitude's scale first, then the LoRA scaling: under bf16 autocast the product is then
+    # rounded once, in the scale's (fp32) dtype, as peft's order has it
+    return (scale - 1) * base_result + scale * lora_b(lora_a(dropped)) * scaling
 
 
 def merged_delta(magnitude: torch.Tensor, dense: torch.Tensor, delta: torch.Tensor, per_column: bool) -> torch.Tensor:

@@ -38,6 +38,9 @@ class AdapterParams:
     autocast: bool
     use_dora: bool = False
     """DoRA: a trainable magnitude beside the factors (``reference.dora``)."""
+    dora_update_rounded_first: bool = False
+    """On a bitsandbytes layer, the DoRA update is rounded to the base output's dtype before it
+    is added, like a plain LoRA update (profile rule, peft 0.15); later the sum is rounded once."""
     follow_4bit_compute: bool = True
     """Factors on a bnb 4-bit layer follow its compute dtype (profile rule)."""
     warn_no_base_bias: bool = True
@@ -73,6 +76,7 @@ class _LoraBase(nn.Module):
         self.lora_bias: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
+        self.dora_update_rounded_first: dict[str, bool] = {}
         self.active_adapters: list[str] = []
 
     # Model code reads the wrapped module's tensors (t5's feed-forward compares its
@@ -132,6 +136,7 @@ class LoraLinear(_LoraBase):
             self._init(a, b, p)
         self._place(list(a.parameters()) + list(b.parameters()), p)
         if p.use_dora:
+            self.dora_update_rounded_first[name] = p.dora_update_rounded_first
             dtype = dora.magnitude_dtype(self.base_layer, a.weight.dtype)
             norm = dora.linear_norm(self.base_layer, self.fan_in_fan_out, a.weight.detach(), b.weight.detach(),
                                     self.scaling[name], dtype)
@@ -151,25 +156,32 @@ class LoraLinear(_LoraBase):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
-        # Plain Linear / Conv1D: the update is added in the promoted dtype (fp32 factors beside
-        # a bf16 base add in fp32) and the sum rounded to the base output's dtype once, at the
-        # end.  bitsandbytes bases: the scaled update is first rounded to the base output's
-        # dtype, then added in that dtype: two roundings (observed in peft 0.15 - 0.21; it shows
-        # as ~1e-3 gradient differences when a 4-bit model's activations stay fp16/bf16).
-        round_update = type(self.base_layer).__module__.startswith("bitsandbytes")
+        # Plain Linear / Conv1D: the input is cast to the factors' dtype, the update added in the
+        # promoted dtype (fp32 factors beside a bf16 base add in fp32) and the sum rounded to the
+        # base output's dtype once, at the end.  bitsandbytes bases convert only where
+        # `torch.is_autocast_enabled()` (CUDA's autocast state, whatever the device: on the CPU it
+        # is False even under CPU autocast) says no autocast runs; then the scaled update is first
+        # rounded to the base output's dtype and added in that dtype: two roundings (observed in
+        # peft 0.15 - 0.21; it shows as ~1e-3 gradient differences when a 4-bit model's
+        # activations stay fp16/bf16).  A DoRA update there is rounded with the sum (peft 0.16+)
+        # or first (0.15: AdapterParams.dora_update_rounded_first).
+        bnb = type(self.base_layer).__module__.startswith("bitsandbytes")
+        convert = not bnb or not torch.is_autocast_enabled()
         for name in self.active_adapters:
             a, b = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(a.weight.dtype))
+            h = self.lora_dropout[name](x.to(a.weight.dtype) if convert else x)
             if name in self.lora_magnitude_vector:
                 reuse = isinstance(self.lora_dropout[name], nn.Identity) or not self.training
                 bias = getattr(self.base_layer, "bias", None)
                 base_result = (result - bias if bias is not None else result) if reuse else None
                 update = dora.linear_update(self.base_layer, self.fan_in_fan_out, a, b, self.scaling[name],
                                             self.lora_magnitude_vector[name].weight, h, base_result)
+                round_first = bnb and convert and self.dora_update_rounded_first[name]
             else:
                 update = b(a(h)) * self.scaling[name]
-            result = result + (update.to(out_dtype) if round_update else update)
-        return result.to(out_dtype)
+                round_first = bnb and convert
+            result = result + (update.to(out_dtype) if round_first else update)
+        return result.to(out_dtype) if convert else result
 
 
 class LoraEmbedding(_LoraBase):

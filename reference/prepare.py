@@ -135,6 +135,7 @@ def prepare_wrapped(
                 dropout=settings.lora_dropout,
                 use_rslora=settings.use_rslora,
                 use_dora=settings.use_dora,
+                dora_update_rounded_first=profile.dora_bnb_update_rounded_first,
                 init=settings.init_lora_weights,
                 lora_bias=settings.lora_bias,
                 autocast=autocast,

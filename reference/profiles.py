@@ -153,6 +153,9 @@ class Profile:
     0.18.1 and 0.19.0, in 0.16.0 - 0.20.0's source); peft 0.21 (PR #3490, "Refactor state dict
     handling") trains only names that are or end with ``.bias``."""
     features: tuple[str, ...] = ("use_dora", "inference_mode")
+    dora_bnb_update_rounded_first: bool = False
+    """A bitsandbytes layer rounds its DoRA update to the base output's dtype before adding it,
+    as it does a plain LoRA update (peft 0.15); peft 0.16's LoRA variants round the sum once."""
     """The ``LoraConfig`` features beyond the base fields that this era has and the reference
     models: the strategies draw only these, and the run header lists them."""
     merge_unties_diverged_embeddings: bool = True
@@ -182,6 +185,7 @@ _SEED = Profile(
     saved_module_may_be_lora=True,
     bias_all_substring=True,
     merge_unties_diverged_embeddings=False,
+    dora_bnb_update_rounded_first=True,
 )
 # peft 0.16.0: SEQ_CLS heads guarded before targeting,
 # modules_to_save over a LoRA layer is a TypeError, new default-target
@@ -195,6 +199,7 @@ _PEFT_0_16 = dataclasses.replace(
     guarded_task_heads=("SEQ_CLS", "TOKEN_CLS"),
     saved_guard_counts_as_excluded=True,
     saved_module_may_be_lora=False,
+    dora_bnb_update_rounded_first=False,
 )
 # peft 0.18.0: the "lora_bias=True but the targeted layer has no bias" warning; rwkv defaults.
 _PEFT_0_18 = dataclasses.replace(

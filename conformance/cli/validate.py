@@ -81,9 +81,11 @@ ADAPTER_FIELDS: dict[str, tuple[_Kind, ...]] = {
     "bias": (STRING,),
     "lora_bias": (BOOL,),
     "use_rslora": (BOOL,),
+    "use_dora": (BOOL,),
     "init_lora_weights": (BOOL, STRING),
     "fan_in_fan_out": (BOOL,),
     "task_type": (NULL, STRING),
+    "inference_mode": (BOOL,),
 }
 _ANY_FIELDS = {
     # TrainingSpec fields annotated Any (ABSENT means "not passed"); the strategies draw booleans.
