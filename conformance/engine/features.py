@@ -311,13 +311,14 @@ def _moved_base_params(ctx: CaseContext) -> frozenset[str]:
 def _consistent_upstream_lora(ctx: CaseContext) -> frozenset[str]:
     """LoRA modules only upstream has whose adapters are internally consistent: the scaling is
     ``reference.rules.scaling`` of the module's own r and alpha (plain or rsLoRA, as the case
-    asks), the factors are trainable, and A's rows and B's columns agree in a multiple of r (one
+    asks), the factors are trainable (frozen under ``inference_mode``), and A's rows and B's columns agree in a multiple of r (one
     rank-r block per expert for parameter-level LoRA); with their LoRA parameter paths.
     (What the reference cannot compare yet, it still checks for sense.)"""
     ref, up = ctx.reference, ctx.upstream
     if ref is None or up is None:
         return frozenset()
     rslora = ctx.case.adapter.use_rslora is True
+    trains = ctx.case.adapter.inference_mode is not True
     ref_paths = {m.path for m in ref.lora}
     up_params = {p.path: p for p in up.params}
     out = set()
@@ -329,7 +330,7 @@ def _consistent_upstream_lora(ctx: CaseContext) -> frozenset[str]:
         ok = bool(m.adapters) and all(
             math.isclose(a.scaling, scaling(a.alpha, a.r, rslora)) and a.a_shape[0] == a.b_shape[-1]
             and a.a_shape[0] % a.r == 0  # parameter-level LoRA stacks one rank-r factor per expert
-            for _, a in m.adapters) and params and all(f.requires_grad for f in params.values())
+            for _, a in m.adapters) and params and all(f.requires_grad == trains for f in params.values())
         if ok:
             out |= {m.path, *params}
     return frozenset(out)
