@@ -138,10 +138,12 @@ def read_adapter_spec(directory: str | Path) -> AdapterSpec:
     if data.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}: peft_type={data.get('peft_type')!r}; only LORA adapters can be read")
     if data.get("use_dora"):
-        raise ValueError(f"{directory}: use_dora=True; the reference does not model DoRA")
+        raise ValueError(f"{directory}: use_dora=True; the reference does not load saved DoRA adapters yet")
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(AdapterSpec):
-        if f.name not in data:
+        # `inference_mode` is what save_pretrained writes (always True), not the adapter's shape:
+        # whoever loads the adapter decides whether it trains
+        if f.name not in data or f.name == "inference_mode":
             continue
         value = data[f.name]
         if f.name in _PAIRS:

@@ -205,12 +205,13 @@ def _reentrant_checkpointing(ctx: CaseContext) -> bool:
 
 
 def _relative_embeddings_trained(ctx: CaseContext) -> bool:
-    """The reference's prepared model trains a parameter of the relative position embeddings a
-    DeBERTa encoder computes once, before its layers (``encoder.rel_embeddings``, and
-    ``encoder.LayerNorm``, which deberta-v2 applies to them): a bias with bias="all", a saved copy."""
-    snap = ctx.reference
-    return snap is not None and any(p.requires_grad and re.search(r"(^|\.)encoder\.(rel_embeddings|LayerNorm)\.", p.path)
-                                    for p in snap.params)
+    """A side's prepared model trains a parameter of the relative position embeddings a DeBERTa
+    encoder computes once, before its layers (``encoder.rel_embeddings``, and ``encoder.LayerNorm``,
+    which deberta-v2 applies to them): a bias with bias="all", a saved copy.  The reference's
+    snapshot decides, or upstream's where only upstream trains it (an inference-mode model whose
+    biases peft leaves trainable)."""
+    return any(snap is not None and any(p.requires_grad and re.search(r"(^|\.)encoder\.(rel_embeddings|LayerNorm)\.", p.path)
+                                        for p in snap.params) for snap in (ctx.reference, ctx.upstream))
 
 
 def _layers_pattern_given(ctx: CaseContext) -> bool:
