@@ -1,4 +1,5 @@
-"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, "DoRA"), as peft lays it out.
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, "DoRA"), as peft lays it out
+(and :func:`dense_weight`, the dequantized weight, which ``reference.merge`` folds updates into).
 
 With ``use_dora=True`` each adapted module gets, beside ``lora_A`` / ``lora_B``, a trainable
 magnitude ``lora_magnitude_vector.<adapter>.weight``:

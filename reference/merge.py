@@ -58,8 +58,7 @@ def _merge_8bit(base: nn.Module, delta: torch.Tensor) -> None:
     import bitsandbytes as bnb
 
     weight = base.weight
-    scales = base.state.SCB if base.state.SCB is not None else weight.SCB
-    dense = bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.data.device))
+    dense = dora.dense_weight(base)
     merged = dense.to(delta.dtype).to(delta.device) + delta
     base.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False,
                                     has_fp16_weights=weight.has_fp16_weights).to(weight.device)
@@ -70,7 +69,7 @@ def _merge_4bit(base: nn.Module, delta: torch.Tensor) -> None:
     import bitsandbytes as bnb
 
     weight = base.weight
-    dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    dense = dora.dense_weight(base)
     merged = dense + delta
     settings = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
     settings.update(requires_grad=False, bnb_quantized=False)
