@@ -166,6 +166,22 @@ def assert_caught(candidates: Iterable[Case], fields: Iterable[str], *, path: st
 # -- fault helpers ---------------------------------------------------------------------------
 
 
+def after_get_peft_model(monkeypatch: pytest.MonkeyPatch, corrupt: Callable[[Any, Any], None]) -> None:
+    """Plant ``corrupt(peft_model, config)`` right after upstream's get_peft_model (under no_grad)."""
+    import peft
+    import torch
+
+    original = peft.get_peft_model
+
+    def faulty(model, config, *args, **kwargs):
+        out = original(model, config, *args, **kwargs)
+        with torch.no_grad():
+            corrupt(out, config)
+        return out
+
+    monkeypatch.setattr(peft, "get_peft_model", faulty)
+
+
 def wrap_update_layer(monkeypatch: pytest.MonkeyPatch, *, before: Callable | None = None,
                       after: Callable | None = None) -> None:
     """Patch ``LoraLayer.update_layer`` (Linear and bnb LoRA layers use it): ``before(args)``

@@ -18,7 +18,7 @@ from conformance.engine.diff import Divergence
 from conformance.engine.features import CaseContext
 from conformance.engine.known import default_registry, load_registry
 from conformance.engine.runner import run_case
-from fault_kit import PROFILE, REPO, assert_caught
+from fault_kit import PROFILE, REPO, after_get_peft_model, assert_caught
 from reference import errors, select_profile
 from reference.config import resolve
 from reference.layers import AdapterParams, LoraEmbedding, LoraLinear
@@ -190,16 +190,7 @@ DORA_CASES = [
 
 
 def _after_get_peft_model(monkeypatch, corrupt) -> None:
-    import peft
-
-    original = peft.get_peft_model
-
-    def faulty(model, config, *args, **kwargs):
-        out = original(model, config, *args, **kwargs)
-        corrupt(out)
-        return out
-
-    monkeypatch.setattr(peft, "get_peft_model", faulty)
+    after_get_peft_model(monkeypatch, lambda peft_model, _config: corrupt(peft_model))
 
 
 def _magnitudes(peft_model):

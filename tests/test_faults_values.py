@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conformance.engine.runner import run_case
-from fault_kit import PROFILE, QLORA, _llama, assert_caught
+from fault_kit import PROFILE, QLORA, _llama, after_get_peft_model, assert_caught
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies import cases, sample
 
@@ -28,18 +28,7 @@ GPT2_BIAS_ALL = Case(ModelSpec("gpt2", num_layers=1), adapter=AdapterSpec(r=2, t
                      training=NO_KBIT)
 
 
-def _after_get_peft_model(monkeypatch: pytest.MonkeyPatch, corrupt) -> None:
-    import peft
-
-    original = peft.get_peft_model
-
-    def faulty(model, config, *args, **kwargs):
-        out = original(model, config, *args, **kwargs)
-        with torch.no_grad():
-            corrupt(out, config)
-        return out
-
-    monkeypatch.setattr(peft, "get_peft_model", faulty)
+_after_get_peft_model = after_get_peft_model
 
 
 def _caught(case: Case, field: str, path_part: str) -> None:

@@ -11,7 +11,7 @@ from conformance.engine.diff import Divergence
 from conformance.engine.features import CaseContext
 from conformance.engine.known import load_registry
 from conformance.engine.runner import run_case
-from fault_kit import PROFILE, assert_caught
+from fault_kit import PROFILE, after_get_peft_model, assert_caught
 from reference import select_profile
 from reference.prepare import prepare_wrapped
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
@@ -45,18 +45,12 @@ def test_clean_inference_cases_agree_or_are_explained():
 
 
 def test_catches_a_lora_factor_left_trainable(monkeypatch):
-    import peft
-
-    original = peft.get_peft_model
-
-    def faulty(model, config, *args, **kwargs):
-        out = original(model, config, *args, **kwargs)
-        for name, param in out.named_parameters():
+    def trainable_b(peft_model, _config):
+        for name, param in peft_model.named_parameters():
             if ".lora_B." in name:
                 param.requires_grad_(True)
-        return out
 
-    monkeypatch.setattr(peft, "get_peft_model", faulty)
+    after_get_peft_model(monkeypatch, trainable_b)
     assert_caught([_gpt2(), _gpt2(bias="all"), _gpt2("SEQ_CLS")], {"requires_grad"}, path=r".*lora_B\.default\.weight")
 
 

@@ -23,6 +23,7 @@ from conformance.engine.diff import Divergence
 from conformance.engine.features import CaseContext
 from conformance.engine.known import default_registry, load_registry
 from conformance.engine.runner import Outcome, run_case
+from fault_kit import after_get_peft_model
 from reference import select_profile
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 
@@ -52,18 +53,7 @@ def _fails(case: Case, field: str, path: str | None = None) -> Outcome:
     return outcome
 
 
-def _after_get_peft_model(monkeypatch: pytest.MonkeyPatch, corrupt) -> None:
-    """Plant ``corrupt(peft_model, config)`` right after upstream's get_peft_model."""
-    import peft
-
-    original = peft.get_peft_model
-
-    def faulty(model, config, *args, **kwargs):
-        out = original(model, config, *args, **kwargs)
-        corrupt(out, config)
-        return out
-
-    monkeypatch.setattr(peft, "get_peft_model", faulty)
+_after_get_peft_model = after_get_peft_model
 
 
 def _raise_in_get_peft_model(monkeypatch: pytest.MonkeyPatch, exc: BaseException, when=lambda config: True) -> None:
