@@ -49,6 +49,13 @@ def _wrap_saved(model: nn.Module, names: tuple[str, ...], lora_ok: bool, trains:
         model.set_submodule(key, SavedModule(module, ADAPTER, trains=trains))
 
 
+def is_bias_for_all(name: str, substring: bool) -> bool:
+    """A parameter ``bias="all"`` trains: one named ``bias`` or, where ``substring`` (peft < 0.21,
+    profile rule ``bias_all_substring``), any name containing "bias" (t5's
+    ``relative_attention_bias.weight`` too)."""
+    return ("bias" in name) if substring else (name == "bias" or name.endswith(".bias"))
+
+
 def _mark_trainable(model: nn.Module, bias: str, substring: bool) -> None:
     if bias not in ("none", "all", "lora_only"):
         raise InvalidBias(f"bias={bias!r} is not one of 'none', 'all', 'lora_only'")
@@ -56,7 +63,7 @@ def _mark_trainable(model: nn.Module, bias: str, substring: bool) -> None:
         param.requires_grad = "lora_" in name
     if bias == "all":
         for name, param in model.named_parameters():
-            if ("bias" in name) if substring else (name == "bias" or name.endswith(".bias")):
+            if is_bias_for_all(name, substring):
                 param.requires_grad = True
     elif bias == "lora_only":
         for module in model.modules():

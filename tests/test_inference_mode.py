@@ -75,6 +75,14 @@ def test_bias_entry_needs_inference_mode_and_a_bias_mode_that_trains_biases():
     assert left(case, lora) == [lora]  # a trainable factor is no bias
     frozen = Divergence("transformer.h.0.ln_1.bias", "requires_grad", "True", "False")
     assert left(case, frozen) == [frozen]  # the other direction is another fault
+    # a bias mode with no bias to train is out of scope: llama has no bias at all, and lora_only
+    # on targets without a bias trains none (gpt2's c_attn has one: in scope above)
+    llama = Case(ModelSpec("llama", "CAUSAL_LM", num_layers=1), QuantSpec(),
+                 AdapterSpec(r=4, target_modules=("q_proj",), inference_mode=True, bias="all"), NO_KBIT)
+    assert BIASES not in registry.scope(CaseContext(llama))
+    assert BIASES not in registry.scope(CaseContext(dataclasses.replace(
+        llama, adapter=dataclasses.replace(llama.adapter, bias="lora_only"))))
+    assert BIASES in registry.scope(CaseContext(case))
 
 
 def test_saved_copy_entry_is_for_peft_before_0_18_and_saved_copies_only():

@@ -445,6 +445,19 @@ def test_bf16_cast_entry_excuses_only_the_forward_failure(monkeypatch):
     assert ctx.case is LLAMA_TRL_BIAS_ALL
 
 
+def test_bf16_cast_entry_names_the_cpu_layer_norm_failure():
+    """A fp32 RoBERTa whose saved lm_head (a layer norm inside) trl casts to bf16: the CPU's layer
+    norm refuses the mix with its own wording (CI, 2026-12-02)."""
+    _active("trl-qlora-bf16-cast-mixes-dtypes")
+    case = Case(ModelSpec("xlm-roberta", "CAUSAL_LM", num_layers=1, hidden_size=128),
+                QuantSpec(kind="4bit", quant_storage="float16"),
+                AdapterSpec(target_modules="all-linear", modules_to_save=("lm_head",), task_type="CAUSAL_LM"),
+                TrainingSpec(level="trl", prepare_kbit=False, gradient_checkpointing=True))
+    outcome = run_case(case, select_profile())
+    assert outcome.status == "known" and "trl-qlora-bf16-cast-mixes-dtypes" in outcome.known, outcome.divergences
+    assert "mixed dtype (CPU)" in str(outcome.numerics), outcome.numerics
+
+
 def test_bf16_cast_entries_need_their_cause():
     registry = default_registry()
     if "trl-qlora-bf16-cast-mixes-dtypes" not in {e.id for e in registry.active}:
@@ -458,6 +471,11 @@ def test_bf16_cast_entries_need_their_cause():
     with_bias = Snapshot(params=lora_only.params + (ParamFacts("q.bias", (64,), "bfloat16", True, "plain"),))
     assert registry.explain(CaseContext(only_lora, lora_only, lora_only), [raised])[0] == [raised]
     assert registry.explain(CaseContext(LLAMA_TRL_BIAS_ALL, with_bias, with_bias), [raised])[0] == []
+    # the CPU layer norm's wording of the same mix (a saved RoBERTa lm_head's bf16 layer_norm)
+    norm = "init forward: raised: RuntimeError: mixed dtype (CPU): expect parameter to have scalar type of Float"
+    norm_raised = Divergence("<model>", "numerics.both_raised", norm, norm)
+    assert registry.explain(CaseContext(LLAMA_TRL_BIAS_ALL, with_bias, with_bias), [norm_raised])[0] == []
+    assert registry.explain(CaseContext(only_lora, lora_only, lora_only), [norm_raised])[0] == [norm_raised]
     other = Divergence("<model>", "numerics.both_raised", "x", "eval forward: RuntimeError: CUDA out of memory")
     assert registry.explain(CaseContext(LLAMA_TRL_BIAS_ALL, with_bias, with_bias), [other])[0] == [other]
     packed = Divergence("<model>", "numerics.both_raised", "x",

@@ -22,6 +22,7 @@ from conformance.engine.snapshot import Snapshot
 from reference.config import LoraSettings, resolve
 from reference.errors import PreparationError
 from reference.peft_model import CLASSIFIER_NAMES, stored_config
+from reference.prepare import is_bias_for_all
 from reference.profiles import Profile
 from reference.rules import scaling
 from reference.spec import ABSENT, Case
@@ -214,6 +215,22 @@ def _relative_embeddings_trained(ctx: CaseContext) -> bool:
                                         for p in snap.params) for snap in (ctx.reference, ctx.upstream))
 
 
+def _bias_mode_trains_a_bias(ctx: CaseContext) -> bool:
+    """The bias mode has a bias to train: ``bias="all"`` and the model has a parameter the
+    profile's naming rule calls a bias, or ``bias="lora_only"`` and a module the targets reach
+    has a bias (the reference's rules: ``reference.prepare``)."""
+    settings = _settings(ctx)
+    if settings is None:
+        return False
+    if settings.bias == "all":
+        return any(is_bias_for_all(name, ctx.profile.bias_all_substring) for name, _ in ctx.model.named_parameters())
+    if settings.bias == "lora_only":
+        modules = dict(ctx.model.named_modules())
+        guarded = tuple(settings.modules_to_save or ()) + _task_heads(ctx)
+        return any(getattr(modules[name], "bias", None) is not None for name in _reached(ctx, guarded))
+    return False
+
+
 def _layers_pattern_given(ctx: CaseContext) -> bool:
     return ctx.case.adapter.layers_pattern not in (ABSENT, None, "", ())
 
@@ -230,6 +247,7 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "nothing_targeted_and_nothing_excluded": _nothing_targeted_and_nothing_excluded,
     "embedding_targeted": _embedding_targeted,
     "layers_pattern_given": _layers_pattern_given,
+    "bias_mode_trains_a_bias": _bias_mode_trains_a_bias,
     "lora_dropout_given": _lora_dropout_given,
     "targets_inside_saved": lambda ctx: bool(ctx.paths("targets_inside_saved")),
     "trainable_besides_lora": _trainable_besides_lora,

@@ -54,7 +54,10 @@ SUPPRESSED = (HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filt
 
 def hypothesis_settings(max_examples: int | None = None, *, test_id: str | None = None) -> settings:
     """max_examples from ``--conformance-examples`` (or as given); no deadline, no database (a
-    seed replays a run), and no explain phase (its report points at harness lines, not at
+    seed replays a run), never derandomized (Hypothesis loads its ``ci`` profile wherever a ``CI``
+    variable is set, and that profile's ``derandomize=True`` would draw from each test's source
+    digest instead of ``--hypothesis-seed``: CI would run other cases than the seed it prints),
+    and no explain phase (its report points at harness lines, not at
     upstream's), no reproduce_failure blob (a cell test's inner function cannot take the
     decorator; the seed and the explain command replay a failure).  A test that builds its
     settings at run time passes its ``test_id``: under ``--conformance-strict`` the health
@@ -71,6 +74,7 @@ def hypothesis_settings(max_examples: int | None = None, *, test_id: str | None 
         phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink],
         deadline=None,
         database=None,
+        derandomize=False,
         suppress_health_check=() if strict else list(SUPPRESSED),
         print_blob=False,
     )
