@@ -55,7 +55,9 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     if kind == "Linear8bitLt":
         import bitsandbytes as bnb
 
-        scales = base.state.SCB if base.state.SCB is not None else weight.SCB
+        # a weight quantized since the last forward (OLoRA's re-quantized residual) still carries
+        # its own scales, newer than the layer state's: the forward moves them there first
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else base.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.data.device))
     return weight.data if weight.dtype.is_floating_point else weight.data.float()
 

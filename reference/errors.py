@@ -18,6 +18,7 @@ __all__ = [
     "NoDefaultTargets",
     "NoTargetMatched",
     "PreparationError",
+    "QuantizedInitUnsupported",
     "SavedModuleIsLora",
     "UnsupportedModule",
     "builtin_class",
@@ -106,6 +107,15 @@ class SavedModuleIsLora(PreparationError, TypeError):
     """
 
     kind = "saved_module_is_lora"
+
+
+class QuantizedInitUnsupported(PreparationError, TypeError):
+    """``init_lora_weights="pissa"`` on a quantized base layer: PiSSA decomposes a float weight.
+
+    Remedy: initialize PiSSA on the float model, then quantize the residual model.
+    """
+
+    kind = "pissa_quantized"
 
 
 class InvalidBias(PreparationError, NotImplementedError):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from reference import dora
+from reference import dora, inits
 from reference.errors import InvalidConfig, InvalidRank, LoraBiasUnsupported
 from reference.notices import warn
 from reference.rules import adapter_dtype, scaling
@@ -33,7 +33,7 @@ class AdapterParams:
     dropout: float
     use_rslora: bool
     init: object
-    """True, False or ``"gaussian"``."""
+    """True, False, ``"gaussian"`` or one of ``init_variants`` (``reference.inits``)."""
     lora_bias: bool
     autocast: bool
     use_dora: bool = False
@@ -45,6 +45,8 @@ class AdapterParams:
     """Factors on a bnb 4-bit layer follow its compute dtype (profile rule)."""
     warn_no_base_bias: bool = True
     """Warn when ``lora_bias`` meets a layer without a bias (profile rule)."""
+    init_variants: tuple[str, ...] = ()
+    """The ``init_lora_weights`` strings beyond ``"gaussian"`` that this era knows (profile)."""
 
 
 def _check_rank(r: object) -> int:
@@ -120,8 +122,7 @@ class LoraLinear(_LoraBase):
         self.lora_B = nn.ModuleDict()
 
     def add_adapter(self, name: str, p: AdapterParams) -> None:
-        if p.init not in (True, False, "gaussian"):
-            raise InvalidConfig("unknown_init", f"Unknown initialization init_lora_weights={p.init!r}")
+        kind = inits.init_kind(p.init, p.init_variants)
         self._common(name, p)
         if p.lora_bias and p.warn_no_base_bias and getattr(self.base_layer, "bias", None) is None:
             warn(
@@ -132,7 +133,13 @@ class LoraLinear(_LoraBase):
         b = nn.Linear(p.r, self.out_features, bias=p.lora_bias)
         self.lora_A[name] = a
         self.lora_B[name] = b
-        if p.init is not False:
+        if kind in inits.RESIDUAL_INITS:
+            self._init_residual(kind, a, b, name)
+        elif kind == "orthogonal":
+            weight = self.base_layer.weight
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+            a.weight.data, b.weight.data = inits.orthogonal_factors(self.in_features, self.out_features, p.r, dtype)
+        elif kind != "none":
             self._init(a, b, p)
         self._place(list(a.parameters()) + list(b.parameters()), p)
         if p.use_dora:
@@ -141,6 +148,14 @@ class LoraLinear(_LoraBase):
             norm = dora.linear_norm(self.base_layer, self.fan_in_fan_out, a.weight.detach(), b.weight.detach(),
                                     self.scaling[name], dtype)
             self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(device=a.weight.device, dtype=dtype))
+
+    def _init_residual(self, kind: str, a: nn.Linear, b: nn.Linear, name: str) -> None:
+        """OLoRA / PiSSA: factors from the dense (out, in) weight; the base keeps the residual."""
+        inits.check_residual_base(kind, self.base_layer)
+        weight = dora.dense_weight(self.base_layer)
+        dense = weight.T if self.fan_in_fan_out else weight
+        a.weight.data, b.weight.data, residual = inits.residual_factors(kind, dense, self.r[name], self.scaling[name])
+        inits.write_residual(self.base_layer, residual, self.fan_in_fan_out)
 
     def _init(self, a: nn.Linear, b: nn.Linear, p: AdapterParams) -> None:
         with torch.no_grad():

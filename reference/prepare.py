@@ -148,6 +148,7 @@ def prepare_wrapped(
                 autocast=autocast,
                 follow_4bit_compute=profile.adapter_dtype_follows_4bit_compute,
                 warn_no_base_bias=profile.warns_lora_bias_without_base_bias,
+                init_variants=profile.init_variants,
             ),
         )
         model.set_submodule(target.name, layer)

@@ -153,11 +153,15 @@ class Profile:
     0.18.1 and 0.19.0, in 0.16.0 - 0.20.0's source); peft 0.21 (PR #3490, "Refactor state dict
     handling") trains only names that are or end with ``.bias``."""
     features: tuple[str, ...] = ("use_dora", "inference_mode")
+    """The ``LoraConfig`` features beyond the base fields that this era has and the reference
+    models: the strategies draw only these, and the run header lists them."""
+    init_variants: tuple[str, ...] = ("olora", "pissa", "orthogonal")
+    """The ``init_lora_weights`` strings beyond ``"gaussian"`` this era knows and the reference
+    models (``reference.inits``); others are unknown inits.  ``"orthogonal"`` came with peft
+    0.17 (absent from 0.16.0's source, present in 0.17.0's)."""
     dora_bnb_update_rounded_first: bool = False
     """A bitsandbytes layer rounds its DoRA update to the base output's dtype before adding it,
     as it does a plain LoRA update (peft 0.15); peft 0.16's LoRA variants round the sum once."""
-    """The ``LoraConfig`` features beyond the base fields that this era has and the reference
-    models: the strategies draw only these, and the run header lists them."""
     merge_unties_diverged_embeddings: bool = True
     """``merge_and_unload`` on a model whose config says its embeddings are tied, but whose
     output embedding no longer shares the input embedding's weight (a trained modules_to_save
@@ -186,6 +190,7 @@ _SEED = Profile(
     bias_all_substring=True,
     merge_unties_diverged_embeddings=False,
     dora_bnb_update_rounded_first=True,
+    init_variants=("olora", "pissa"),
 )
 # peft 0.16.0: SEQ_CLS heads guarded before targeting,
 # modules_to_save over a LoRA layer is a TypeError, new default-target
@@ -201,6 +206,7 @@ _PEFT_0_16 = dataclasses.replace(
     saved_module_may_be_lora=False,
     dora_bnb_update_rounded_first=False,
 )
+# peft 0.18.0 (and 0.17 before it): init_lora_weights="orthogonal".
 # peft 0.18.0: the "lora_bias=True but the targeted layer has no bias" warning; rwkv defaults.
 _PEFT_0_18 = dataclasses.replace(
     _PEFT_0_16,
@@ -209,6 +215,7 @@ _PEFT_0_18 = dataclasses.replace(
     description="peft 0.18",
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_18),
     warns_lora_bias_without_base_bias=True,
+    init_variants=("olora", "pissa", "orthogonal"),
 )
 # peft 0.19.0: LoRA layers are built from the LoraConfig, so an Embedding layer records the
 # shared fan_in_fan_out flag (0.18 dropped it from the embedding kwargs: observed False);

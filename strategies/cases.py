@@ -29,6 +29,7 @@ from hypothesis.strategies import SearchStrategy
 from reference.profiles import Profile, select_profile
 from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies.targets import TARGET_KINDS, layer_one_exclude, matching_regexes, near_miss_targets, near_misses
+from strategies.inits import INIT_INVALID_KINDS, init_values, init_variant, invalid_kind_possible, keeps_pinned_init
 from strategies.validation import check_kinds, check_rate
 from strategies.zoo import TASKS, ZOO, ZooEntry, tasks_of
 from strategies.zoo import model_types as zoo_types
@@ -64,6 +65,7 @@ INVALID_KINDS = (
     "no_default_targets",
     "peft_model_with_config",
     "dora_with_lora_bias",
+    *INIT_INVALID_KINDS,
 )
 # Which target kinds each invalid kind is built with (so that a pinned cell stays that cell).
 _INVALID_TARGET_KINDS = {
@@ -79,6 +81,9 @@ _INVALID_TARGET_KINDS = {
     "no_default_targets": ("default",),
     "peft_model_with_config": TARGET_KINDS,
     "dora_with_lora_bias": TARGET_KINDS,
+    # (targets that reach a quantized / Linear layer: a list may reach an embedding alone)
+    "pissa_on_quantized": ("all-linear", "default"),
+    "orthogonal_odd_rank": ("all-linear", "default"),
 }
 # Invalid kinds built with lora_bias=True: with DoRA pinned, the DoRA check would reject them first.
 _NEED_LORA_BIAS_ALONE = ("lora_bias_on_embedding",)
@@ -96,9 +101,11 @@ def _rejects_peft_model_with_config() -> bool:
 
 
 def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, profile: Profile,
-                             dora: bool | None = None) -> tuple[str, ...]:
+                             dora: bool | None = None, *, quantized: bool | None = None,
+                             init: str | None = None) -> tuple[str, ...]:
     """The invalid kinds that can be built for this model, level and target kind, alone
-    (``dora`` True: with ``use_dora`` pinned on)."""
+    (``dora`` True: with ``use_dora`` pinned on; ``quantized``: the case's quantization, None
+    unknown; ``init``: a pinned init variant)."""
     entry = ZOO[model.model_type]
     has_defaults = model.model_type in profile.default_targets
     if target_kind == "default" and not has_defaults:
@@ -118,6 +125,10 @@ def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, pro
         if kind == "dora_with_lora_bias" and "use_dora" not in profile.features:
             continue
         if kind in _NEED_LORA_BIAS_ALONE and dora:
+            continue
+        if kind in INIT_INVALID_KINDS and not invalid_kind_possible(kind, profile, quantized, init):
+            continue
+        if init is not None and not keeps_pinned_init(kind):
             continue
         out.append(kind)
     return tuple(out)
@@ -225,13 +236,15 @@ def _targets(draw, entry: ZooEntry, model: ModelSpec, kind: str, invalid: str | 
 @st.composite
 def adapter_specs(
     draw, model: ModelSpec, *, invalid: str | None = None, profile: Profile | None = None,
-    target_kind: str | None = None, dora: bool | None = None,
+    target_kind: str | None = None, dora: bool | None = None, init: str | None = None,
 ) -> AdapterSpec:
     """A LoRA spec for ``model``: valid, or built to be rejected as ``invalid`` (one of
     :data:`INVALID_KINDS`, with nothing else wrong).  ``target_kind`` pins the kind of
     ``target_modules`` (one of ``strategies.targets.TARGET_KINDS``); an invalid kind that
     cannot be built with it takes a kind it can be built with.  ``dora`` pins ``use_dora``
-    (None: drawn where the profile models it)."""
+    (None: drawn where the profile models it); ``init`` pins ``init_lora_weights`` to a variant
+    (``strategies.inits``)."""
+    pinned_init = init
     entry = ZOO[model.model_type]
     profile = profile or select_profile()
     has_defaults = model.model_type in profile.default_targets
@@ -243,6 +256,8 @@ def adapter_specs(
     if kind == "default" and not has_defaults and invalid is None:
         kind = "all-linear"  # only invalid cases (no_default_targets) go without targets on such a type
     lora_bias = draw(_absent_or(st.booleans()))
+    if pinned_init is not None or invalid in INIT_INVALID_KINDS:
+        lora_bias = draw(st.sampled_from((ABSENT, False)))  # the init check would reject the case first
     targets, reached = draw(_targets(entry, model, kind, invalid, profile, allow_embedding=lora_bias is not True))
     names = reached or entry.linear_names
 
@@ -270,13 +285,19 @@ def adapter_specs(
     r = draw(_absent_or(st.sampled_from((1, 2, 4, 8, 16))), label="r")
     if invalid == "r_not_positive":
         r = draw(st.sampled_from((0, -1, -8)))
-    init = draw(_absent_or(st.sampled_from((True, False, "gaussian"))), label="init")
+    init = draw(init_values(profile), label="init") if pinned_init is None else pinned_init
     if invalid in ("lora_bias_on_embedding", "lora_bias_with_gaussian_init"):
         lora_bias = True
     if invalid == "lora_bias_with_gaussian_init":
         init = "gaussian"
-    elif lora_bias is True and init == "gaussian":
+    elif invalid == "pissa_on_quantized":
+        init = "pissa"
+    elif invalid == "orthogonal_odd_rank":
+        init, r = "orthogonal", draw(st.sampled_from((1, 3)))
+    elif lora_bias is True and init not in (ABSENT, True, False):
         init = draw(st.sampled_from((ABSENT, True, False)))  # LoRA biases need the zero init of B
+    if init == "orthogonal" and isinstance(r, int) and r > 0 and r % 2 and invalid != "orthogonal_odd_rank":
+        r = 2  # the orthogonal init needs an even rank
     if dora is None:
         use_dora = draw(_absent_or(st.booleans()), label="use_dora") if "use_dora" in profile.features else ABSENT
     else:
@@ -301,8 +322,9 @@ def adapter_specs(
         exclude_modules=excludes,
         layers_to_transform=layers_to_transform,
         layers_pattern=layers_pattern,
-        # An r <= 0 case must stay invalid: no rank_pattern may rescue the targeted modules.
-        rank_pattern=ABSENT if invalid == "r_not_positive" else draw(
+        # An r <= 0 case must stay invalid: no rank_pattern may rescue the targeted modules (nor
+        # an even rank every odd-rank orthogonal layer).
+        rank_pattern=ABSENT if invalid in ("r_not_positive", "orthogonal_odd_rank") else draw(
             _absent_or(st.tuples(st.tuples(pattern_keys, st.sampled_from((2, 4, 32)))))),
         alpha_pattern=draw(_absent_or(st.tuples(st.tuples(pattern_keys, st.sampled_from((2, 64)))))),
         modules_to_save=draw(_absent_or(st.one_of(
@@ -374,11 +396,13 @@ def cases(
     tasks: tuple[str, ...] | None = None,
     profile: Profile | None = None,
     dora: bool | None = None,
+    init: str | None = None,
 ) -> Case:
     """A whole case; about ``invalid_rate`` of them deliberately invalid (one rule broken).
 
     ``model_types``, ``quant_kinds``, ``target_kinds`` and ``tasks`` restrict the cell the
-    case is drawn in; ``dora`` True pins ``use_dora`` (a DoRA cell).  ``inference_mode`` is
+    case is drawn in; ``dora`` True pins ``use_dora`` (a DoRA cell), ``init`` an
+    ``init_lora_weights`` variant (an init cell: ``strategies.inits``).  ``inference_mode`` is
     drawn at the peft level only (a trainer is given a config to train).  A passed-in PeftModel
     carries no DoRA adapter (the trained values of ``reference.trained`` leave magnitudes at
     their initial norms, and a merge of them is not modelled bit for bit): such a draw drops
@@ -409,17 +433,25 @@ def cases(
     forced = kind == "default" and model.model_type not in profile.default_targets
     if forced or draw(st.sampled_from((False,) * (40 - slots) + (True,) * slots), label="invalid_roll"):
         if kind is not None:
-            possible = compatible_invalid_kinds(model, level, kind, profile, dora)
+            possible = compatible_invalid_kinds(model, level, kind, profile, dora, quantized=quant.quantized, init=init)
         else:
-            possible = tuple(dict.fromkeys(k for tk in TARGET_KINDS
-                                           for k in compatible_invalid_kinds(model, level, tk, profile, dora)))
+            possible = tuple(dict.fromkeys(
+                k for tk in TARGET_KINDS
+                for k in compatible_invalid_kinds(model, level, tk, profile, dora, quantized=quant.quantized, init=init)))
         invalid = draw(st.sampled_from(possible), label="invalid_kind")
-    adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind, dora=dora))
+    adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind, dora=dora, init=init))
+    if quant.quantized and adapter.init_lora_weights == "pissa" and invalid != "pissa_on_quantized":
+        adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)  # PiSSA refuses a quantized base
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
                                         False if _rejects_peft_model_with_config() else None)
     training = draw(training_specs(level, quant, peft_model_with_config=pair))
     if level == "trl" and adapter.inference_mode is not ABSENT:
         adapter = dataclasses.replace(adapter, inference_mode=ABSENT)  # a trainer trains: peft level only
+    if training.peft_model_in and init_variant(adapter.init_lora_weights) != "default":
+        if init is not None:
+            training = dataclasses.replace(training, peft_model_in=False, peft_config_too=False)
+        else:
+            adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)
     if training.peft_model_in and adapter.use_dora is True:
         if dora or invalid == "dora_with_lora_bias":
             training = dataclasses.replace(training, peft_model_in=False, peft_config_too=False)

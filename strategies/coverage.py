@@ -12,7 +12,11 @@ per level, the few cells that together reach every value pair of the coverage
 * both levels: adapter feature x quantization kind, where the feature is ``lora`` (plain) or
   one that changes the layers (``dora``): extra cells pin the feature, one per quantization
   kind and target kind at the peft level, one per quantization kind at the trl level, the
-  model types rotating over the zoo.
+  model types rotating over the zoo;
+* peft level: init variant x quantization kind, where the variant is one of the profile's
+  ``init_lora_weights`` variants (``olora``, ``pissa``, ``orthogonal``; ``default`` for the
+  rest): extra cells pin each variant, one per quantization kind it accepts (PiSSA refuses a
+  quantized base), targets ``all-linear`` / ``default`` alternating.
 
 The conformance suite runs one test per cell, so which cells exist is decided here, not by
 the draw.  :func:`dimension_cells` reads the cells of the same dimensions off any case,
@@ -24,11 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from reference.profiles import select_profile
+from strategies.inits import init_variant
 from strategies.targets import TARGET_KINDS, target_kind
 from strategies.zoo import model_types, tasks_of
 
 __all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_feature", "cells", "dimension_cells",
-           "expected_cells"]
+           "expected_cells", "init_quant_kinds"]
 
 QUANT_KINDS = ("none", "8bit", "4bit")
 ADAPTER_FEATURES = ("lora", "dora")
@@ -42,6 +48,7 @@ DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "trl: model_type x quantization": ("trl", ("model_type", "quantization")),
     "peft: adapter_feature x quantization": ("peft", ("adapter_feature", "quantization")),
     "trl: adapter_feature x quantization": ("trl", ("adapter_feature", "quantization")),
+    "peft: init_variant x quantization": ("peft", ("init_variant", "quantization")),
 }
 """Each coverage dimension: the level it is measured at and the case features it pairs."""
 
@@ -57,11 +64,14 @@ class Cell:
     task: str
     adapter_feature: str = "lora"
     """One of :data:`ADAPTER_FEATURES`."""
+    init_variant: str = "default"
+    """``default`` (drawn freely) or an ``init_lora_weights`` variant the cell pins."""
 
     @property
     def id(self) -> str:
         base = f"{self.model_type}-{self.quantization}-{self.target_kind}-{self.task}"
-        return base if self.adapter_feature == "lora" else f"{base}-{self.adapter_feature}"
+        base = base if self.adapter_feature == "lora" else f"{base}-{self.adapter_feature}"
+        return base if self.init_variant == "default" else f"{base}-init_{self.init_variant}"
 
     def feature(self, name: str) -> str:
         return getattr(self, name)
@@ -90,6 +100,12 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
                 model_type = types[(row * 7 + len(feature)) % len(types)]
                 task = tasks_of(model_type)[row % len(tasks_of(model_type))]
                 out.append(Cell("peft", model_type, quant, kind, task, feature))
+        for v, variant in enumerate(select_profile().init_variants):
+            for row, quant in enumerate(q for q in quants if q in init_quant_kinds(variant)):
+                model_type = types[(row * 5 + v * 13 + 3) % len(types)]
+                task = tasks_of(model_type)[(row + v) % len(tasks_of(model_type))]
+                out.append(Cell("peft", model_type, quant, ("all-linear", "default")[(row + v) % 2], task,
+                                init_variant=variant))
     elif level == "trl":
         causal = model_types("CAUSAL_LM")
         for index, model_type in enumerate(causal):
@@ -103,6 +119,12 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
     else:
         raise ValueError(f"level={level!r} is not one of peft, trl")
     return tuple(c for c in out if keep is None or keep(c))
+
+
+def init_quant_kinds(variant: str) -> tuple[str, ...]:
+    """The quantization kinds a cell of init ``variant`` is drawn with: PiSSA refuses a quantized
+    base (an invalid kind, not a cell)."""
+    return ("none",) if variant == "pissa" else QUANT_KINDS
 
 
 def _with_defaults(types: tuple[str, ...]) -> tuple[str, ...]:
@@ -123,6 +145,7 @@ def _features(case: Mapping[str, Any]) -> dict[str, str]:
         "target_kind": target_kind(adapter.get("target_modules")),
         "task": model.get("task", "CAUSAL_LM"),
         "adapter_feature": adapter_feature(adapter),
+        "init_variant": init_variant(adapter.get("init_lora_weights")),
     }
 
 

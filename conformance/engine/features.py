@@ -27,6 +27,7 @@ from reference.profiles import Profile
 from reference.rules import scaling
 from reference.spec import ABSENT, Case
 from reference.targets import is_saved, iter_targets, match_names
+from strategies.inits import init_variant
 from strategies.targets import target_kind
 
 __all__ = ["FEATURES", "SET_FEATURES", "CaseContext"]
@@ -231,6 +232,14 @@ def _bias_mode_trains_a_bias(ctx: CaseContext) -> bool:
     return False
 
 
+def _integer_bnb_targeted(ctx: CaseContext) -> bool:
+    """The reference put LoRA on a bitsandbytes layer whose weight has an integer dtype (8-bit,
+    or 4-bit packed in uint8; a float quant storage makes the packed weight a float tensor)."""
+    snap = ctx.reference
+    return snap is not None and any(
+        m.kind == "bnb8bit" or (m.kind == "bnb4bit" and ctx.case.quant.quant_storage == "uint8") for m in snap.lora)
+
+
 def _layers_pattern_given(ctx: CaseContext) -> bool:
     return ctx.case.adapter.layers_pattern not in (ABSENT, None, "", ())
 
@@ -248,6 +257,9 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "embedding_targeted": _embedding_targeted,
     "layers_pattern_given": _layers_pattern_given,
     "bias_mode_trains_a_bias": _bias_mode_trains_a_bias,
+    "init_variant": lambda ctx: init_variant(ctx.case.adapter.init_lora_weights),
+    "conv1d_targeted": lambda ctx: bool(ctx.paths("conv1d_lora_modules")),
+    "integer_bnb_targeted": _integer_bnb_targeted,
     "lora_dropout_given": _lora_dropout_given,
     "targets_inside_saved": lambda ctx: bool(ctx.paths("targets_inside_saved")),
     "trainable_besides_lora": _trainable_besides_lora,
@@ -383,8 +395,15 @@ def _bnb_lora_modules(ctx: CaseContext) -> frozenset[str]:
     return frozenset(m.path for m in snap.lora if m.kind in ("bnb4bit", "bnb8bit")) if snap is not None else frozenset()
 
 
+def _conv1d_lora_modules(ctx: CaseContext) -> frozenset[str]:
+    """The reference's LoRA modules around a transformers ``Conv1D`` (weight stored (in, out))."""
+    snap = ctx.reference
+    return frozenset(m.path for m in snap.lora if m.kind == "conv1d") if snap is not None else frozenset()
+
+
 SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "bnb_lora_modules": _bnb_lora_modules,
+    "conv1d_lora_modules": _conv1d_lora_modules,
     "widened_targets": _widened_targets,
     "moved_base_params": _moved_base_params,
     "consistent_upstream_lora": _consistent_upstream_lora,

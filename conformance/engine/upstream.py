@@ -207,6 +207,8 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("lora_bias_unsupported", r"lora_bias=True is not supported for"),
     ("lora_bias_init", r"lora_bias=True is only supported with init_lora_weights"),
     ("unknown_init", r"Unknown initialization init_lora_weights"),
+    ("pissa_quantized", r"Please initialize PiSSA under float32"),
+    ("orthogonal_odd_rank", r"Orthogonal initialization requires the LoRA rank to be even"),
     ("invalid_dropout", r"dropout probability has to be between 0 and 1"),
     ("saved_module_quantized", r"only Tensors of floating point dtype can require gradients"),
     ("saved_module_is_lora", r"modules_to_save cannot be applied to modules of type"),

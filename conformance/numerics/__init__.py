@@ -40,11 +40,12 @@ import torch
 from torch import nn
 
 from conformance.engine.diff import Divergence
-from conformance.numerics.init import init_problems
+from conformance.numerics.init import init_problems, variant_of
 from conformance.numerics.run import (
     Run, assign_shared_values, bypassed, case_seed, lora_layers, make_inputs, run_model, trainer_autocast,
 )
 from reference.config import resolve
+from reference.inits import RESIDUAL_INITS
 from reference.profiles import Profile
 from reference.spec import Case
 
@@ -274,9 +275,10 @@ def _has_dora(model: nn.Module) -> bool:
 
 
 def _checks_init_output(case: Case, init: Any) -> bool:
-    """Whether the init output is checked: for ``init_lora_weights=True``, except on a passed-in
-    PeftModel, which carries a trained adapter (reference.trained): its output is no init output."""
-    return init is True and not case.training.peft_model_in
+    """Whether the init output is checked: for ``init_lora_weights=True`` and ``"orthogonal"``
+    (``B A = 0`` up to rounding), except on a passed-in PeftModel, which carries a trained
+    adapter (reference.trained): its output is no init output."""
+    return (init is True or variant_of(init) == "orthogonal") and not case.training.peft_model_in
 
 
 def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream: nn.Module,
@@ -294,7 +296,9 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
     result = NumericsResult(tolerance=tolerance_for(reference, autocast).name)
     tol = TOLERANCES[result.tolerance]
     init = resolve(case.adapter, profile).init_lora_weights
-    ref_init, up_init = init_problems(reference, init), init_problems(upstream, init)
+    # the variants that rewrite the base weight are checked against the loaded one
+    before = loaded() if loaded is not None and variant_of(init) in RESIDUAL_INITS else None
+    ref_init, up_init = init_problems(reference, init, before), init_problems(upstream, init, before)
     for path in sorted(ref_init.keys() | up_init.keys()):
         if ref_init.get(path) == up_init.get(path):
             continue  # the same property broken alike on both sides (a passed-in trained adapter): not a divergence
@@ -305,7 +309,7 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
     inputs = make_inputs(case, upstream, seed)
     ref_inputs = {k: v.to(next(reference.parameters()).device) for k, v in inputs.items()}
     if _checks_init_output(case, init):
-        rounding = tol if _has_dora(upstream) or _has_dora(reference) else None
+        rounding = tol if _has_dora(upstream) or _has_dora(reference) or init is not True else None
         r = _init_output(reference, ref_inputs, seed, autocast, rounding)
         u = _init_output(upstream, inputs, seed, autocast, rounding)
         if _error_class(r) is not None and _error_class(r) == _error_class(u):

@@ -37,8 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.numerics.init_variants import variant_problems
 from conformance.numerics.run import adapter_names, lora_layers
 from reference.dora import dense_weight
+from reference.errors import PreparationError
+from reference.inits import init_kind
 
 __all__ = ["TAIL", "init_problems", "mean_square_bounds_normal", "mean_square_bounds_uniform"]
 
@@ -161,17 +164,34 @@ def _magnitude_problems(module: nn.Module, name: str) -> list[str]:
     return []
 
 
-def init_problems(model: nn.Module, init: Any) -> dict[str, list[str]]:
+VARIANTS = ("olora", "pissa", "orthogonal")
+"""The init variants with their own properties (``conformance.numerics.init_variants``)."""
+
+
+def variant_of(init: Any) -> str | None:
+    """The init variant ``init`` names (``olora``, ``pissa``, ``orthogonal``), or None."""
+    try:
+        kind = init_kind(init, VARIANTS)
+    except PreparationError:
+        return None
+    return kind if kind in VARIANTS else None
+
+
+def init_problems(model: nn.Module, init: Any, loaded: nn.Module | None = None) -> dict[str, list[str]]:
     """Init properties that ``model``'s adapters break, by module path (``<pooled>`` for
     the pooled statistics); empty when every property holds.  ``init`` is the resolved
-    ``init_lora_weights`` of the case."""
+    ``init_lora_weights`` of the case; ``loaded``, the loaded model before preparation, lets
+    the variants that rewrite the base weight be checked against it."""
     out: dict[str, list[str]] = {}
     pooled: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    variant = variant_of(init)
     for path, module in lora_layers(model):
         problems: list[str] = []
         for name in adapter_names(module):
             if name in getattr(module, "lora_embedding_A", {}):
                 found = _embedding_problems(module, name, init, pooled)
+            elif variant is not None:
+                found = variant_problems(module, path, name, variant, loaded, mean_square_bounds_normal)
             else:
                 found = _linear_problems(module, name, init, pooled)
             found += _magnitude_problems(module, name)

@@ -340,7 +340,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"quant={','.join(s.quant_kinds)} examples={s.examples} numerics={'on' if s.numerics else 'off'} "
         f"seed={s.seed}{shard}" + (" strict" if s.strict else "") + f" (replay: {replay})",
         f"conformance stack: {stack}",
-        f"conformance features: {', '.join(PROFILES[s.profile_name].features) or 'none'} "
+        f"conformance features: {', '.join(PROFILES[s.profile_name].features) or 'none'}; init_lora_weights "
+        f"{', '.join(('True', 'False', 'gaussian') + PROFILES[s.profile_name].init_variants)} "
         f"(the LoraConfig features beyond the base fields that profile {s.profile_name} draws)",
         *(f"conformance WARNING: {note}" for note in notes),
     ]
