@@ -18,7 +18,7 @@ QUANTS = ("none", "8bit", "4bit")
 
 
 def test_peft_cells_reach_every_pair_of_each_dimension():
-    peft = tuple(c for c in cells("peft") if c.adapter_feature == "lora")
+    peft = tuple(c for c in cells("peft") if c.adapter_feature == "lora" and c.init_variant == "default")
     types = model_types()
     assert {(c.model_type, c.quantization) for c in peft} == set(itertools.product(types, QUANTS))
     assert {(c.model_type, c.target_kind) for c in peft} == set(itertools.product(types, TARGET_KINDS))
@@ -53,6 +53,28 @@ def test_feature_cells_reach_every_quantization_kind_with_valid_default_targets(
         assert only and {c.quantization for c in only} == {"8bit"}
 
 
+def test_init_cells_pin_each_variant_with_every_quantization_kind_it_accepts():
+    """One cell per init variant of the profile and quantization kind it accepts (PiSSA refuses a
+    quantized base), targets reaching Linear layers, on types every profile has defaults for;
+    a pinned cell draws that init, valid or as its own invalid kind."""
+    from reference import select_profile
+
+    pinned = [c for c in cells("peft") if c.init_variant != "default"]
+    variants = select_profile().init_variants
+    assert {(c.init_variant, c.quantization) for c in pinned} == {
+        (v, q) for v in variants for q in (("none",) if v == "pissa" else QUANTS)}
+    assert {c.target_kind for c in pinned} <= {"all-linear", "default"}
+    assert all(c.model_type in p.default_targets for c in pinned for p in PROFILES.values())
+    assert all(c.id.endswith(f"-init_{c.init_variant}") and c.adapter_feature == "lora" for c in pinned)
+    assert {c.quantization for c in cells("peft", quant_kinds=("8bit",)) if c.init_variant != "default"} == {"8bit"}
+    for cell in pinned:
+        drawn = draw_many(cases(profile=CURRENT, model_types=(cell.model_type,), quant_kinds=(cell.quantization,),
+                                target_kinds=(cell.target_kind,), tasks=(cell.task,), init=cell.init_variant), 15)
+        assert all(c.adapter.init_lora_weights == cell.init_variant for c in drawn), cell
+        assert any(not c.invalid for c in drawn), cell
+        assert all(c.adapter.lora_bias is not True for c in drawn)
+
+
 def test_cells_follow_the_quantization_restriction_and_a_shard_filter():
     only = cells("peft", quant_kinds=("4bit",))
     assert {c.quantization for c in only} == {"4bit"}
@@ -81,7 +103,11 @@ def test_a_case_falls_in_the_cells_of_its_level():
         "peft: model_type x target_kind": ("gpt2", "regex"),
         "peft: model_type x task": ("gpt2", "SEQ_CLS"),
         "peft: adapter_feature x quantization": ("lora", "8bit"),
+        "peft: init_variant x quantization": ("default", "8bit"),
     }
+    case["adapter"]["init_lora_weights"] = "OLoRA"
+    assert dimension_cells(case)["peft: init_variant x quantization"] == ("olora", "8bit")
+    del case["adapter"]["init_lora_weights"]
     case["training"]["level"] = "trl"
     case["adapter"]["use_dora"] = True
     assert dimension_cells(case) == {"trl: model_type x quantization": ("gpt2", "8bit"),

@@ -142,7 +142,33 @@ MINIMAL = {
         AdapterSpec(target_modules=("q_proj",), use_dora=True, task_type="CAUSAL_LM"),
         TrainingSpec(),
     ),
+    # OLoRA on gpt2's Conv1D c_attn: the QR is taken in the stored (in, out) layout
+    "olora-ignores-conv1d-layout": Case(
+        ModelSpec("gpt2", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("c_attn",), init_lora_weights="olora"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # the orthogonal init on a 4-bit llama: the factors are cast to the packed weight's uint8
+    "orthogonal-init-crashes-on-bitsandbytes": Case(
+        ModelSpec("llama", num_layers=1), QuantSpec(kind="4bit"),
+        AdapterSpec(r=4, target_modules=("q_proj",), init_lora_weights="orthogonal", task_type="CAUSAL_LM"),
+        TrainingSpec(),
+    ),
+    # PiSSA on a 4-bit llama packed in float32: the packed bytes are decomposed as a weight
+    "pissa-decomposes-packed-4bit-float-storage": Case(
+        ModelSpec("llama", num_layers=1), QuantSpec(kind="4bit", quant_storage="float32"),
+        AdapterSpec(r=4, target_modules=("q_proj",), init_lora_weights="pissa", task_type="CAUSAL_LM"),
+        TrainingSpec(),
+    ),
+    # DoRA over OLoRA on an 8-bit llama: the magnitude is the norm under the loaded weight's scales
+    "qdora-after-olora-8bit-magnitude-from-stale-scales": Case(
+        ModelSpec("llama", num_layers=1), QuantSpec(kind="8bit"),
+        AdapterSpec(r=4, target_modules=("q_proj",), init_lora_weights="olora", use_dora=True, task_type="CAUSAL_LM"),
+        TrainingSpec(),
+    ),
 }
+ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"}}
+"""Entries a minimal case may also meet: QDoRA on 8-bit on the CPU always meets the lost-scales one."""
 
 
 def test_every_active_entry_has_a_minimal_case():
@@ -157,7 +183,8 @@ def test_minimal_case_is_explained_by_its_entry(entry_id):
     outcome = run_case(MINIMAL[entry_id], select_profile())
     assert outcome.status == "known", (outcome.status, outcome.divergences)
     # The case may also mutate the user's config (its own entry); the entry under test must explain some.
-    assert entry_id in outcome.known and set(outcome.known) <= {entry_id, "loraconfig-mutated-in-place"}, outcome.known
+    allowed = {entry_id, "loraconfig-mutated-in-place"} | ALSO.get(entry_id, set())
+    assert entry_id in outcome.known and set(outcome.known) <= allowed, outcome.known
 
 
 def test_entries_do_not_hide_a_different_divergence():

@@ -111,6 +111,10 @@ def invalid_kind(case: Case) -> str | None:
         return "lora_bias_with_gaussian_init"
     if a.lora_bias is True and a.use_dora is True:
         return "dora_with_lora_bias"
+    if a.init_lora_weights == "pissa" and case.quant.quantized:
+        return "pissa_on_quantized"
+    if a.init_lora_weights == "orthogonal" and isinstance(a.r, int) and a.r % 2:
+        return "orthogonal_odd_rank"
     if targets in (ABSENT, None) and case.model.model_type not in CURRENT.default_targets:
         return "no_default_targets"
     if targets == (entry.layer_container,):

@@ -30,6 +30,8 @@ EXPECTED = {
     "no_default_targets": {"no_default_targets"},
     "peft_model_with_config": {"trl_peft_model_with_config"},
     "dora_with_lora_bias": {"dora_lora_bias"},
+    "pissa_on_quantized": {"pissa_quantized"},
+    "orthogonal_odd_rank": {"orthogonal_odd_rank"},
 }
 
 

@@ -160,8 +160,27 @@ def _magnitude_problems(module: nn.Module, name: str) -> list[str]:
     err = float((m.double() - expected).abs().max()) if m.numel() else 0.0
     bound = 8.0 * rounding * float(expected.abs().max() if expected.numel() else 0.0)
     if err > bound:
+        if _stale_scales_norm(module, name, m, bound):
+            return ["DoRA magnitude is the norm of W + scaling*B@A under the layer state's stale int8 scales "
+                    "(state.SCB), not under the weight's own"]
         return [f"DoRA magnitude is not the norm of W + scaling*B@A: max error {err:.3g} > {bound:.3g}"]
     return []
+
+
+def _stale_scales_norm(module: nn.Module, name: str, m: torch.Tensor, bound: float) -> bool:
+    """An 8-bit layer whose weight was re-quantized (new scales on the weight) while its state
+    still holds the old ones: is the magnitude the norm under the *state's* scales?"""
+    base = module.base_layer
+    state = getattr(getattr(base, "state", None), "SCB", None)
+    own = getattr(base.weight, "SCB", None)
+    if type(base).__name__ != "Linear8bitLt" or state is None or own is None or torch.equal(state, own):
+        return False
+    import bitsandbytes as bnb
+
+    dense = bnb.functional.int8_vectorwise_dequant(base.weight.data, state.to(base.weight.data.device)).double()
+    a, b = module.lora_A[name].weight.detach().double(), module.lora_B[name].weight.detach().double()
+    stale = torch.linalg.norm(dense + (b @ a) * float(module.scaling[name]), dim=1)
+    return stale.shape == m.shape and float((m.double() - stale).abs().max()) <= bound
 
 
 VARIANTS = ("olora", "pissa", "orthogonal")
