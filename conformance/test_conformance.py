@@ -69,7 +69,8 @@ def _run_cell(cell: Cell, request: pytest.FixtureRequest) -> None:
     strategy = cases(level=cell.level, model_types=(cell.model_type,), quant_kinds=(cell.quantization,),
                      target_kinds=(cell.target_kind,), tasks=(cell.task,),
                      dora=True if cell.adapter_feature == "dora" else None,
-                     init=None if cell.init_variant == "default" else cell.init_variant)
+                     init=None if cell.init_variant == "default" else cell.init_variant,
+                     tokens=cell.adapter_feature == "tokens")
 
     @seed(_cell_seed(conf.seed, cell))
     @checks.hypothesis_settings(max_examples=conf.cell_examples, test_id=request.node.nodeid)

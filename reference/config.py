@@ -40,6 +40,7 @@ class LoraSettings:
     fan_in_fan_out: bool
     task_type: str | None
     inference_mode: bool = False
+    trainable_token_indices: tuple[int, ...] | None = None
     given_layers: Any = None
     """``layers_to_transform`` as given (an int stays an int): what the stored config holds."""
     given_layers_pattern: Any = None
@@ -118,6 +119,7 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         fan_in_fan_out=bool(get("fan_in_fan_out")),
         task_type=get("task_type"),
         inference_mode=bool(get("inference_mode")),
+        trainable_token_indices=tuple(get("trainable_token_indices")) if get("trainable_token_indices") else None,
         given_layers=layers,
         given_layers_pattern=pattern,
     )

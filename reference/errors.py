@@ -20,6 +20,8 @@ __all__ = [
     "PreparationError",
     "QuantizedInitUnsupported",
     "SavedModuleIsLora",
+    "TokenIndexOutOfRange",
+    "TokensOnLoraLayer",
     "UnsupportedModule",
     "builtin_class",
 ]
@@ -116,6 +118,24 @@ class QuantizedInitUnsupported(PreparationError, TypeError):
     """
 
     kind = "pissa_quantized"
+
+
+class TokensOnLoraLayer(PreparationError, TypeError):
+    """``trainable_token_indices`` on an embedding that ``target_modules`` already gave LoRA.
+
+    Remedy: train the embedding's rows with trainable tokens or with LoRA, not both.
+    """
+
+    kind = "tokens_on_lora_layer"
+
+
+class TokenIndexOutOfRange(PreparationError, IndexError):
+    """A ``trainable_token_indices`` entry is not a row of the embedding (past the vocabulary).
+
+    Remedy: resize the token embeddings first (``model.resize_token_embeddings``).
+    """
+
+    kind = "token_index_out_of_range"
 
 
 class InvalidBias(PreparationError, NotImplementedError):

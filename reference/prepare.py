@@ -15,6 +15,7 @@ from reference.peft_model import PeftWrapper, condensed_targets, stored_config, 
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
 from reference.targets import effective_targets, iter_targets
+from reference.tokens import wrap_trainable_tokens
 
 __all__ = ["ADAPTER", "TASK_HEADS", "prepare", "prepare_wrapped"]
 
@@ -156,6 +157,8 @@ def prepare_wrapped(
     _arrange_input_grads_for_checkpointing(model)
     _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora,
                 trains=not settings.inference_mode)
+    if settings.trainable_token_indices:
+        wrap_trainable_tokens(model, settings.trainable_token_indices, ADAPTER, autocast, (LoraLinear, LoraEmbedding))
     if settings.inference_mode:
         _freeze_for_inference(model)
     return model, wrapper_of(settings, stored_config(settings, stored_targets, fan_in_fan_out), ADAPTER)

@@ -107,6 +107,7 @@ class Profile:
                 "use_rslora": False,
                 "use_dora": False,
                 "inference_mode": False,
+                "trainable_token_indices": None,
                 "init_lora_weights": True,
                 "fan_in_fan_out": False,
                 "lora_bias": False,
@@ -152,7 +153,7 @@ class Profile:
     e.g. DeBERTa's ``q_bias``, t5's ``relative_attention_bias.weight``: observed on 0.15.2,
     0.18.1 and 0.19.0, in 0.16.0 - 0.20.0's source); peft 0.21 (PR #3490, "Refactor state dict
     handling") trains only names that are or end with ``.bias``."""
-    features: tuple[str, ...] = ("use_dora", "inference_mode")
+    features: tuple[str, ...] = ("use_dora", "inference_mode", "trainable_token_indices")
     """The ``LoraConfig`` features beyond the base fields that this era has and the reference
     models: the strategies draw only these, and the run header lists them."""
     init_variants: tuple[str, ...] = ("olora", "pissa", "orthogonal")

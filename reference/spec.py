@@ -120,12 +120,15 @@ class AdapterSpec:
     use_dora: Any = ABSENT
     """DoRA (Liu et al. 2024): a trainable magnitude per output row beside the factors."""
     init_lora_weights: Any = ABSENT
-    """True, False or ``"gaussian"``."""
+    """True, False, ``"gaussian"`` or a variant: ``"olora"``, ``"pissa"``, ``"orthogonal"``."""
     fan_in_fan_out: Any = ABSENT
     task_type: Any = ABSENT
     """Usually the model's task; absent gives a plain ``PeftModel``."""
     inference_mode: Any = ABSENT
     """A model prepared for inference: nothing trains."""
+    trainable_token_indices: Any = ABSENT
+    """A tuple of embedding row indices that train (list form: the input embedding and the
+    modules tied to it; ``reference.tokens``)."""
 
     def given(self) -> dict[str, Any]:
         """The fields that are passed, converted to ``LoraConfig`` argument types."""

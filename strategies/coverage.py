@@ -10,7 +10,8 @@ per level, the few cells that together reach every value pair of the coverage
 * trl level (SFTTrainer trains causal LMs): causal model type x quantization kind (three
   cells per type), the target kinds rotating over the types;
 * both levels: adapter feature x quantization kind, where the feature is ``lora`` (plain) or
-  one that changes the layers (``dora``): extra cells pin the feature, one per quantization
+  one that changes the layers (``dora``) or adds trainable rows (``tokens``): extra cells pin the
+  feature, one per quantization
   kind and target kind at the peft level, one per quantization kind at the trl level, the
   model types rotating over the zoo;
 * peft level: init variant x quantization kind, where the variant is one of the profile's
@@ -37,9 +38,9 @@ __all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_fea
            "expected_cells", "init_quant_kinds"]
 
 QUANT_KINDS = ("none", "8bit", "4bit")
-ADAPTER_FEATURES = ("lora", "dora")
+ADAPTER_FEATURES = ("lora", "dora", "tokens")
 """The adapter features a cell may pin: ``lora`` leaves them to the draw (its first example is
-plain LoRA), ``dora`` pins ``use_dora=True``."""
+plain LoRA), ``dora`` pins ``use_dora=True``, ``tokens`` pins ``trainable_token_indices``."""
 
 DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peft: model_type x quantization": ("peft", ("model_type", "quantization")),
@@ -150,8 +151,11 @@ def _features(case: Mapping[str, Any]) -> dict[str, str]:
 
 
 def adapter_feature(adapter: Mapping[str, Any]) -> str:
-    """The adapter feature of an ``adapter`` in its JSON form: ``dora`` with ``use_dora``, else ``lora``."""
-    return "dora" if adapter.get("use_dora") is True else "lora"
+    """The adapter feature of an ``adapter`` in its JSON form: ``dora`` with ``use_dora``, else
+    ``tokens`` with trainable token rows, else ``lora``."""
+    if adapter.get("use_dora") is True:
+        return "dora"
+    return "tokens" if adapter.get("trainable_token_indices") else "lora"
 
 
 def dimension_cells(case: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:

@@ -137,7 +137,7 @@ def test_catches_an_extra_hook(monkeypatch):
                 module.register_forward_hook(lambda m, i, o: o)
 
     _after_get_peft_model(monkeypatch, hook)
-    _caught(_llama(AdapterSpec(r=4, target_modules=("q_proj",))), "hooks", "<model>")
+    _caught(_llama(AdapterSpec(r=4, target_modules=("q_proj",))), "hooks.model.layers.0", "<model>")
 
 
 def test_catches_a_config_write(monkeypatch):

@@ -166,6 +166,31 @@ MINIMAL = {
         AdapterSpec(r=4, target_modules=("q_proj",), init_lora_weights="olora", use_dora=True, task_type="CAUSAL_LM"),
         TrainingSpec(),
     ),
+    # trainable tokens on BERT's tied MLM decoder: upstream's logits lose the decoder's bias
+    "trainable-tokens-tied-head-drops-bias": Case(
+        ModelSpec("bert", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("query",), trainable_token_indices=(1,), task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # T5 sequence classification (transformers 5): only `shared` is wrapped for trainable tokens
+    "trainable-tokens-skip-tied-embeddings": Case(
+        ModelSpec("t5", "SEQ_CLS", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("q",), trainable_token_indices=(1,), task_type="SEQ_CLS"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # mt5 for generation under transformers 4.x: embed_tokens *is* shared, and only `shared` is wrapped
+    "trainable-tokens-skip-aliased-embeddings": Case(
+        ModelSpec("mt5", "SEQ_2_SEQ_LM", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("q",), trainable_token_indices=(1,), task_type="SEQ_2_SEQ_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # inference mode on a bf16 llama with trainable tokens: the fp32 upcast makes the rows trainable again
+    "inference-mode-autocast-retrains-token-rows": Case(
+        ModelSpec("llama", "CAUSAL_LM", num_layers=1, load_dtype="bfloat16"),
+        adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(1,), inference_mode=True,
+                            task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
 }
 ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"}}
 """Entries a minimal case may also meet: QDoRA on 8-bit on the CPU always meets the lost-scales one."""

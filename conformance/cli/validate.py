@@ -86,6 +86,7 @@ ADAPTER_FIELDS: dict[str, tuple[_Kind, ...]] = {
     "fan_in_fan_out": (BOOL,),
     "task_type": (NULL, STRING),
     "inference_mode": (BOOL,),
+    "trainable_token_indices": (NULL, INTS),
 }
 _ANY_FIELDS = {
     # TrainingSpec fields annotated Any (ABSENT means "not passed"); the strategies draw booleans.

@@ -6,7 +6,7 @@ path (a parameter, a buffer, a LoRA module, a modules-to-save wrapper, ``<model>
 ``adapter[default].scaling``.  Collections are compared one item at a time, so that a
 known-divergence entry can excuse exactly one item: one divergence per warning kind
 (``warnings.<kind>``), per mutated config field (``config_mutations.<field>``), per
-``model.config`` key written (``config_writes.<key>``), per stored adapter-config field
+``model.config`` key written (``config_writes.<key>``), per hooked module (``hooks.<path>``), per stored adapter-config field
 (``adapter_config.<field>``).  When both sides raise, their ``Class[kind]`` is compared
 as one field, ``error``; when one side raises, the field is ``raised``.  The list is
 sorted, so two runs of the same case print the same diff.
@@ -88,6 +88,14 @@ def error_label(error: Any) -> str:
     return f"{error.cls}[{error.kind}]"
 
 
+def _by_path(hooks: Iterable[tuple[str, str, str]]) -> list[tuple[str, tuple]]:
+    """(path, ((kind, function), ...)) per hooked module."""
+    grouped: dict[str, list] = {}
+    for path, kind, fn in hooks:
+        grouped.setdefault(path, []).append((kind, fn))
+    return [(path, tuple(sorted(items))) for path, items in grouped.items()]
+
+
 def _compare_sets(path: str, name: str, ref: Iterable[str], up: Iterable[str], out: list[Divergence]) -> None:
     """One divergence per item present on one side only: ``<name>.<item>`` present True / False."""
     ref, up = set(ref), set(up)
@@ -122,6 +130,7 @@ def diff(reference: Snapshot, upstream: Snapshot) -> list[Divergence]:
     _compare_keyed("buffer", reference.buffers, upstream.buffers, out)
     _compare_keyed("lora", reference.lora, upstream.lora, out)
     _compare_keyed("saved", reference.saved, upstream.saved, out)
+    _compare_keyed("tokens", reference.tokens, upstream.tokens, out)
     _compare_sets(MODEL, "warnings", reference.warnings, upstream.warnings, out)
     _compare_sets(MODEL, "config_mutations", reference.config_mutations, upstream.config_mutations, out)
     if reference.model is not None and upstream.model is not None:
@@ -129,6 +138,8 @@ def diff(reference: Snapshot, upstream: Snapshot) -> list[Divergence]:
             other = getattr(upstream.model, name)
             if name in _ITEMISED:
                 _compare_pairs(MODEL, name, value, other, out)
+            elif name == "hooks":  # per module: an entry can excuse the hooks of one module
+                _compare_pairs(MODEL, name, _by_path(value), _by_path(other), out)
             elif value != other:
                 out.append(Divergence(MODEL, name, value, other))
     r, u = reference.peft, upstream.peft

@@ -7,8 +7,9 @@ when it holds the loaded value at its path (rounded to its own dtype, so an exac
 or a bf16 cast is ``equal``), ``changed: ...`` when preparation changed it (with a
 fingerprint, so that two different changes differ), or ``new`` when the loaded model has
 no counterpart (LoRA factors: their values are the numerical checks' business).  Paths
-map through PEFT's wrappers: ``x.base_layer.weight``, ``x.original_module.weight`` and
-``x.modules_to_save.<adapter>.weight`` all read ``x.weight`` of the loaded model, so a
+map through PEFT's wrappers: ``x.base_layer.weight``, ``x.original_module.weight``,
+``x.token_adapter.base_layer.weight`` and ``x.modules_to_save.<adapter>.weight`` all read
+``x.weight`` of the loaded model, so a
 saved copy is checked against its original.  Reading relative values keeps the facts
 stack-independent (the regression gate compares them across transformers versions,
 whose random inits differ).
@@ -37,7 +38,7 @@ __all__ = [
     "value_relation",
 ]
 
-_WRAPPER_SEGMENT = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+_WRAPPER_SEGMENT = re.compile(r"\.(base_layer|original_module|token_adapter|modules_to_save\.[^.]+)(?=\.)")
 
 
 def pristine_path(path: str) -> str:
@@ -164,6 +165,7 @@ ADAPTER_CONFIG_KEYS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "lora_bias", "use_rslora",
     "use_dora", "init_lora_weights", "fan_in_fan_out", "task_type", "inference_mode", "target_parameters",
+    "trainable_token_indices",
 )
 """The ``LoraConfig`` fields compared as stored on the PEFT model (what ``save_pretrained`` writes
 to ``adapter_config.json``), where preparation resolves or rewrites some of them."""

@@ -232,12 +232,12 @@ def _bias_mode_trains_a_bias(ctx: CaseContext) -> bool:
     return False
 
 
-def _integer_bnb_targeted(ctx: CaseContext) -> bool:
-    """The reference put LoRA on a bitsandbytes layer whose weight has an integer dtype (8-bit,
-    or 4-bit packed in uint8; a float quant storage makes the packed weight a float tensor)."""
-    snap = ctx.reference
-    return snap is not None and any(
-        m.kind == "bnb8bit" or (m.kind == "bnb4bit" and ctx.case.quant.quant_storage == "uint8") for m in snap.lora)
+def _integer_bnb_weights(ctx: CaseContext) -> bool:
+    """The model's bitsandbytes weights have an integer dtype (8-bit, or 4-bit packed in uint8; a
+    float quant storage makes the packed weight a float tensor).  From the case alone, so that it
+    holds where the reference rejects the case before building its layers."""
+    q = ctx.case.quant
+    return q.kind == "8bit" or (q.kind == "4bit" and q.quant_storage == "uint8")
 
 
 def _layers_pattern_given(ctx: CaseContext) -> bool:
@@ -258,8 +258,9 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "layers_pattern_given": _layers_pattern_given,
     "bias_mode_trains_a_bias": _bias_mode_trains_a_bias,
     "init_variant": lambda ctx: init_variant(ctx.case.adapter.init_lora_weights),
+    "trainable_tokens": lambda ctx: ctx.case.adapter.trainable_token_indices not in (ABSENT, None, ()),
     "conv1d_targeted": lambda ctx: bool(ctx.paths("conv1d_lora_modules")),
-    "integer_bnb_targeted": _integer_bnb_targeted,
+    "integer_bnb_weights": _integer_bnb_weights,
     "lora_dropout_given": _lora_dropout_given,
     "targets_inside_saved": lambda ctx: bool(ctx.paths("targets_inside_saved")),
     "trainable_besides_lora": _trainable_besides_lora,

@@ -36,6 +36,7 @@ __all__ = [
     "ParamFacts",
     "PeftFacts",
     "SavedModuleFacts",
+    "TokenWrapperFacts",
     "Snapshot",
     "error_snapshot",
     "snapshot_of",
@@ -112,6 +113,19 @@ class SavedModuleFacts:
 
 
 @dataclass(frozen=True)
+class TokenWrapperFacts:
+    """One module wrapped for trainable token rows (``trainable_token_indices``)."""
+
+    path: str
+    base_kind: str
+    """``embedding``, ``linear`` or the wrapped module's class name."""
+    tied: bool
+    """It shares another wrapper's trainable rows (a tied output embedding, an aliased embedding)."""
+    indices: tuple[tuple[str, tuple[int, ...]], ...]
+    """(adapter, row indices) of each adapter."""
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """Model-level facts of the prepared transformers model."""
 
@@ -162,6 +176,7 @@ class Snapshot:
     params: tuple[ParamFacts, ...] = ()
     lora: tuple[LoraModuleFacts, ...] = ()
     saved: tuple[SavedModuleFacts, ...] = ()
+    tokens: tuple[TokenWrapperFacts, ...] = ()
     buffers: tuple[BufferFacts, ...] = ()
     model: ModelFacts | None = None
     peft: PeftFacts | None = None
@@ -190,6 +205,7 @@ class Snapshot:
                 for m in data.get("lora", ())
             ),
             saved=tuple(SavedModuleFacts(**{k: tup(v) for k, v in s.items()}) for s in data.get("saved", ())),
+            tokens=tuple(TokenWrapperFacts(**{k: tup(v) for k, v in t.items()}) for t in data.get("tokens", ())),
             buffers=tuple(BufferFacts(**{k: tup(v) for k, v in b.items()}) for b in data.get("buffers", ())),
             model=ModelFacts(**{k: tup(v) for k, v in data["model"].items()}) if data.get("model") else None,
             peft=PeftFacts(**{k: tup(v) for k, v in data["peft"].items()}) if data.get("peft") else None,
@@ -307,6 +323,19 @@ def _is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and (hasattr(module, "lora_A") or hasattr(module, "lora_embedding_A"))
 
 
+def _is_token_wrapper(module: nn.Module) -> bool:
+    adapter = module._modules.get("token_adapter")
+    return adapter is not None and hasattr(adapter, "trainable_tokens_delta")
+
+
+def _token_facts(path: str, wrapper: nn.Module) -> TokenWrapperFacts:
+    adapter = wrapper.token_adapter
+    base = adapter.base_layer
+    kind = "embedding" if isinstance(base, nn.Embedding) else "linear" if isinstance(base, nn.Linear) else type(base).__name__
+    indices = tuple((name, tuple(int(i) for i in rows)) for name, rows in sorted(adapter.token_indices.items()))
+    return TokenWrapperFacts(path, kind, getattr(adapter, "tied_adapter", None) is not None, indices)
+
+
 def _is_saved_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "original_module") and isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict)
 
@@ -403,10 +432,13 @@ def snapshot_of(
         elif _is_saved_wrapper(module):
             saved.append(SavedModuleFacts(path, tuple(sorted(module.modules_to_save.keys()))))
     params.sort(key=lambda p: p.path)
+    tokens = [_token_facts(path, module) for path, module in model.named_modules(remove_duplicate=False)
+              if _is_token_wrapper(module)]
     return Snapshot(
         params=tuple(params),
         lora=tuple(lora),
         saved=tuple(saved),
+        tokens=tuple(sorted(tokens, key=lambda t: t.path)),
         buffers=tuple(buffers),
         model=_model_facts(model, params, numels, trainer_gradient_checkpointing, pristine),
         peft=peft,

@@ -33,6 +33,7 @@ outside pytest.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from conformance.engine.diff import Divergence
+from conformance.numerics.emulate import DEFECTS
 from conformance.numerics.init import init_problems, variant_of
 from conformance.numerics.run import (
     Run, assign_shared_values, bypassed, case_seed, lora_layers, make_inputs, run_model, trainer_autocast,
@@ -321,17 +323,44 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
     if missing:  # structures agreed, so this is a harness bug: say so rather than compare garbage
         result.divergences.append(Divergence(MODEL, "numerics.layout", "missing: " + ", ".join(missing[:5]), "present"))
         return result
+    up_runs = {}
     for prefix, train in (("", False), ("train_", True)):
         run_seed = case_seed(case, prefix or "eval")
         ref_run = run_model(reference, ref_inputs, train=train, seed=run_seed, autocast=autocast)
-        up_run = run_model(upstream, inputs, train=train, seed=run_seed, autocast=autocast)
-        _compare_runs(prefix, ref_run, up_run, tol, result)
+        up_runs[prefix] = run_model(upstream, inputs, train=train, seed=run_seed, autocast=autocast)
+        _compare_runs(prefix, ref_run, up_runs[prefix], tol, result)
+    _name_a_defect(case, reference, ref_inputs, up_runs, autocast, tol, result)
     if result.both_raised and loaded is not None:
         base = run_model(loaded(), inputs, train=False, seed=seed, backward=False, autocast=autocast)
         if base.error is not None:
             result.base_raised, result.both_raised, result.note = base.error, [], f"the loaded model raises: {base.error}"
     _device_limits(case, autocast, result)
     return result
+
+
+_FORWARD_FIELDS = re.compile(r"numerics\.(train_)?(logits|loss|grad)")
+
+
+def _name_a_defect(case: Case, reference: nn.Module, inputs: dict[str, torch.Tensor], up_runs: dict[str, Any],
+                   autocast: torch.dtype | None, tol: Tolerance, result: NumericsResult) -> None:
+    """Where the forwards differ, try each known upstream defect on the reference
+    (``conformance.numerics.emulate``): if the reference's runs with it match upstream's, the
+    forward divergences become one divergence that names it."""
+    forward = [d for d in result.divergences if _FORWARD_FIELDS.fullmatch(d.field)]
+    if not forward:
+        return
+    for defect in DEFECTS:
+        if not defect.applies(reference):
+            continue
+        trial = NumericsResult(tolerance=result.tolerance)
+        with defect.applied(reference):
+            for prefix, train in (("", False), ("train_", True)):
+                run = run_model(reference, inputs, train=train, seed=case_seed(case, prefix or "eval"), autocast=autocast)
+                _compare_runs(prefix, run, up_runs[prefix], tol, trial)
+        if not trial.divergences:
+            result.divergences = [d for d in result.divergences if d not in forward]
+            result.divergences.append(Divergence(MODEL, f"numerics.{defect.name}", defect.reference, defect.upstream))
+            return
 
 
 CPU_AUTOCAST_HALF = "Unexpected floating ScalarType in at::autocast::prioritize"

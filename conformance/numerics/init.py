@@ -167,6 +167,36 @@ def _magnitude_problems(module: nn.Module, name: str) -> list[str]:
     return []
 
 
+def _token_problems(model: nn.Module) -> dict[str, list[str]]:
+    """Trainable token rows (``trainable_token_indices``): each adapter's trainable values and
+    its saved originals equal the embedding's rows at its indices, exactly (rounded to their
+    own dtype); a tied module shares them, so each set is checked once, where it first appears."""
+    out: dict[str, list[str]] = {}
+    seen: set[int] = set()
+    for path, module in model.named_modules():
+        deltas = getattr(module, "trainable_tokens_delta", None)
+        indices = getattr(module, "token_indices", None)
+        if deltas is None or indices is None or id(deltas) in seen:
+            continue
+        seen.add(id(deltas))
+        weight = module.base_layer.weight.detach()
+        originals = module.trainable_tokens_original
+        for name, delta in deltas.items():
+            rows = weight[list(indices[name])]
+            problems = []
+            if tuple(delta.shape) != tuple(rows.shape):
+                problems.append(f"trainable tokens have shape {tuple(delta.shape)}, the rows {tuple(rows.shape)}")
+            elif not torch.equal(delta.detach(), rows.to(delta.dtype)):
+                problems.append(f"trainable tokens are not the embedding's rows {list(indices[name])} "
+                                f"(max difference {_max(delta.detach().double() - rows.double()):.3g})")
+            original = getattr(originals, name, None)
+            if original is None or tuple(original.shape) != tuple(rows.shape) or not torch.equal(
+                    original, rows.to(original.dtype)):
+                problems.append("the saved original rows are not the embedding's rows")
+            out.setdefault(path, []).extend(f"[{name}] {p}" for p in problems)
+    return {k: v for k, v in out.items() if v}
+
+
 def _stale_scales_norm(module: nn.Module, name: str, m: torch.Tensor, bound: float) -> bool:
     """An 8-bit layer whose weight was re-quantized (new scales on the weight) while its state
     still holds the old ones: is the magnitude the norm under the *state's* scales?"""
@@ -217,6 +247,8 @@ def init_problems(model: nn.Module, init: Any, loaded: nn.Module | None = None) 
             problems += [f"[{name}] {p}" for p in found]
         if problems:
             out[path] = problems
+    for path, problems in _token_problems(model).items():
+        out.setdefault(path, []).extend(problems)
     pooled_problems = []
     for (family, scale, dtype), parts in pooled.items():
         if len(parts) < 2:

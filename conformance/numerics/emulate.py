@@ -1,0 +1,90 @@
+"""Upstream defects the forward comparison can name exactly.
+
+When the two sides' forwards differ, the reference is rerun with one known upstream defect
+applied to it; if its runs (logits, loss, every gradient, eval and training) then match
+upstream's within the tolerance, the forward divergences are replaced by a single
+``numerics.<defect>`` divergence, which a registry entry may explain.  This is precise: any
+other fault, alone or beside the defect, leaves the runs apart and the divergences stay.
+
+* ``tied_head_bias_dropped``: a trainable-token wrapper around a Linear (a tied output layer)
+  computes its output without the layer's bias (peft's TrainableTokensLayer calls
+  ``F.linear(x, W)``);
+* ``tied_embedding_wrappers_bypassed``: the other embeddings that share the input embedding's
+  weight (t5's ``encoder.embed_tokens`` and ``decoder.embed_tokens`` beside ``shared``) keep the
+  original module, so their lookups ignore the trainable rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["DEFECTS", "Defect"]
+
+
+def _token_wrappers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "token_adapter") and hasattr(m.token_adapter, "merged_weight")]
+
+
+def _biased_heads(model: nn.Module) -> list[nn.Module]:
+    return [w for w in _token_wrappers(model)
+            if isinstance(w.token_adapter.base_layer, nn.Linear) and w.token_adapter.base_layer.bias is not None]
+
+
+def _tied_embeddings(model: nn.Module) -> list[nn.Module]:
+    """Tied wrappers around an Embedding (not the output layer): other embeddings sharing the
+    input embedding's weight."""
+    return [w for w in _token_wrappers(model) if w.token_adapter.tied_adapter is not None
+            and isinstance(w.token_adapter.base_layer, nn.Embedding)]
+
+
+@contextlib.contextmanager
+def _forward_replaced(modules: list[nn.Module], make: Callable[[nn.Module], Callable]) -> Iterator[None]:
+    for m in modules:
+        m.forward = make(m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
+def _without_bias(wrapper: nn.Module) -> Callable:
+    def forward(x, *args, **kwargs):
+        return F.linear(x, wrapper.token_adapter.merged_weight(wrapper.active_adapters))
+    return forward
+
+
+def _bypassed(wrapper: nn.Module) -> Callable:
+    def forward(x, *args, **kwargs):
+        return wrapper.token_adapter.base_layer(x, *args, **kwargs)
+    return forward
+
+
+@dataclass(frozen=True)
+class Defect:
+    name: str
+    reference: str
+    """What the reference does instead (the divergence's reference value)."""
+    upstream: str
+    modules: Callable[[nn.Module], list[nn.Module]]
+    make: Callable[[nn.Module], Callable]
+
+    def applies(self, reference: nn.Module) -> bool:
+        return bool(self.modules(reference))
+
+    def applied(self, reference: nn.Module):
+        return _forward_replaced(self.modules(reference), self.make)
+
+
+DEFECTS = (
+    Defect("tied_head_bias_dropped", "a tied output layer wrapped for trainable tokens adds its bias",
+           "upstream's forward is the reference's with that bias dropped", _biased_heads, _without_bias),
+    Defect("tied_embedding_wrappers_bypassed",
+           "every embedding sharing the input embedding's weight looks up the trainable rows",
+           "upstream's forward is the reference's with those embeddings left unwrapped", _tied_embeddings, _bypassed),
+)
