@@ -460,7 +460,7 @@ def cases(
     if level == "trl" and adapter.inference_mode is not ABSENT:
         adapter = dataclasses.replace(adapter, inference_mode=ABSENT)  # a trainer trains: peft level only
     if training.peft_model_in and init_variant(adapter.init_lora_weights) != "default":
-        if init is not None:
+        if init is not None or invalid in INIT_INVALID_KINDS:
             training = dataclasses.replace(training, peft_model_in=False, peft_config_too=False)
         else:
             adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)

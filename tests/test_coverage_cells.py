@@ -91,7 +91,7 @@ def test_expected_cells_are_the_projections_of_the_cells():
     assert len(expected["trl: model_type x quantization"]) == len(model_types("CAUSAL_LM")) * 3
     for level in ("peft", "trl"):
         assert expected[f"{level}: adapter_feature x quantization"] == sorted(
-            itertools.product(("dora", "lora"), QUANTS))
+            itertools.product(("dora", "lora", "tokens"), QUANTS))
     assert set(expected_cells(("trl",))) == {"trl: model_type x quantization", "trl: adapter_feature x quantization"}
 
 

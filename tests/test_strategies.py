@@ -61,8 +61,8 @@ def draw_many(strategy, n: int) -> list:
 
 @pytest.fixture(scope="module")
 def sample() -> list[Case]:
-    drawn = draw_many(cases(profile=CURRENT), 600)
-    assert len(drawn) >= 500
+    drawn = draw_many(cases(profile=CURRENT), 800)
+    assert len(drawn) >= 650
     return drawn
 
 
@@ -115,6 +115,8 @@ def invalid_kind(case: Case) -> str | None:
         return "pissa_on_quantized"
     if a.init_lora_weights == "orthogonal" and isinstance(a.r, int) and a.r % 2:
         return "orthogonal_odd_rank"
+    if a.trainable_token_indices not in (ABSENT, None) and any(i >= 256 for i in a.trainable_token_indices):
+        return "token_index_out_of_range"
     if targets in (ABSENT, None) and case.model.model_type not in CURRENT.default_targets:
         return "no_default_targets"
     if targets == (entry.layer_container,):
@@ -340,7 +342,7 @@ def test_layers_to_transform_never_with_str_targets_unless_invalid(sample):
             assert case.invalid and invalid_kind(case) == "layers_with_regex_targets", case
         if a.layers_pattern not in (ABSENT, None):  # rejected for the pattern as well
             assert case.invalid, case
-    assert any(invalid_kind(c) == "layers_with_regex_targets" for c in sample)
+    # (that layers_with_regex_targets is drawn at all: test_cases_reach_every_invalid_kind)
 
 
 def test_valid_cases_have_well_formed_fields(sample):

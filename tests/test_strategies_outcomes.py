@@ -32,6 +32,7 @@ EXPECTED = {
     "dora_with_lora_bias": {"dora_lora_bias"},
     "pissa_on_quantized": {"pissa_quantized"},
     "orthogonal_odd_rank": {"orthogonal_odd_rank"},
+    "token_index_out_of_range": {"token_index_out_of_range"},
 }
 
 
@@ -55,8 +56,10 @@ def test_valid_cases_are_prepared_and_invalid_ones_rejected_for_their_reason(lev
         if snap.error is None or snap.error.kind not in EXPECTED[built]:
             wrong.append((built, snap.error.kind if snap.error else "accepted", case.dumps()))
     valid = sum(not c.invalid for c in drawn)
-    invalid_share = 1 - valid / len(drawn)
-    assert 0.15 <= invalid_share <= 0.35, invalid_share  # nominally 0.25; a Hypothesis draw clusters
+    # the share over a larger draw (strategies only: nothing is prepared), since 60 draws a kind cluster
+    wide = [c for kind in ("none", "8bit", "4bit") for c in sample(cases(level=level, quant_kinds=(kind,)), 200, 5)]
+    invalid_share = sum(c.invalid for c in wide) / len(wide)
+    assert 0.15 <= invalid_share <= 0.3, invalid_share  # nominally 0.22
     # Only the rare quantized classification head (kept quantized on purpose, one case in ten) may be rejected.
     assert set(rejected) <= {"saved_module_quantized"}, rejected
     assert sum(rejected.values()) <= 0.05 * valid, rejected

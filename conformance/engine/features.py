@@ -240,6 +240,16 @@ def _integer_bnb_weights(ctx: CaseContext) -> bool:
     return q.kind == "8bit" or (q.kind == "4bit" and q.quant_storage == "uint8")
 
 
+def _tied_head_with_bias(ctx: CaseContext) -> bool:
+    """The loaded model has a Linear sharing the input embedding's weight that carries a bias (a
+    BERT-style LM head): what trainable tokens wrap as a tied output layer."""
+    try:
+        weight = ctx.model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):
+        return False
+    return any(isinstance(m, nn.Linear) and m.weight is weight and m.bias is not None for m in ctx.model.modules())
+
+
 def _layers_pattern_given(ctx: CaseContext) -> bool:
     return ctx.case.adapter.layers_pattern not in (ABSENT, None, "", ())
 
@@ -258,6 +268,7 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "layers_pattern_given": _layers_pattern_given,
     "bias_mode_trains_a_bias": _bias_mode_trains_a_bias,
     "init_variant": lambda ctx: init_variant(ctx.case.adapter.init_lora_weights),
+    "tied_head_with_bias": _tied_head_with_bias,
     "trainable_tokens": lambda ctx: ctx.case.adapter.trainable_token_indices not in (ABSENT, None, ()),
     "conv1d_targeted": lambda ctx: bool(ctx.paths("conv1d_lora_modules")),
     "integer_bnb_weights": _integer_bnb_weights,
