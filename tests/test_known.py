@@ -312,3 +312,21 @@ def test_empty_registry(tmp_path):
     assert registry.entries == [] and registry.active == []
     d = Divergence("<error>", "error", "a", "b")
     assert registry.explain(case(), [d]) == ([d], [])
+
+
+def test_case_only_features_never_load_the_model_and_come_first():
+    """A `when` checks the features of the case alone before those that load the model (a CUDA case on
+    a CPU machine, say, must not be loaded to learn that an entry is out of scope)."""
+    from conformance.engine.features import CASE_ONLY, FEATURES, CaseContext
+    from reference.spec import AdapterSpec, Case, ModelSpec
+
+    def no_model():
+        raise AssertionError("a case-only feature loaded the model")
+
+    ctx = CaseContext(Case(ModelSpec("llama"), adapter=AdapterSpec(target_modules=("q_proj",))), model=no_model)
+    for name in sorted(CASE_ONLY):
+        ctx.value(f"feature.{name}")
+    assert CASE_ONLY <= FEATURES.keys()
+    entry = next(e for e in load_registry(REGISTRY_PATH, versions={}).entries if e.id == "trainable-tokens-tied-head-drops-bias")
+    keys = [k for k, _ in entry.when]
+    assert keys.index("feature.trainable_tokens") < keys.index("feature.tied_head_with_bias")

@@ -30,7 +30,7 @@ from reference.targets import is_saved, iter_targets, match_names
 from strategies.inits import init_variant
 from strategies.targets import target_kind
 
-__all__ = ["FEATURES", "SET_FEATURES", "CaseContext"]
+__all__ = ["CASE_ONLY", "FEATURES", "SET_FEATURES", "CaseContext"]
 
 _MISSING = object()
 
@@ -411,6 +411,11 @@ def _conv1d_lora_modules(ctx: CaseContext) -> frozenset[str]:
     """The reference's LoRA modules around a transformers ``Conv1D`` (weight stored (in, out))."""
     snap = ctx.reference
     return frozenset(m.path for m in snap.lora if m.kind == "conv1d") if snap is not None else frozenset()
+
+
+CASE_ONLY = frozenset({"target_kind", "layers_pattern_given", "lora_dropout_given", "init_variant", "trainable_tokens",
+                       "integer_bnb_weights"})
+"""Features computed from the case alone (no model, no snapshot): a ``when`` checks them first."""
 
 
 SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {

@@ -31,7 +31,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from conformance.engine.diff import MODEL, Divergence
-from conformance.engine.features import FEATURES, SET_FEATURES, CaseContext
+from conformance.engine.features import CASE_ONLY, FEATURES, SET_FEATURES, CaseContext
 from conformance.engine.snapshot import Snapshot
 from reference.profiles import installed_versions
 from reference.spec import Case
@@ -223,7 +223,8 @@ def _entry(raw: dict[str, Any], source: Path) -> Entry:
             raise ValueError(f"{source}: entry {raw['id']!r} names an unknown feature {key!r}; "
                              f"known: {', '.join(sorted(FEATURES))}")
         when.append((key, tuple(_norm(v) for v in (value if isinstance(value, list) else [value]))))
-    when.sort(key=lambda kv: (kv[0].startswith("feature."), kv[0]))  # cheap case fields first
+    # cheap case fields first, then features of the case alone, then those that load the model
+    when.sort(key=lambda kv: (kv[0].startswith("feature."), kv[0].removeprefix("feature.") not in CASE_ONLY, kv[0]))
     return Entry(
         id=raw["id"],
         explanation=raw["explanation"].strip(),
