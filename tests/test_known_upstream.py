@@ -185,10 +185,16 @@ MINIMAL = {
         training=TrainingSpec(prepare_kbit=False),
     ),
     # inference mode on a bf16 llama with trainable tokens: the fp32 upcast makes the rows trainable again
-    "inference-mode-autocast-retrains-token-rows": Case(
+    "inference-mode-autocast-retrains-embedding-adapters": Case(
         ModelSpec("llama", "CAUSAL_LM", num_layers=1, load_dtype="bfloat16"),
         adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(1,), inference_mode=True,
                             task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # OLoRA with all-linear on a fused-expert MoE (transformers 5): the init reads the experts' missing `weight`
+    "init-variants-crash-on-expert-parameters": Case(
+        ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules="all-linear", init_lora_weights="olora", task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
 }

@@ -171,3 +171,19 @@ def test_tied_embeddings_entry_is_for_t5_classification_only(monkeypatch):
     after_get_peft_model(monkeypatch, lambda pm, _c: [p.requires_grad_(False) for p in _deltas(pm)])
     faulty = run_case(T5_CLS, PROFILE)
     assert faulty.status == "diverge" and any(d.field == "requires_grad" for d in faulty.divergences)
+
+
+def test_autocast_entry_is_for_half_precision_bare_parameter_adapters_only():
+    entry = "inference-mode-autocast-retrains-embedding-adapters"
+    registry = default_registry()
+    if entry not in {e.id for e in registry.active}:
+        pytest.skip(f"{entry} does not apply to the installed stack")
+    half = _case("llama", ("q_proj",), load_dtype="bfloat16", inference_mode=True)
+    outcome = run_case(half, PROFILE)
+    assert outcome.status == "known" and entry in outcome.known, outcome.divergences
+    fp32 = _case("llama", ("q_proj",), inference_mode=True)
+    assert entry not in registry.scope(CaseContext(fp32, outcome.reference, outcome.upstream))
+    from conformance.engine.diff import Divergence
+
+    linear = Divergence("model.layers.0.self_attn.q_proj.lora_A.default.weight", "requires_grad", "False", "True")
+    assert registry.explain(CaseContext(half, outcome.reference, outcome.upstream), [linear])[0] == [linear]

@@ -223,8 +223,9 @@ def _bias_mode_trains_a_bias(ctx: CaseContext) -> bool:
     settings = _settings(ctx)
     if settings is None:
         return False
-    if settings.bias == "all":
-        return any(is_bias_for_all(name, ctx.profile.bias_all_substring) for name, _ in ctx.model.named_parameters())
+    if settings.bias == "all":  # (lora_bias adds LoRA B biases, which "all" trains too)
+        return settings.lora_bias or any(is_bias_for_all(name, ctx.profile.bias_all_substring)
+                                         for name, _ in ctx.model.named_parameters())
     if settings.bias == "lora_only":
         modules = dict(ctx.model.named_modules())
         guarded = tuple(settings.modules_to_save or ()) + _task_heads(ctx)
@@ -269,6 +270,8 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "bias_mode_trains_a_bias": _bias_mode_trains_a_bias,
     "init_variant": lambda ctx: init_variant(ctx.case.adapter.init_lora_weights),
     "tied_head_with_bias": _tied_head_with_bias,
+    "bare_parameter_adapters": lambda ctx: bool(ctx.value("feature.trainable_tokens")
+                                                or ctx.value("feature.embedding_targeted")),
     "trainable_tokens": lambda ctx: ctx.case.adapter.trainable_token_indices not in (ABSENT, None, ()),
     "conv1d_targeted": lambda ctx: bool(ctx.paths("conv1d_lora_modules")),
     "integer_bnb_weights": _integer_bnb_weights,

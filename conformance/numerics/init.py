@@ -160,7 +160,7 @@ def _magnitude_problems(module: nn.Module, name: str) -> list[str]:
     err = float((m.double() - expected).abs().max()) if m.numel() else 0.0
     bound = 8.0 * rounding * float(expected.abs().max() if expected.numel() else 0.0)
     if err > bound:
-        if _stale_scales_norm(module, name, m, bound):
+        if _stale_scales_norm(module, name, m, rounding):
             return ["DoRA magnitude is the norm of W + scaling*B@A under the layer state's stale int8 scales "
                     "(state.SCB), not under the weight's own"]
         return [f"DoRA magnitude is not the norm of W + scaling*B@A: max error {err:.3g} > {bound:.3g}"]
@@ -197,7 +197,7 @@ def _token_problems(model: nn.Module) -> dict[str, list[str]]:
     return {k: v for k, v in out.items() if v}
 
 
-def _stale_scales_norm(module: nn.Module, name: str, m: torch.Tensor, bound: float) -> bool:
+def _stale_scales_norm(module: nn.Module, name: str, m: torch.Tensor, rounding: float) -> bool:
     """An 8-bit layer whose weight was re-quantized (new scales on the weight) while its state
     still holds the old ones: is the magnitude the norm under the *state's* scales?"""
     base = module.base_layer
@@ -210,7 +210,9 @@ def _stale_scales_norm(module: nn.Module, name: str, m: torch.Tensor, bound: flo
     dense = bnb.functional.int8_vectorwise_dequant(base.weight.data, state.to(base.weight.data.device)).double()
     a, b = module.lora_A[name].weight.detach().double(), module.lora_B[name].weight.detach().double()
     stale = torch.linalg.norm(dense + (b @ a) * float(module.scaling[name]), dim=1)
-    return stale.shape == m.shape and float((m.double() - stale).abs().max()) <= bound
+    if stale.shape != m.shape or not stale.numel():
+        return False
+    return float((m.double() - stale).abs().max()) <= 8.0 * rounding * float(stale.abs().max())
 
 
 VARIANTS = ("olora", "pissa", "orthogonal")
