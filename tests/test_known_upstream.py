@@ -197,6 +197,12 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules="all-linear", init_lora_weights="olora", task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # peft 0.15 - 0.17: trainable tokens on gemma3's scaled embedding drop its embed_scale
+    "trainable-tokens-ignore-embed-scale": Case(
+        ModelSpec("gemma3_text", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(1,), task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
 }
 ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"}}
 """Entries a minimal case may also meet: QDoRA on 8-bit on the CPU always meets the lost-scales one."""

@@ -270,6 +270,7 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "bias_mode_trains_a_bias": _bias_mode_trains_a_bias,
     "init_variant": lambda ctx: init_variant(ctx.case.adapter.init_lora_weights),
     "tied_head_with_bias": _tied_head_with_bias,
+    "scaled_input_embedding": lambda ctx: getattr(ctx.model.get_input_embeddings(), "embed_scale", None) is not None,
     "bare_parameter_adapters": lambda ctx: bool(ctx.value("feature.trainable_tokens")
                                                 or ctx.value("feature.embedding_targeted")),
     "trainable_tokens": lambda ctx: ctx.case.adapter.trainable_token_indices not in (ABSENT, None, ()),

@@ -348,7 +348,10 @@ def _name_a_defect(case: Case, reference: nn.Module, inputs: dict[str, torch.Ten
     """Where the forwards differ, try each known upstream defect on the reference
     (``conformance.numerics.emulate``): if the reference's runs with it match upstream's, the
     forward divergences become one divergence that names it."""
-    forward = [d for d in result.divergences if _FORWARD_FIELDS.fullmatch(d.field)]
+    # (a gradient one side has and the other not is a trainability difference, which the snapshot's
+    # requires_grad field reports and the registry judges on its own: it stays as it is)
+    forward = [d for d in result.divergences
+               if _FORWARD_FIELDS.fullmatch(d.field) and {d.reference, d.upstream} != {"none", "present"}]
     if not forward:
         return
     for defect in DEFECTS:
@@ -359,6 +362,7 @@ def _name_a_defect(case: Case, reference: nn.Module, inputs: dict[str, torch.Ten
             for prefix, train in (("", False), ("train_", True)):
                 run = run_model(reference, inputs, train=train, seed=case_seed(case, prefix or "eval"), autocast=autocast)
                 _compare_runs(prefix, run, up_runs[prefix], tol, trial)
+        trial.divergences = [d for d in trial.divergences if {d.reference, d.upstream} != {"none", "present"}]
         if not trial.divergences:
             result.divergences = [d for d in result.divergences if d not in forward]
             result.divergences.append(Divergence(MODEL, f"numerics.{defect.name}", defect.reference, defect.upstream))

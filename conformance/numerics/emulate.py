@@ -9,6 +9,9 @@ other fault, alone or beside the defect, leaves the runs apart and the divergenc
 * ``tied_head_bias_dropped``: a trainable-token wrapper around a Linear (a tied output layer)
   computes its output without the layer's bias (peft's TrainableTokensLayer calls
   ``F.linear(x, W)``);
+* ``token_embed_scale_dropped``: a trainable-token wrapper around a scaled embedding (gemma's
+  ``*ScaledWordEmbedding``, bart with ``scale_embedding``) looks up the rows without the
+  embedding's ``embed_scale`` (peft < 0.18);
 * ``tied_embedding_wrappers_bypassed``: the other embeddings that share the input embedding's
   weight (t5's ``encoder.embed_tokens`` and ``decoder.embed_tokens`` beside ``shared``) keep the
   original module, so their lookups ignore the trainable rows.
@@ -33,6 +36,20 @@ def _token_wrappers(model: nn.Module) -> list[nn.Module]:
 def _biased_heads(model: nn.Module) -> list[nn.Module]:
     return [w for w in _token_wrappers(model)
             if isinstance(w.token_adapter.base_layer, nn.Linear) and w.token_adapter.base_layer.bias is not None]
+
+
+def _scaled_embeddings(model: nn.Module) -> list[nn.Module]:
+    return [w for w in _token_wrappers(model)
+            if isinstance(w.token_adapter.base_layer, nn.Embedding) and getattr(w.token_adapter.base_layer, "embed_scale", None) is not None]
+
+
+def _without_scale(wrapper: nn.Module) -> Callable:
+    def forward(x, *args, **kwargs):
+        base = wrapper.token_adapter.base_layer
+        weight = wrapper.token_adapter.merged_weight(wrapper.active_adapters)
+        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+    return forward
 
 
 def _tied_embeddings(model: nn.Module) -> list[nn.Module]:
@@ -84,6 +101,8 @@ class Defect:
 DEFECTS = (
     Defect("tied_head_bias_dropped", "a tied output layer wrapped for trainable tokens adds its bias",
            "upstream's forward is the reference's with that bias dropped", _biased_heads, _without_bias),
+    Defect("token_embed_scale_dropped", "a scaled embedding wrapped for trainable tokens keeps its embed_scale",
+           "upstream's forward is the reference's with that scale dropped", _scaled_embeddings, _without_scale),
     Defect("tied_embedding_wrappers_bypassed",
            "every embedding sharing the input embedding's weight looks up the trainable rows",
            "upstream's forward is the reference's with those embeddings left unwrapped", _tied_embeddings, _bypassed),

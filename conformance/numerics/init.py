@@ -142,6 +142,8 @@ def _magnitude_problems(module: nn.Module, name: str) -> list[str]:
     base = module.base_layer
     dense = dense_weight(base)
     dtypes = [dense.dtype, m.dtype]
+    if base.weight.dtype.is_floating_point:  # factors pass through it (a 4-bit float storage, bf16) first
+        dtypes.append(base.weight.dtype)
     if name in getattr(module, "lora_embedding_A", {}):
         a, b = module.lora_embedding_A[name].detach(), module.lora_embedding_B[name].detach()
         total = dense.double() + (b.double() @ a.double()).T * float(module.scaling[name])
