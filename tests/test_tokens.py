@@ -187,3 +187,17 @@ def test_autocast_entry_is_for_half_precision_bare_parameter_adapters_only():
 
     linear = Divergence("model.layers.0.self_attn.q_proj.lora_A.default.weight", "requires_grad", "False", "True")
     assert registry.explain(CaseContext(half, outcome.reference, outcome.upstream), [linear])[0] == [linear]
+
+
+def test_embed_scale_entry_names_only_the_scale_dropped(monkeypatch):
+    entry = "trainable-tokens-ignore-embed-scale"
+    if entry not in {e.id for e in default_registry().active}:
+        pytest.skip(f"{entry} does not apply to the installed stack")
+    gemma = _case("gemma3_text", ("q_proj",))
+    outcome = run_case(gemma, PROFILE)
+    assert outcome.status == "known" and entry in outcome.known, outcome.divergences
+    assert entry not in default_registry().scope(CaseContext(_case("llama", ("q_proj",))))
+    # in scope, rows that do not start from the embedding still fail
+    after_get_peft_model(monkeypatch, lambda pm, _c: [p.add_(0.25) for p in _deltas(pm)])
+    faulty = run_case(gemma, PROFILE)
+    assert faulty.status == "diverge" and any(d.field == "numerics.init" for d in faulty.divergences)

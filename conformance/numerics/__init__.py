@@ -347,26 +347,31 @@ def _name_a_defect(case: Case, reference: nn.Module, inputs: dict[str, torch.Ten
                    autocast: torch.dtype | None, tol: Tolerance, result: NumericsResult) -> None:
     """Where the forwards differ, try each known upstream defect on the reference
     (``conformance.numerics.emulate``): if the reference's runs with it match upstream's, the
-    forward divergences become one divergence that names it."""
-    # (a gradient one side has and the other not is a trainability difference, which the snapshot's
-    # requires_grad field reports and the registry judges on its own: it stays as it is)
-    forward = [d for d in result.divergences
-               if _FORWARD_FIELDS.fullmatch(d.field) and {d.reference, d.upstream} != {"none", "present"}]
-    if not forward:
+    forward divergences become one divergence that names it.  A gradient of a parameter that
+    trains on one side only is a trainability difference, which the snapshot's requires_grad
+    field reports and the registry judges on its own: it is neither compared nor replaced."""
+    if not any(_FORWARD_FIELDS.fullmatch(d.field) for d in result.divergences):
         return
     for defect in DEFECTS:
         if not defect.applies(reference):
             continue
         trial = NumericsResult(tolerance=result.tolerance)
+        one_sided: set[str] = set()
         with defect.applied(reference):
             for prefix, train in (("", False), ("train_", True)):
                 run = run_model(reference, inputs, train=train, seed=case_seed(case, prefix or "eval"), autocast=autocast)
                 _compare_runs(prefix, run, up_runs[prefix], tol, trial)
-        trial.divergences = [d for d in trial.divergences if {d.reference, d.upstream} != {"none", "present"}]
-        if not trial.divergences:
-            result.divergences = [d for d in result.divergences if d not in forward]
+                one_sided |= set(run.grads) ^ set(up_runs[prefix].grads)
+
+        if not [d for d in trial.divergences if _replaced(d, one_sided)]:
+            result.divergences = [d for d in result.divergences if not _replaced(d, one_sided)]
             result.divergences.append(Divergence(MODEL, f"numerics.{defect.name}", defect.reference, defect.upstream))
             return
+
+
+def _replaced(d: Divergence, one_sided: set[str]) -> bool:
+    """A forward divergence a named defect stands for (not a one-sided parameter's gradient)."""
+    return bool(_FORWARD_FIELDS.fullmatch(d.field)) and d.path not in one_sided
 
 
 CPU_AUTOCAST_HALF = "Unexpected floating ScalarType in at::autocast::prioritize"
