@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reference.errors import InvalidConfig
+from reference.errors import InvalidConfig, InvalidConfigType
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec
 
@@ -41,6 +41,7 @@ class LoraSettings:
     task_type: str | None
     inference_mode: bool = False
     trainable_token_indices: tuple[int, ...] | None = None
+    target_parameters: frozenset[str] | None = None
     given_layers: Any = None
     """``layers_to_transform`` as given (an int stays an int): what the stored config holds."""
     given_layers_pattern: Any = None
@@ -98,6 +99,9 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
     # after the init check, as upstream's config checks run (peft 0.15 - 0.21)
     if get("lora_bias") and get("use_dora"):
         raise InvalidConfig("dora_lora_bias", "lora_bias=True cannot be combined with use_dora=True (DoRA)")
+    params = get("target_parameters")
+    if isinstance(params, str):
+        raise InvalidConfigType("target_parameters_str", "`target_parameters` must be a list of strings or None.")
     return LoraSettings(
         r=r,
         lora_alpha=get("lora_alpha"),
@@ -120,6 +124,7 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         task_type=get("task_type"),
         inference_mode=bool(get("inference_mode")),
         trainable_token_indices=tuple(get("trainable_token_indices")) if get("trainable_token_indices") else None,
+        target_parameters=frozenset(params) if params else None,
         given_layers=layers,
         given_layers_pattern=pattern,
     )

@@ -44,6 +44,14 @@ class InvalidConfig(PreparationError, ValueError):
         self.kind = kind
 
 
+class InvalidConfigType(PreparationError, TypeError):
+    """An adapter spec field has a value of a type upstream's config rejects (a TypeError there)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class InvalidRank(PreparationError, ValueError):
     """``r`` (or a ``rank_pattern`` value) is not a positive integer.  Use r >= 1."""
 

@@ -47,6 +47,8 @@ class AdapterParams:
     """Warn when ``lora_bias`` meets a layer without a bias (profile rule)."""
     init_variants: tuple[str, ...] = ()
     """The ``init_lora_weights`` strings beyond ``"gaussian"`` that this era knows (profile)."""
+    fan_in_fan_out: bool = False
+    """The shared flag as the layer finds it (parameter targets refuse it; ``reference.params``)."""
 
 
 def _check_rank(r: object) -> int:

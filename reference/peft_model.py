@@ -80,7 +80,7 @@ def stored_config(settings: LoraSettings, resolved_targets: Any, fan_in_fan_out:
         "task_type": settings.task_type,
         "inference_mode": settings.inference_mode,
         "trainable_token_indices": list(settings.trainable_token_indices) if settings.trainable_token_indices else None,
-        "target_parameters": None,
+        "target_parameters": sorted(settings.target_parameters) if settings.target_parameters else None,
     }
 
 

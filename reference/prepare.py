@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from torch import nn
 
 from reference.config import LoraSettings, resolve
 from reference.dispatch import wrap
-from reference.errors import InvalidBias, SavedModuleIsLora
+from reference.errors import InvalidBias, NoTargetMatched, SavedModuleIsLora
 from reference.kbit import is_kbit, prepare_for_kbit_training
 from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModule
+from reference.params import convert_moe_targets, inject_parameters
 from reference.peft_model import PeftWrapper, condensed_targets, stored_config, wrapper_of
+from reference.notices import warn
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
-from reference.targets import effective_targets, iter_targets
+from reference.targets import effective_targets, iter_targets, pattern_value, warn_unused
 from reference.tokens import wrap_trainable_tokens
 
 __all__ = ["ADAPTER", "TASK_HEADS", "prepare", "prepare_wrapped"]
@@ -101,6 +104,29 @@ def _freeze_for_inference(model: nn.Module) -> None:
         param.requires_grad = False
 
 
+def _type_of(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _inject_modules(model: nn.Module, settings: LoraSettings, profile: Profile, saved_guard: tuple[str, ...],
+                    resolved: object, params_of, fifo: list[bool], deferred: list) -> NoTargetMatched | None:
+    """Wrap the module targets; ``fifo`` holds the shared fan_in_fan_out flag, updated in place.
+    Returns the "nothing matched" rejection instead of raising it when parameters are targeted
+    too (they may still match), else raises it; None when some module matched."""
+    if settings.target_parameters and not resolved:
+        return NoTargetMatched("no module targets", "no_target_modules")
+    try:
+        for target in iter_targets(model, settings, profile, saved_guard, targets=resolved, deferred=deferred):
+            layer, fifo[0] = wrap(target.name, target.module, fifo[0], profile.embedding_keeps_fan_in_fan_out)
+            layer.add_adapter(ADAPTER, params_of(target.r, target.alpha, False))
+            model.set_submodule(target.name, layer)
+    except NoTargetMatched as exc:
+        if not settings.target_parameters:
+            raise
+        return exc
+    return None
+
+
 def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile) -> nn.Module:
     """Prepare ``model`` in place for LoRA training and return it.
 
@@ -130,29 +156,64 @@ def prepare_wrapped(
     autocast = profile.autocast_adapter_dtype_default if autocast is ABSENT else bool(autocast)
 
     fan_in_fan_out = settings.fan_in_fan_out
-    resolved = effective_targets(model, settings, profile)
+    if settings.target_modules is None and settings.target_parameters and _type_of(model) not in profile.default_targets:
+        resolved = frozenset()  # parameters alone: no module targets needed
+    else:
+        resolved = effective_targets(model, settings, profile)
     stored_targets = condensed_targets(resolved, (name for name, _ in model.named_modules()))
+    conversion = None
+    if profile.moe_conversion:
+        conversion = convert_moe_targets(
+            model, resolved, settings.r, settings.lora_alpha, settings.rank_pattern, settings.alpha_pattern,
+            resolved if settings.target_modules == "all-linear" else None)
+    if conversion is not None:
+        resolved, stored_targets = conversion.modules, conversion.stored_modules
+        settings = dataclasses.replace(
+            settings, rank_pattern=conversion.rank_pattern, alpha_pattern=conversion.alpha_pattern,
+            target_parameters=frozenset((settings.target_parameters or frozenset()) | conversion.parameters))
     saved_guard = _saved_names(settings, profile, guarded=True)
-    for target in iter_targets(model, settings, profile, saved_guard, targets=resolved):
-        layer, fan_in_fan_out = wrap(target.name, target.module, fan_in_fan_out, profile.embedding_keeps_fan_in_fan_out)
-        layer.add_adapter(
-            ADAPTER,
-            AdapterParams(
-                r=target.r,
-                alpha=target.alpha,
-                dropout=settings.lora_dropout,
-                use_rslora=settings.use_rslora,
-                use_dora=settings.use_dora,
-                dora_update_rounded_first=profile.dora_bnb_update_rounded_first,
-                init=settings.init_lora_weights,
-                lora_bias=settings.lora_bias,
-                autocast=autocast,
-                follow_4bit_compute=profile.adapter_dtype_follows_4bit_compute,
-                warn_no_base_bias=profile.warns_lora_bias_without_base_bias,
-                init_variants=profile.init_variants,
-            ),
+
+    def params_of(r: int, alpha: float, fifo: bool) -> AdapterParams:
+        return AdapterParams(
+            r=r,
+            alpha=alpha,
+            dropout=settings.lora_dropout,
+            use_rslora=settings.use_rslora,
+            use_dora=settings.use_dora,
+            dora_update_rounded_first=profile.dora_bnb_update_rounded_first,
+            init=settings.init_lora_weights,
+            lora_bias=settings.lora_bias,
+            autocast=autocast,
+            follow_4bit_compute=profile.adapter_dtype_follows_4bit_compute,
+            warn_no_base_bias=profile.warns_lora_bias_without_base_bias,
+            init_variants=profile.init_variants,
+            fan_in_fan_out=fifo,
         )
-        model.set_submodule(target.name, layer)
+
+    shared_flag, deferred = [fan_in_fan_out], []
+    unmatched = _inject_modules(model, settings, profile, saved_guard, resolved, params_of, shared_flag, deferred)
+    fan_in_fan_out = shared_flag[0]
+    wrapped: list[str] = []
+    if settings.target_parameters:
+        wrapped = inject_parameters(
+            model, settings.target_parameters,
+            lambda key: params_of(pattern_value(key, settings.rank_pattern, settings.r),
+                                  pattern_value(key, settings.alpha_pattern, settings.lora_alpha), fan_in_fan_out),
+            (LoraLinear, LoraEmbedding))
+        if unmatched is not None and not wrapped:
+            raise unmatched
+        if unmatched is not None and resolved:
+            warn("target_modules_unmatched", f"target_modules={settings.target_modules!r} were set but no module "
+                                             "was matched")
+        elif not wrapped:
+            warn("target_parameters_unmatched", f"target_parameters={sorted(settings.target_parameters)} were set "
+                                                "but no parameter was matched")
+    elif unmatched is not None:
+        raise unmatched
+    for args in deferred:
+        warn_unused(*args[:3], args[3] + wrapped)
+    if not deferred and wrapped:  # parameters alone: no module walk counted excludes
+        warn_unused(settings, profile, None, wrapped)
     _mark_trainable(model, settings.bias, profile.bias_all_substring)
     _arrange_input_grads_for_checkpointing(model)
     _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora,
@@ -162,3 +223,4 @@ def prepare_wrapped(
     if settings.inference_mode:
         _freeze_for_inference(model)
     return model, wrapper_of(settings, stored_config(settings, stored_targets, fan_in_fan_out), ADAPTER)
+

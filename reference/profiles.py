@@ -153,7 +153,7 @@ class Profile:
     e.g. DeBERTa's ``q_bias``, t5's ``relative_attention_bias.weight``: observed on 0.15.2,
     0.18.1 and 0.19.0, in 0.16.0 - 0.20.0's source); peft 0.21 (PR #3490, "Refactor state dict
     handling") trains only names that are or end with ``.bias``."""
-    features: tuple[str, ...] = ("use_dora", "inference_mode", "trainable_token_indices")
+    features: tuple[str, ...] = ("use_dora", "inference_mode", "trainable_token_indices", "target_parameters")
     """The ``LoraConfig`` features beyond the base fields that this era has and the reference
     models: the strategies draw only these, and the run header lists them."""
     init_variants: tuple[str, ...] = ("olora", "pissa", "orthogonal")
@@ -163,6 +163,10 @@ class Profile:
     dora_bnb_update_rounded_first: bool = False
     """A bitsandbytes layer rounds its DoRA update to the base output's dtype before adding it,
     as it does a plain LoRA update (peft 0.15); peft 0.16's LoRA variants round the sum once."""
+    moe_conversion: bool = True
+    """With transformers 5, the targets of a fused-expert MoE model are converted to keep their
+    transformers-4 meaning: expert projections and the router become ``target_parameters``
+    (``reference.params``; peft >= 0.19, where 0.19.0 splits a string target: registered)."""
     merge_unties_diverged_embeddings: bool = True
     """``merge_and_unload`` on a model whose config says its embeddings are tied, but whose
     output embedding no longer shares the input embedding's weight (a trained modules_to_save
@@ -192,6 +196,8 @@ _SEED = Profile(
     merge_unties_diverged_embeddings=False,
     dora_bnb_update_rounded_first=True,
     init_variants=("olora", "pissa"),
+    features=("use_dora", "inference_mode", "trainable_token_indices"),
+    moe_conversion=False,
 )
 # peft 0.16.0: SEQ_CLS heads guarded before targeting,
 # modules_to_save over a LoRA layer is a TypeError, new default-target
@@ -199,24 +205,31 @@ _SEED = Profile(
 _PEFT_0_16 = dataclasses.replace(
     _SEED,
     name="peft-0.16",
-    peft=">=0.16,<0.18",
-    description="peft 0.16 - 0.17",
+    peft=">=0.16,<0.17",
+    description="peft 0.16",
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_16),
     guarded_task_heads=("SEQ_CLS", "TOKEN_CLS"),
     saved_guard_counts_as_excluded=True,
     saved_module_may_be_lora=False,
     dora_bnb_update_rounded_first=False,
 )
-# peft 0.18.0 (and 0.17 before it): init_lora_weights="orthogonal".
+# peft 0.17.0: target_parameters (ParamWrapper, fused MoE experts); init_lora_weights="orthogonal".
+_PEFT_0_17 = dataclasses.replace(
+    _PEFT_0_16,
+    name="peft-0.17",
+    peft=">=0.17,<0.18",
+    description="peft 0.17",
+    features=Profile.features,
+    init_variants=("olora", "pissa", "orthogonal"),
+)
 # peft 0.18.0: the "lora_bias=True but the targeted layer has no bias" warning; rwkv defaults.
 _PEFT_0_18 = dataclasses.replace(
-    _PEFT_0_16,
+    _PEFT_0_17,
     name="peft-0.18",
     peft=">=0.18,<0.19",
     description="peft 0.18",
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_18),
     warns_lora_bias_without_base_bias=True,
-    init_variants=("olora", "pissa", "orthogonal"),
 )
 # peft 0.19.0: LoRA layers are built from the LoraConfig, so an Embedding layer records the
 # shared fan_in_fan_out flag (0.18 dropped it from the embedding kwargs: observed False);
@@ -233,6 +246,7 @@ _PEFT_0_19 = dataclasses.replace(
     embedding_keeps_fan_in_fan_out=True,
     adapter_dtype_follows_4bit_compute=True,
     merge_unties_diverged_embeddings=True,
+    moe_conversion=True,
 )
 # peft 0.20.0: the layer index is the *first* digit segment after two leading segments (lazy
 # `.*?`; before, the greedy `.*` took the last one, e.g. an MoE expert index instead of the
@@ -261,7 +275,7 @@ _CURRENT = dataclasses.replace(
     layer_pattern_regex=Profile.layer_pattern_regex,
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (_SEED, _PEFT_0_16, _PEFT_0_18, _PEFT_0_19, _PEFT_0_20, _CURRENT)}
+PROFILES: dict[str, Profile] = {p.name: p for p in (_SEED, _PEFT_0_16, _PEFT_0_17, _PEFT_0_18, _PEFT_0_19, _PEFT_0_20, _CURRENT)}
 
 _NEWEST = "current"
 _NEWEST_KNOWN_PEFT = (0, 21)

@@ -129,6 +129,9 @@ class AdapterSpec:
     trainable_token_indices: Any = ABSENT
     """A tuple of embedding row indices that train (list form: the input embedding and the
     modules tied to it; ``reference.tokens``)."""
+    target_parameters: Any = ABSENT
+    """A tuple of parameter names (``<module>.<parameter>``, exact or dotted suffix) that get
+    parameter-level LoRA, e.g. fused MoE experts (``reference.params``)."""
 
     def given(self) -> dict[str, Any]:
         """The fields that are passed, converted to ``LoraConfig`` argument types."""

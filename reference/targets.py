@@ -27,7 +27,8 @@ from reference.errors import NoDefaultTargets, NoTargetMatched
 from reference.notices import warn
 from reference.profiles import Profile
 
-__all__ = ["Target", "effective_targets", "is_linear_like", "is_saved", "iter_targets", "match_names", "pattern_value"]
+__all__ = ["Target", "effective_targets", "is_linear_like", "is_saved", "iter_targets", "match_names", "pattern_value",
+           "warn_unused"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -144,13 +145,14 @@ class Target:
 
 def iter_targets(
     model: nn.Module, settings: LoraSettings, profile: Profile, saved_names: Iterable[str] = (),
-    targets: object = None,
+    targets: object = None, deferred: list | None = None,
 ) -> Iterator[Target]:
     """The modules to wrap, lazily in ``named_modules`` order (so errors surface in that order).
 
     ``targets`` are the effective targets when the caller resolved them already.  Raises
-    :class:`NoTargetMatched` at the end when none matched.
-    """
+    :class:`NoTargetMatched` at the end when none matched.  With ``deferred``, the unused-option
+    warnings are not given but their arguments appended (for :func:`warn_unused`, once parameter
+    targets are known too)."""
     targets = effective_targets(model, settings, profile) if targets is None else targets
     saved_names = tuple(saved_names)
     found = False
@@ -187,12 +189,17 @@ def iter_targets(
             f"layers_to_transform={settings.layers_to_transform!r}) matched no module of the model",
             kind,
         )
-    _warn_unused(settings, profile, excluded, chosen)
+    if deferred is not None:
+        deferred.append((settings, profile, excluded, chosen))
+    else:
+        warn_unused(settings, profile, excluded, chosen)
 
 
-def _warn_unused(settings: LoraSettings, profile: Profile, excluded: int, chosen: list[str]) -> None:
-    """Options that had no effect are reported, not silently dropped."""
-    if settings.exclude_modules and not excluded:
+def warn_unused(settings: LoraSettings, profile: Profile, excluded: int | None, chosen: list[str]) -> None:
+    """Options that had no effect are reported, not silently dropped.  ``chosen`` holds the
+    targeted modules' names and the targeted parameters' keys: a rank or alpha pattern that
+    reaches either is used."""
+    if settings.exclude_modules and excluded == 0:
         warn("exclude_unused", f"exclude_modules={settings.exclude_modules!r} excluded nothing")
     if not profile.warns_unused_patterns:
         return

@@ -28,8 +28,8 @@ from transformers import (
     DebertaV2Config, ElectraConfig, FalconConfig, Gemma2Config, Gemma3TextConfig,
     GemmaConfig, GlmConfig, GPT2Config, GPTBigCodeConfig, GPTJConfig, GPTNeoConfig,
     GPTNeoXConfig, GraniteConfig, LayoutLMConfig, LlamaConfig, MistralConfig, MixtralConfig,
-    MT5Config, Olmo2Config, OlmoConfig, OPTConfig, PersimmonConfig, Phi3Config, PhiConfig,
-    PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig, RobertaConfig,
+    MT5Config, Olmo2Config, OlmoConfig, OlmoeConfig, OPTConfig, PersimmonConfig, Phi3Config, PhiConfig,
+    PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, RobertaConfig,
     StableLmConfig, Starcoder2Config, T5Config, XLMRobertaConfig,
 )
 
@@ -325,6 +325,12 @@ _ENTRIES = [
     _e("qwen3_moe", _llama_like(Qwen3MoeConfig, num_key_value_heads=None, head_dim=HEAD_DIM,
                                 num_experts=2, num_experts_per_tok=2, moe_intermediate_size=128),
        _DEC3, "layers", _ATTN, ("embed_tokens",)),
+    # qwen2_moe: a shared expert (plain Linear layers) beside the routed ones; its gate is 1 wide
+    _e("qwen2_moe", _llama_like(Qwen2MoeConfig, num_key_value_heads=None, num_experts=2, num_experts_per_tok=2,
+                                moe_intermediate_size=128, shared_expert_intermediate_size=128),
+       _DEC3, "layers", _ATTN, ("embed_tokens",)),
+    _e("olmoe", _llama_like(OlmoeConfig, num_key_value_heads=None, num_experts=2, num_experts_per_tok=2),
+       ("CAUSAL_LM",), "layers", _ATTN, ("embed_tokens",)),
     _e("stablelm", _llama_like(StableLmConfig, num_key_value_heads=None, hidden_dropout=0.0),
        _DEC3, "layers", _LLAMA, ("embed_tokens",)),
     _e("phi", _llama_like(PhiConfig, num_key_value_heads=None, resid_pdrop=0.0, embd_pdrop=0.0),

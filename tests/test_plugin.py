@@ -31,7 +31,7 @@ def suite(pytester: pytest.Pytester) -> pytest.Pytester:
         (["--conformance-level", "x"], "--conformance-level='x' is not one of peft, trl, all"),
         (["--conformance-device", "tpu"], "--conformance-device='tpu' is not one of auto, cpu, cuda"),
         (["--conformance-examples", "0"], "--conformance-examples='0' must be a positive integer"),
-        (["--conformance-profile", "nope"], "--conformance-profile='nope' is not one of seed, peft-0.16, peft-0.18, peft-0.19, peft-0.20, current"),
+        (["--conformance-profile", "nope"], "--conformance-profile='nope' is not one of seed, peft-0.16, peft-0.17, peft-0.18, peft-0.19, peft-0.20, current"),
         (["--conformance-quant", "2bit"], "--conformance-quant='2bit': expected a comma-separated subset of none, 8bit, 4bit"),
     ],
 )

@@ -13,7 +13,7 @@ from reference.trl import TRL_FLOWS, select_trl_flow, trl_selection_note
 # Every peft and trl release from the seed era on (peft 0.15+, trl 0.19+), as published on PyPI.
 PEFT_RELEASES = {
     "0.15.0": "seed", "0.15.1": "seed", "0.15.2": "seed",
-    "0.16.0": "peft-0.16", "0.17.0": "peft-0.16", "0.17.1": "peft-0.16",
+    "0.16.0": "peft-0.16", "0.17.0": "peft-0.17", "0.17.1": "peft-0.17",
     "0.18.0": "peft-0.18", "0.18.1": "peft-0.18",
     "0.19.0": "peft-0.19", "0.19.1": "peft-0.19",
     "0.20.0": "peft-0.20",

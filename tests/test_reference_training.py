@@ -230,7 +230,7 @@ def test_select_profile_warns_for_a_newer_peft():
 def test_select_profile_by_name():
     assert select_profile("seed", versions={"peft": "0.21.2"}) is PROFILES["seed"]
     assert select_profile("current", versions={"peft": "0.15.0"}) is PROFILES["current"]
-    with pytest.raises(ValueError, match="profile='bogus' is not one of seed, peft-0.16, peft-0.18, peft-0.19, peft-0.20, current"):
+    with pytest.raises(ValueError, match="profile='bogus' is not one of seed, peft-0.16, peft-0.17, peft-0.18, peft-0.19, peft-0.20, current"):
         select_profile("bogus")
 
 

@@ -12,7 +12,6 @@ it reaches.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Callable
 
@@ -24,7 +23,6 @@ from reference.errors import PreparationError
 from reference.peft_model import CLASSIFIER_NAMES, stored_config
 from reference.prepare import is_bias_for_all
 from reference.profiles import Profile
-from reference.rules import scaling
 from reference.spec import ABSENT, Case
 from reference.targets import is_saved, iter_targets, match_names
 from strategies.inits import init_variant
@@ -273,6 +271,8 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "scaled_input_embedding": lambda ctx: getattr(ctx.model.get_input_embeddings(), "embed_scale", None) is not None,
     "bare_parameter_adapters": lambda ctx: bool(ctx.value("feature.trainable_tokens")
                                                 or ctx.value("feature.embedding_targeted")),
+    "moe_converted": lambda ctx: _moe_converted(ctx),
+    "parameter_targets": lambda ctx: bool(_parameter_targets(ctx)[1]),
     "trainable_tokens": lambda ctx: ctx.case.adapter.trainable_token_indices not in (ABSENT, None, ()),
     "conv1d_targeted": lambda ctx: bool(ctx.paths("conv1d_lora_modules")),
     "integer_bnb_weights": _integer_bnb_weights,
@@ -332,55 +332,49 @@ def _widened_targets(ctx: CaseContext) -> frozenset[str]:
     return frozenset(out)
 
 
-def _moved_base_params(ctx: CaseContext) -> frozenset[str]:
-    """Parameters upstream moved under a wrapper's ``base_layer`` where the reference left them
-    in place, unchanged otherwise (same shape, dtype, trainability, class, value): the upstream
-    path and the reference's.  A moved parameter whose facts changed does not count."""
-    ref, up = ctx.reference, ctx.upstream
-    if ref is None or up is None:
+def _parameter_targets(ctx: CaseContext) -> tuple[set[str], set[str]]:
+    """(module names, parameter keys) the reference's prepared model put LoRA on."""
+    modules, keys = set(), set()
+    for m in (ctx.reference.lora if ctx.reference is not None else ()):
+        if m.kind.startswith("parameter:"):
+            keys.add(re.sub(r"(\.base_layer)+$", "", m.path) + "." + m.kind.split(":", 1)[1])
+        else:
+            modules.add(m.path)
+    return modules, keys
+
+
+def _pattern_kinds_on_parameters_only(ctx: CaseContext) -> frozenset[str]:
+    """``rank_pattern`` / ``alpha_pattern`` when one of its keys (as the reference stored them)
+    reaches a targeted parameter and no targeted module."""
+    snap = ctx.reference
+    if snap is None or snap.peft is None:
         return frozenset()
-    ref_params = {p.path: p for p in ref.params}
-    up_paths = {p.path for p in up.params}
-    # trl 0.22 - 0.26 merge a passed-in adapter first: parameter-level LoRA (not modelled) then
-    # changed those weights' values upstream alone, so only their value is set aside there.
-    merged = ctx.case.training.peft_model_in and ctx.case.training.peft_config_too
-    skip = ("path", "value") if merged else ("path",)
+    modules, keys = _parameter_targets(ctx)
+    config = dict(snap.peft.adapter_config)
     out = set()
-    for p in up.params:
-        if ".base_layer." not in p.path or p.path in ref_params:
-            continue
-        origin = re.sub(r"(\.base_layer)+\.", ".", p.path)
-        if origin in ref_params and origin not in up_paths and _without(ref_params[origin], skip) == _without(p, skip):
-            out |= {p.path, origin}
+    for kind in ("rank_pattern", "alpha_pattern"):
+        for key, _ in config.get(kind) or ():
+            on_params = any(re.match(rf"(.*\.)?({key})$", n) for n in keys)
+            if on_params and not any(re.match(rf"(.*\.)?({key})$", n) for n in modules):
+                out.add(kind)
     return frozenset(out)
 
 
-def _consistent_upstream_lora(ctx: CaseContext) -> frozenset[str]:
-    """LoRA modules only upstream has whose adapters are internally consistent: the scaling is
-    ``reference.rules.scaling`` of the module's own r and alpha (plain or rsLoRA, as the case
-    asks), the factors are trainable (frozen under ``inference_mode``), and A's rows and B's columns agree in a multiple of r (one
-    rank-r block per expert for parameter-level LoRA); with their LoRA parameter paths.
-    (What the reference cannot compare yet, it still checks for sense.)"""
-    ref, up = ctx.reference, ctx.upstream
-    if ref is None or up is None:
-        return frozenset()
-    rslora = ctx.case.adapter.use_rslora is True
-    trains = ctx.case.adapter.inference_mode is not True
-    ref_paths = {m.path for m in ref.lora}
-    up_params = {p.path: p for p in up.params}
-    out = set()
-    for m in up.lora:
-        if m.path in ref_paths:
-            continue
-        params = {path: f for path, f in up_params.items()
-                  if path.startswith(m.path + ".") and re.search(r"\.lora_(A|B)\.", path[len(m.path):])}
-        ok = bool(m.adapters) and all(
-            math.isclose(a.scaling, scaling(a.alpha, a.r, rslora)) and a.a_shape[0] == a.b_shape[-1]
-            and a.a_shape[0] % a.r == 0  # parameter-level LoRA stacks one rank-r factor per expert
-            for _, a in m.adapters) and params and all(f.requires_grad == trains for f in params.values())
-        if ok:
-            out |= {m.path, *params}
-    return frozenset(out)
+def _moe_converted(ctx: CaseContext) -> bool:
+    """The reference converted the case's targets for fused experts (``reference.params``)."""
+    from reference.params import convert_moe_targets
+    from reference.targets import effective_targets
+
+    settings = _settings(ctx)
+    if settings is None or not ctx.profile.moe_conversion:
+        return False
+    try:
+        resolved = effective_targets(ctx.model, settings, ctx.profile)
+        return convert_moe_targets(ctx.model, resolved, settings.r, settings.lora_alpha, settings.rank_pattern,
+                                   settings.alpha_pattern,
+                                   resolved if settings.target_modules == "all-linear" else None) is not None
+    except PreparationError as exc:
+        return exc.kind == "moe_fused_half"
 
 
 def _targets_inside_saved(ctx: CaseContext) -> frozenset[str]:
@@ -426,8 +420,7 @@ SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "bnb_lora_modules": _bnb_lora_modules,
     "conv1d_lora_modules": _conv1d_lora_modules,
     "widened_targets": _widened_targets,
-    "moved_base_params": _moved_base_params,
-    "consistent_upstream_lora": _consistent_upstream_lora,
+    "pattern_kinds_on_parameters_only": _pattern_kinds_on_parameters_only,
     "targets_inside_saved": _targets_inside_saved,
     "resolved_config_fields": _resolved_config_fields,
 }

@@ -278,6 +278,29 @@ def _features(base: nn.Module) -> tuple[int, int]:
     return int(getattr(base, "in_features", -1)), int(getattr(base, "out_features", -1))
 
 
+def _param_host(module: nn.Module) -> nn.Module:
+    """The module that owns the parameter a (possibly nested) parameter-level LoRA layer wraps."""
+    host = module.base_layer
+    while getattr(host, "parameter_name", None) is not None and hasattr(host, "base_layer"):
+        host = host.base_layer
+    return host
+
+
+def _param_features(module: nn.Module) -> tuple[int, int]:
+    return int(getattr(module, "in_features", -1)), int(getattr(module, "out_features", -1))
+
+
+def _host_facts(module: nn.Module) -> tuple[tuple[str, Any], ...]:
+    host = _param_host(module)
+    param = getattr(host, module.parameter_name, None)
+    return (
+        ("host", type(host).__name__),
+        ("num_experts", int(getattr(module, "num_experts", 1))),
+        ("shape", tuple(param.shape) if param is not None else ()),
+        ("dtype", _dtype(param.dtype) if param is not None else "none"),
+    )
+
+
 def _zero(t: torch.Tensor) -> str:
     return "zero" if not bool(t.detach().float().abs().sum()) else "nonzero"
 
@@ -417,15 +440,19 @@ def snapshot_of(
         if _is_lora_layer(module):
             base = module.base_layer
             fifo = bool(getattr(module, "fan_in_fan_out", False))
-            in_f, out_f = _features(base)
+            parameter = getattr(module, "parameter_name", None)
+            if parameter is not None:  # parameter-level LoRA: described by the parameter it wraps
+                kind, (in_f, out_f), base_facts = f"parameter:{parameter}", _param_features(module), _host_facts(module)
+            else:
+                kind, (in_f, out_f), base_facts = _base_kind(base, fifo), _features(base), _base_facts(base)
             lora.append(
                 LoraModuleFacts(
                     path=path,
-                    kind=_base_kind(base, fifo),
+                    kind=kind,
                     in_features=in_f,
                     out_features=out_f,
                     fan_in_fan_out=fifo,
-                    base=_base_facts(base),
+                    base=base_facts,
                     adapters=tuple((n, _adapter_facts(module, n)) for n in _adapter_names(module)),
                 )
             )

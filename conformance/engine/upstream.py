@@ -227,6 +227,11 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("seq2seq_generation_kwargs_missing", r"_prepare_encoder_decoder_kwargs_for_generation"),
     # peft >= 0.17's parameter-level LoRA (target_parameters) rejects some options.
     ("param_wrapper_unsupported", r"lora\.ParamWrapper does not work with"),
+    ("param_on_lora_module", r"Trying to wrap an `nn\.Parameter` of layer"),
+    ("param_on_top_module", r"Targeting an nn\.Parameter on the top-level module"),
+    ("target_parameters_str", r"`target_parameters` must be a list of strings or None"),
+    # transformers 5's MoE config conversion: one half of a fused pair of projections named alone
+    ("moe_fused_half", r"Cannot convert PEFT target\(s\) .* without also targeting"),
 )
 
 
@@ -240,6 +245,8 @@ _WARNING_KINDS: tuple[tuple[str, str], ...] = (
     ("alpha_pattern_unused", r"alpha_pattern keys did not match any targeted module"),
     ("lora_bias_without_base_bias", r"`lora_bias=True` was passed but the targeted layer of type .* has no bias"),
     ("embeddings_untied_after_merge", r"Input and output embeddings are no longer tied after merging"),
+    ("target_modules_unmatched", r"target_modules=.* were set but no module was matched"),
+    ("target_parameters_unmatched", r"target_parameters=.* were set but no parameter was matched"),
 )
 
 
