@@ -16,7 +16,7 @@ left there to wrap, so LoRA targets the *parameters* (peft >= 0.17, ``target_par
   a 2-D one (out, in) with one expert;
 * during the forward the parameter reads ``W + scaling * B_e @ A_e`` per expert ``e``, where
   ``A_e`` is rows ``e*r .. e*r + r`` of A and ``B_e`` the columns ``e, e + experts, ...`` of B (the
-  checkpoint layout peft writes);
+  checkpoint layout peft writes), folded in the parameter's dtype (:meth:`LoraParam.effective`);
 * it refuses dropout, ``fan_in_fan_out``, ``lora_bias`` and DoRA (a ValueError), in that order,
   and the init variants that decompose a weight (the reference's own ValueError: peft crashes,
   registered).
@@ -220,19 +220,39 @@ class LoraParam(nn.Module):
         if name not in self.active_adapters:
             self.active_adapters.append(name)
 
-    def delta(self, name: str) -> torch.Tensor:
-        """``scaling * B_e @ A_e`` for every expert, shaped like the parameter, in its dtype."""
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lhs, rhs) per expert, with ``lhs @ rhs`` laid out like the parameter: (B_e, A_e), or
+        (A_e^T, B_e^T) for a transposed (experts, in, out) parameter."""
         a, b, e = self.lora_A[name].weight, self.lora_B[name].weight, self.num_experts
+        a_e = a.reshape(e, -1, a.shape[-1])  # (experts, r, in)
+        b_e = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (experts, out, r)
+        return (a_e.transpose(-2, -1), b_e.transpose(-2, -1)) if self.transposed else (b_e, a_e)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """``scaling * B_e @ A_e`` for every expert, shaped like the parameter, in its dtype (a 2-D
+        parameter's product is taken in fp32 where the factors are half precision)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
         param = self.param()
-        if e == 1 and param.dim() == 2:
+        if self.num_experts == 1 and param.dim() == 2:
             d = b.float() @ a.float() if a.dtype in (torch.float16, torch.bfloat16) else b @ a
         else:
-            a_e = a.reshape(e, -1, a.shape[-1])  # (experts, r, in)
-            b_e = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (experts, out, r)
-            d = b_e @ a_e  # (experts, out, in)
-            if self.transposed:
-                d = d.transpose(-2, -1)
+            lhs, rhs = self.factors(name)
+            d = lhs @ rhs
         return (d * self.scaling[name]).to(param.dtype)
+
+    def effective(self, original: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """What the module computes with: one adapter on a stack of experts is folded in by a
+        single batched multiply-add in the parameter's dtype (factors cast to it, no autocast);
+        otherwise the deltas are added."""
+        if len(active) == 1 and self.num_experts > 1:
+            lhs, rhs = self.factors(active[0])
+            with torch.autocast(device_type=original.device.type, enabled=False):
+                return torch.baddbmm(original, lhs.to(original.dtype), rhs.to(original.dtype),
+                                     alpha=self.scaling[active[0]])
+        value = original
+        for name in active:
+            value = value + self.delta(name)
+        return value
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         host, pname = self.host(), self.parameter_name
@@ -240,9 +260,7 @@ class LoraParam(nn.Module):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         original = host._parameters[pname]
-        value = original
-        for name in active:
-            value = value + self.delta(name)
+        value = self.effective(original, active)
         del host._parameters[pname]
         setattr(host, pname, value)
         try:

@@ -29,6 +29,7 @@ from hypothesis.strategies import SearchStrategy
 from reference.profiles import Profile, select_profile
 from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies.targets import TARGET_KINDS, layer_one_exclude, matching_regexes, near_miss_targets, near_misses
+from strategies.params import PARAMS_INVALID_KINDS, fused_types, has_parameters, with_parameters
 from strategies.tokens import TOKENS_INVALID_KINDS, has_tokens, with_tokens
 from strategies.inits import INIT_INVALID_KINDS, init_values, init_variant, invalid_kind_possible, keeps_pinned_init
 from strategies.validation import check_kinds, check_rate
@@ -68,6 +69,7 @@ INVALID_KINDS = (
     "dora_with_lora_bias",
     *INIT_INVALID_KINDS,
     *TOKENS_INVALID_KINDS,
+    *PARAMS_INVALID_KINDS,
 )
 # Which target kinds each invalid kind is built with (so that a pinned cell stays that cell).
 _INVALID_TARGET_KINDS = {
@@ -87,6 +89,7 @@ _INVALID_TARGET_KINDS = {
     "pissa_on_quantized": ("all-linear", "default"),
     "orthogonal_odd_rank": ("all-linear", "default"),
     "token_index_out_of_range": TARGET_KINDS,
+    "param_wrapper_option": ("list", "regex", "all-linear"),
 }
 # Invalid kinds built with lora_bias=True: with DoRA pinned, the DoRA check would reject them first.
 _NEED_LORA_BIAS_ALONE = ("lora_bias_on_embedding",)
@@ -105,7 +108,8 @@ def _rejects_peft_model_with_config() -> bool:
 
 def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, profile: Profile,
                              dora: bool | None = None, *, quantized: bool | None = None,
-                             init: str | None = None, tokens: bool = False) -> tuple[str, ...]:
+                             init: str | None = None, tokens: bool = False, parameters: bool = False
+                             ) -> tuple[str, ...]:
     """The invalid kinds that can be built for this model, level and target kind, alone
     (``dora`` True: with ``use_dora`` pinned on; ``quantized``: the case's quantization, None
     unknown; ``init``: a pinned init variant)."""
@@ -135,6 +139,11 @@ def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, pro
             continue
         if kind in TOKENS_INVALID_KINDS and "trainable_token_indices" not in profile.features:
             continue
+        if kind in PARAMS_INVALID_KINDS and (model.model_type not in fused_types() or dora or init is not None
+                                             or "target_parameters" not in profile.features):
+            continue
+        if parameters and kind == "peft_model_with_config":
+            continue  # a parameters cell has no passed-in PeftModel
         if tokens and kind in ("peft_model_with_config", "dora_with_lora_bias"):
             continue  # a tokens cell has no passed-in PeftModel and no DoRA
         out.append(kind)
@@ -405,13 +414,15 @@ def cases(
     dora: bool | None = None,
     init: str | None = None,
     tokens: bool = False,
+    parameters: bool = False,
 ) -> Case:
     """A whole case; about ``invalid_rate`` of them deliberately invalid (one rule broken).
 
     ``model_types``, ``quant_kinds``, ``target_kinds`` and ``tasks`` restrict the cell the
     case is drawn in; ``dora`` True pins ``use_dora`` (a DoRA cell), ``init`` an
     ``init_lora_weights`` variant (an init cell: ``strategies.inits``), ``tokens`` True trainable
-    token rows (a tokens cell: ``strategies.tokens``).  ``inference_mode`` is
+    token rows (a tokens cell: ``strategies.tokens``), ``parameters`` True parameter targets on a
+    fused-expert type (a parameters cell: ``strategies.params``).  ``inference_mode`` is
     drawn at the peft level only (a trainer is given a config to train).  A passed-in PeftModel
     carries no DoRA adapter (the trained values of ``reference.trained`` leave magnitudes at
     their initial norms, and a merge of them is not modelled bit for bit): such a draw drops
@@ -443,15 +454,17 @@ def cases(
     if forced or draw(st.sampled_from((False,) * (40 - slots) + (True,) * slots), label="invalid_roll"):
         if kind is not None:
             possible = compatible_invalid_kinds(model, level, kind, profile, dora, quantized=quant.quantized, init=init,
-                                                tokens=tokens)
+                                                tokens=tokens, parameters=parameters)
         else:
             possible = tuple(dict.fromkeys(
                 k for tk in TARGET_KINDS
                 for k in compatible_invalid_kinds(model, level, tk, profile, dora, quantized=quant.quantized, init=init,
-                                                  tokens=tokens)))
+                                                  tokens=tokens, parameters=parameters)))
         invalid = draw(st.sampled_from(possible), label="invalid_kind")
     adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind, dora=dora, init=init))
     adapter = draw(with_tokens(adapter, ZOO[model.model_type], profile, pinned=tokens, invalid=invalid))
+    adapter = draw(with_parameters(adapter, model, profile, pinned=parameters, invalid=invalid, keep_dora=dora is True,
+                                   keep_init=init is not None))
     if quant.quantized and adapter.init_lora_weights == "pissa" and invalid != "pissa_on_quantized":
         adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)  # PiSSA refuses a quantized base
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
@@ -469,6 +482,11 @@ def cases(
             training = dataclasses.replace(training, peft_model_in=False, peft_config_too=False)
         else:
             adapter = dataclasses.replace(adapter, trainable_token_indices=ABSENT)
+    if training.peft_model_in and has_parameters(adapter):
+        if (parameters or invalid in PARAMS_INVALID_KINDS) and invalid != "peft_model_with_config":
+            training = dataclasses.replace(training, peft_model_in=False, peft_config_too=False)
+        else:
+            adapter = dataclasses.replace(adapter, target_parameters=ABSENT)
     if training.peft_model_in and adapter.use_dora is True:
         if dora or invalid == "dora_with_lora_bias":
             training = dataclasses.replace(training, peft_model_in=False, peft_config_too=False)

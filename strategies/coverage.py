@@ -14,6 +14,10 @@ per level, the few cells that together reach every value pair of the coverage
   feature, one per quantization
   kind and target kind at the peft level, one per quantization kind at the trl level, the
   model types rotating over the zoo;
+* both levels: ``parameters`` (``target_parameters`` pinned) on the fused-expert types only: at
+  the peft level one cell per fused type and quantization kind (target kinds list, all-linear,
+  regex rotating), at the trl level one per quantization kind; the dimension
+  ``parameter_targets x model_type`` asks for every fused type with parameter targets;
 * peft level: init variant x quantization kind, where the variant is one of the profile's
   ``init_lora_weights`` variants (``olora``, ``pissa``, ``orthogonal``; ``default`` for the
   rest): extra cells pin each variant, one per quantization kind it accepts (PiSSA refuses a
@@ -38,9 +42,10 @@ __all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_fea
            "expected_cells", "init_quant_kinds"]
 
 QUANT_KINDS = ("none", "8bit", "4bit")
-ADAPTER_FEATURES = ("lora", "dora", "tokens")
+ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters")
 """The adapter features a cell may pin: ``lora`` leaves them to the draw (its first example is
-plain LoRA), ``dora`` pins ``use_dora=True``, ``tokens`` pins ``trainable_token_indices``."""
+plain LoRA), ``dora`` pins ``use_dora=True``, ``tokens`` pins ``trainable_token_indices``,
+``parameters`` pins ``target_parameters`` (on the fused-expert types only: ``strategies.params``)."""
 
 DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peft: model_type x quantization": ("peft", ("model_type", "quantization")),
@@ -50,6 +55,7 @@ DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peft: adapter_feature x quantization": ("peft", ("adapter_feature", "quantization")),
     "trl: adapter_feature x quantization": ("trl", ("adapter_feature", "quantization")),
     "peft: init_variant x quantization": ("peft", ("init_variant", "quantization")),
+    "peft: parameter_targets x model_type": ("peft", ("parameter_targets", "model_type")),
 }
 """Each coverage dimension: the level it is measured at and the case features it pairs."""
 
@@ -67,6 +73,11 @@ class Cell:
     """One of :data:`ADAPTER_FEATURES`."""
     init_variant: str = "default"
     """``default`` (drawn freely) or an ``init_lora_weights`` variant the cell pins."""
+
+    @property
+    def parameter_targets(self) -> str:
+        """``given`` where the cell pins ``target_parameters``, else ``-``."""
+        return "given" if self.adapter_feature == "parameters" else "-"
 
     @property
     def id(self) -> str:
@@ -96,11 +107,15 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
                 out.append(Cell("peft", model_type, quants[(row + index) % len(quants)],
                                 TARGET_KINDS[row % len(TARGET_KINDS)], tasks[row % len(tasks)]))
         types = _with_defaults(model_types())
-        for feature in ADAPTER_FEATURES[1:]:
+        for feature in ("dora", "tokens"):
             for row, (quant, kind) in enumerate((q, k) for q in quants for k in TARGET_KINDS):
                 model_type = types[(row * 7 + len(feature)) % len(types)]
                 task = tasks_of(model_type)[row % len(tasks_of(model_type))]
                 out.append(Cell("peft", model_type, quant, kind, task, feature))
+        for index, model_type in enumerate(_fused_types()):
+            for row, quant in enumerate(quants):
+                task = tasks_of(model_type)[(row + index) % len(tasks_of(model_type))]
+                out.append(Cell("peft", model_type, quant, _PARAMETER_KINDS[(row + index) % 3], task, "parameters"))
         for v, variant in enumerate(select_profile().init_variants):
             for row, quant in enumerate(q for q in quants if q in init_quant_kinds(variant)):
                 model_type = types[(row * 5 + v * 13 + 3) % len(types)]
@@ -113,13 +128,27 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
             for row, quant in enumerate(quants):
                 out.append(Cell("trl", model_type, quant, TARGET_KINDS[(row + index) % len(TARGET_KINDS)], "CAUSAL_LM"))
         causal = _with_defaults(causal)
-        for feature in ADAPTER_FEATURES[1:]:
+        for feature in ("dora", "tokens"):
             for row, quant in enumerate(quants):
                 model_type = causal[(row * 11 + len(feature)) % len(causal)]
                 out.append(Cell("trl", model_type, quant, TARGET_KINDS[row % len(TARGET_KINDS)], "CAUSAL_LM", feature))
+        fused = _fused_types()
+        for row, quant in enumerate(quants if fused else ()):
+            out.append(Cell("trl", fused[row % len(fused)], quant, _PARAMETER_KINDS[row % 3], "CAUSAL_LM", "parameters"))
     else:
         raise ValueError(f"level={level!r} is not one of peft, trl")
     return tuple(c for c in out if keep is None or keep(c))
+
+
+_PARAMETER_KINDS = ("list", "all-linear", "regex")
+"""The target kinds a parameters cell rotates over (parameters beside default targets are left out)."""
+
+
+def _fused_types() -> tuple[str, ...]:
+    """The fused-expert types a parameters cell pins, where the installed stack has the feature."""
+    from strategies.params import fused_types
+
+    return fused_types() if "target_parameters" in select_profile().features else ()
 
 
 def init_quant_kinds(variant: str) -> tuple[str, ...]:
@@ -147,15 +176,18 @@ def _features(case: Mapping[str, Any]) -> dict[str, str]:
         "task": model.get("task", "CAUSAL_LM"),
         "adapter_feature": adapter_feature(adapter),
         "init_variant": init_variant(adapter.get("init_lora_weights")),
+        "parameter_targets": "given" if adapter.get("target_parameters") else "-",
     }
 
 
 def adapter_feature(adapter: Mapping[str, Any]) -> str:
     """The adapter feature of an ``adapter`` in its JSON form: ``dora`` with ``use_dora``, else
-    ``tokens`` with trainable token rows, else ``lora``."""
+    ``tokens`` with trainable token rows, else ``parameters`` with parameter targets, else ``lora``."""
     if adapter.get("use_dora") is True:
         return "dora"
-    return "tokens" if adapter.get("trainable_token_indices") else "lora"
+    if adapter.get("trainable_token_indices"):
+        return "tokens"
+    return "parameters" if adapter.get("target_parameters") else "lora"
 
 
 def dimension_cells(case: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:

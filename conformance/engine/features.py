@@ -297,9 +297,9 @@ def _without_path(facts: Any) -> tuple:
     return _without(facts, ("path",))
 
 
-def _relative(params: dict[str, Any], prefix: str) -> dict[str, tuple]:
-    """The parameter facts under module ``prefix``, keyed by their path below it."""
-    return {p[len(prefix) + 1:]: _without_path(f) for p, f in params.items() if p.startswith(prefix + ".")}
+def _relative(params: dict[str, Any], prefix: str, skip: tuple[str, ...] = ("path",)) -> dict[str, tuple]:
+    """The parameter facts under module ``prefix`` (less the ``skip`` fields), keyed by their path below it."""
+    return {p[len(prefix) + 1:]: _without(f, skip) for p, f in params.items() if p.startswith(prefix + ".")}
 
 
 def _widened_targets(ctx: CaseContext) -> frozenset[str]:
@@ -319,6 +319,8 @@ def _widened_targets(ctx: CaseContext) -> frozenset[str]:
         return frozenset()
     ref_lora, up_lora = {m.path: m for m in ref.lora}, {m.path: m for m in up.lora}
     ref_params, up_params = {p.path: p for p in ref.params}, {p.path: p for p in up.params}
+    # OLoRA and PiSSA leave each module's own residual in its base weight: values differ per module
+    skip = ("path", "value") if init_variant(ctx.case.adapter.init_lora_weights) in ("olora", "pissa") else ("path",)
     out = set()
     for name, _ in ctx.model.named_modules():
         if not name or name in matched or name.rsplit(".", 1)[-1] not in leaves:
@@ -327,7 +329,7 @@ def _widened_targets(ctx: CaseContext) -> frozenset[str]:
             continue
         siblings = [m for m in matched if m.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1] and m in ref_lora]
         if any(_without_path(ref_lora[s]) == _without_path(up_lora[name])
-               and _relative(ref_params, s) == _relative(up_params, name) for s in siblings):
+               and _relative(ref_params, s, skip) == _relative(up_params, name, skip) for s in siblings):
             out.add(name)
     return frozenset(out)
 
