@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from reference import PROFILES
+from reference import PROFILES, select_profile
 from strategies import ZOO, cases
 from strategies.coverage import DIMENSIONS, cells, dimension_cells, expected_cells
 from strategies.targets import TARGET_KINDS, target_kind
@@ -40,9 +40,8 @@ def test_feature_cells_reach_every_quantization_kind_with_valid_default_targets(
     level, per target kind too), on types every profile has default targets for, so that a
     feature cell is never forced invalid; restricting the quantization kinds keeps them."""
     from reference.profiles import PROFILES
-    from strategies.coverage import ADAPTER_FEATURES
 
-    for feature in ADAPTER_FEATURES[1:]:
+    for feature in ("dora", "tokens"):
         pinned = [c for c in cells(level) if c.adapter_feature == feature]
         wanted = set(itertools.product(QUANTS, TARGET_KINDS)) if level == "peft" else set(QUANTS)
         got = {(c.quantization, c.target_kind) for c in pinned} if level == "peft" else {c.quantization for c in pinned}
@@ -51,6 +50,27 @@ def test_feature_cells_reach_every_quantization_kind_with_valid_default_targets(
         assert all(c.id.endswith(f"-{feature}") for c in pinned)
         only = [c for c in cells(level, quant_kinds=("8bit",)) if c.adapter_feature == feature]
         assert only and {c.quantization for c in only} == {"8bit"}
+
+
+@pytest.mark.parametrize("level", ["peft", "trl"])
+def test_parameter_cells_pin_every_fused_expert_type(level):
+    """``parameters`` cells exist where the stack fuses experts and has target_parameters: at the
+    peft level every fused type meets every quantization kind, at the trl level every kind is met;
+    never with default targets (peft loses them on these types: a registry entry)."""
+    from strategies.coverage import ADAPTER_FEATURES
+    from strategies.params import fused_types
+
+    assert "parameters" in ADAPTER_FEATURES
+    pinned = [c for c in cells(level) if c.adapter_feature == "parameters"]
+    if not fused_types() or "target_parameters" not in select_profile().features:
+        assert pinned == []
+        return
+    if level == "peft":
+        assert {(c.model_type, c.quantization) for c in pinned} == set(itertools.product(fused_types(), QUANTS))
+    else:
+        assert {c.quantization for c in pinned} == set(QUANTS) and {c.model_type for c in pinned} <= set(fused_types())
+    assert {c.target_kind for c in pinned} <= {"list", "regex", "all-linear"}
+    assert all(c.id.endswith("-parameters") and c.parameter_targets == "given" for c in pinned)
 
 
 def test_init_cells_pin_each_variant_with_every_quantization_kind_it_accepts():
@@ -89,9 +109,14 @@ def test_expected_cells_are_the_projections_of_the_cells():
     assert set(expected) == set(DIMENSIONS)
     assert len(expected["peft: model_type x quantization"]) == len(model_types()) * 3
     assert len(expected["trl: model_type x quantization"]) == len(model_types("CAUSAL_LM")) * 3
+    from strategies.params import fused_types
+
+    features = ("dora", "lora", "tokens") + (("parameters",) if fused_types()
+                                              and "target_parameters" in select_profile().features else ())
     for level in ("peft", "trl"):
-        assert expected[f"{level}: adapter_feature x quantization"] == sorted(
-            itertools.product(("dora", "lora", "tokens"), QUANTS))
+        assert expected[f"{level}: adapter_feature x quantization"] == sorted(itertools.product(features, QUANTS))
+    assert {c for c in expected["peft: parameter_targets x model_type"] if c[0] == "given"} == {
+        ("given", t) for t in (fused_types() if "parameters" in features else ())}
     assert set(expected_cells(("trl",))) == {"trl: model_type x quantization", "trl: adapter_feature x quantization"}
 
 
@@ -104,6 +129,7 @@ def test_a_case_falls_in_the_cells_of_its_level():
         "peft: model_type x task": ("gpt2", "SEQ_CLS"),
         "peft: adapter_feature x quantization": ("lora", "8bit"),
         "peft: init_variant x quantization": ("default", "8bit"),
+        "peft: parameter_targets x model_type": ("-", "gpt2"),
     }
     case["adapter"]["init_lora_weights"] = "OLoRA"
     assert dimension_cells(case)["peft: init_variant x quantization"] == ("olora", "8bit")

@@ -283,7 +283,7 @@ def test_stale_scales_entry_names_only_the_stale_norm(monkeypatch):
     assert faulty.status == "diverge" and any(d.field == "numerics.init" for d in faulty.divergences), faulty.divergences
 
 
-def test_expert_parameters_entry_needs_all_linear_on_fused_experts_and_its_message():
+def test_expert_parameters_entry_needs_decomposing_inits_on_fused_experts_and_its_errors():
     entry = "init-variants-crash-on-expert-parameters"
     registry = load_registry(versions={"peft": "0.21.2", "transformers": "5.23.0"})
     assert entry in {e.id for e in registry.active}
@@ -291,12 +291,10 @@ def test_expert_parameters_entry_needs_all_linear_on_fused_experts_and_its_messa
     moe = Case(ModelSpec("qwen3_moe", num_layers=1), QuantSpec(),
                AdapterSpec(target_modules="all-linear", init_lora_weights="olora", task_type="CAUSAL_LM"),
                TrainingSpec(prepare_kbit=False))
-    crash = Divergence("<error>", "raised", "no error",
-                       "AttributeError[other]: AttributeError: 'Qwen3MoeExperts' object has no attribute 'weight'")
+    crash = Divergence("<error>", "error", "ValueError[param_wrapper_init_unsupported]", "AttributeError[other]")
     assert registry.explain(CaseContext(moe), [crash])[0] == []
     for other in (dataclasses.replace(moe, adapter=dataclasses.replace(moe.adapter, init_lora_weights=True)),
-                  dataclasses.replace(moe, adapter=dataclasses.replace(moe.adapter, target_modules=("q_proj",))),
                   dataclasses.replace(moe, model=ModelSpec("llama", num_layers=1))):
         assert registry.explain(CaseContext(other), [crash])[0] == [crash]
-    different = Divergence("<error>", "raised", "no error", "AttributeError[other]: AttributeError: 'X' has no 'bias'")
+    different = Divergence("<error>", "error", "ValueError[param_wrapper_unsupported]", "AttributeError[other]")
     assert registry.explain(CaseContext(moe), [different])[0] == [different]

@@ -116,9 +116,16 @@ MINIMAL = {
         ModelSpec("deberta-v2", "SEQ_CLS", num_layers=2), QuantSpec(kind="8bit", skip_modules=("classifier",)),
         AdapterSpec(r=4, target_modules=("query_proj",), bias="all", task_type="SEQ_CLS"), TrainingSpec(prepare_kbit=True),
     ),
-    # "all-linear" on a fused-expert MoE becomes parameter targeting, which the reference lacks.
-    "moe-experts-as-parameters": Case(
+    # "all-linear" on qwen3_moe: peft's own rank / alpha patterns for the fused gate_up_proj are
+    # reported as unused, though they set the parameters' rank and alpha.
+    "pattern-unused-warning-ignores-parameter-targets": Case(
         ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # "all-linear" on qwen2_moe: no conversion, the routed experts and the router get no LoRA.
+    "moe-conversion-skips-qwen2-moe": Case(
+        ModelSpec("qwen2_moe", "CAUSAL_LM", num_layers=1),
         adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
