@@ -42,6 +42,7 @@ class LoraSettings:
     inference_mode: bool = False
     trainable_token_indices: tuple[int, ...] | None = None
     target_parameters: frozenset[str] | None = None
+    ensure_weight_tying: bool = False
     given_layers: Any = None
     """``layers_to_transform`` as given (an int stays an int): what the stored config holds."""
     given_layers_pattern: Any = None
@@ -125,6 +126,7 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         inference_mode=bool(get("inference_mode")),
         trainable_token_indices=tuple(get("trainable_token_indices")) if get("trainable_token_indices") else None,
         target_parameters=frozenset(params) if params else None,
+        ensure_weight_tying=bool(get("ensure_weight_tying", False)),
         given_layers=layers,
         given_layers_pattern=pattern,
     )

@@ -260,7 +260,8 @@ class LoraEmbedding(_LoraBase):
 class SavedModule(nn.Module):
     """A module trained in full: the frozen original beside one trainable copy per adapter."""
 
-    def __init__(self, original: nn.Module, adapter: str, *, trains: bool = True) -> None:
+    def __init__(self, original: nn.Module, adapter: str, *, trains: bool = True,
+                 trained_copy: nn.Module | None = None) -> None:
         super().__init__()
         self.original_module = original
         for param in original.parameters():
@@ -270,7 +271,8 @@ class SavedModule(nn.Module):
                     f"modules_to_save cannot train a quantized module ({type(original).__name__}); "
                     "keep it unquantized (llm_int8_skip_modules)",
                 )
-        self.modules_to_save = nn.ModuleDict({adapter: copy.deepcopy(original)})
+        # (a tied module's trained copy is given: reference.tying)
+        self.modules_to_save = nn.ModuleDict({adapter: copy.deepcopy(original) if trained_copy is None else trained_copy})
         self.active_adapter = adapter
         for param in original.parameters():
             param.requires_grad = False

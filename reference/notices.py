@@ -19,6 +19,8 @@ KINDS = {
     "alpha_pattern_unused": "an alpha_pattern key matched no targeted module",
     "lora_bias_without_base_bias": "lora_bias=True on a layer without a bias: merging is impossible",
     "embeddings_untied_after_merge": "a merge left the output embedding apart from the input one: the config says untied",
+    "weight_tying_nothing_tied": "ensure_weight_tying=True, but no module is tied to the input embedding",
+    "weight_tying_nothing_asked": "ensure_weight_tying=True, but neither modules_to_save nor the targets name an embedding",
     "target_modules_unmatched": "target_modules matched no module, but target_parameters matched parameters",
     "target_parameters_unmatched": "target_parameters matched no parameter, but target_modules matched modules",
 }

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import torch
+
 from torch import nn
 
 from reference.config import LoraSettings, resolve
 from reference.dispatch import wrap
-from reference.errors import InvalidBias, NoTargetMatched, SavedModuleIsLora
+from reference.errors import InvalidBias, InvalidConfig, NoTargetMatched, SavedModuleIsLora
 from reference.kbit import is_kbit, prepare_for_kbit_training
 from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModule
 from reference.params import convert_moe_targets, inject_parameters
@@ -19,6 +21,7 @@ from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
 from reference.targets import effective_targets, iter_targets, pattern_value, warn_unused
 from reference.tokens import wrap_trainable_tokens
+from reference.tying import TyingPlan, plan_tying, tie_factors, tied_saved_copy
 
 __all__ = ["ADAPTER", "TASK_HEADS", "prepare", "prepare_wrapped"]
 
@@ -109,7 +112,8 @@ def _type_of(model: nn.Module) -> str | None:
 
 
 def _inject_modules(model: nn.Module, settings: LoraSettings, profile: Profile, saved_guard: tuple[str, ...],
-                    resolved: object, params_of, fifo: list[bool], deferred: list) -> NoTargetMatched | None:
+                    resolved: object, params_of, fifo: list[bool], deferred: list,
+                    tied: tuple[str, ...] = ()) -> NoTargetMatched | None:
     """Wrap the module targets; ``fifo`` holds the shared fan_in_fan_out flag, updated in place.
     Returns the "nothing matched" rejection instead of raising it when parameters are targeted
     too (they may still match), else raises it; None when some module matched."""
@@ -117,6 +121,8 @@ def _inject_modules(model: nn.Module, settings: LoraSettings, profile: Profile, 
         return NoTargetMatched("no module targets", "no_target_modules")
     try:
         for target in iter_targets(model, settings, profile, saved_guard, targets=resolved, deferred=deferred):
+            if target.name in tied:
+                continue  # built after the others, tied to the input embedding's adapter (_tie_targets)
             layer, fifo[0] = wrap(target.name, target.module, fifo[0], profile.embedding_keeps_fan_in_fan_out)
             layer.add_adapter(ADAPTER, params_of(target.r, target.alpha, False))
             model.set_submodule(target.name, layer)
@@ -125,6 +131,29 @@ def _inject_modules(model: nn.Module, settings: LoraSettings, profile: Profile, 
             raise
         return exc
     return None
+
+
+def _tie_targets(model: nn.Module, tying: TyingPlan, settings: LoraSettings, profile: Profile, params_of,
+                 fan_in_fan_out: bool) -> bool:
+    """LoRA on each tied module, its factors the input embedding's (``reference.tying``); returns the
+    shared fan_in_fan_out flag."""
+    for key in tying.targets:
+        if isinstance(settings.init_lora_weights, str) and settings.init_lora_weights in profile.init_variants:
+            raise InvalidConfig("weight_tying_init_variant",
+                                f"init_lora_weights={settings.init_lora_weights!r} builds {key!r}'s factors from its own "
+                                "weight: they cannot also be the input embedding's (ensure_weight_tying)")
+        embedding = model.get_input_embeddings()
+        if not hasattr(embedding, "lora_embedding_A"):
+            raise InvalidConfig("weight_tying_without_embedding_lora",
+                                f"ensure_weight_tying ties {key!r} to the input embedding's LoRA, which it has not")
+        layer, fan_in_fan_out = wrap(key, model.get_submodule(key), fan_in_fan_out, profile.embedding_keeps_fan_in_fan_out)
+        layer.add_adapter(ADAPTER, params_of(pattern_value(key, settings.rank_pattern, settings.r),
+                                             pattern_value(key, settings.alpha_pattern, settings.lora_alpha), False))
+        with torch.no_grad():  # the tied layer's A init lands in the embedding's B (one storage)
+            embedding.lora_embedding_B[ADAPTER].copy_(layer.lora_A[ADAPTER].weight.t())
+        tie_factors(layer, embedding, ADAPTER)
+        model.set_submodule(key, layer)
+    return fan_in_fan_out
 
 
 def prepare(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile) -> nn.Module:
@@ -154,6 +183,8 @@ def prepare_wrapped(
         )
     autocast = training.autocast_adapter_dtype
     autocast = profile.autocast_adapter_dtype_default if autocast is ABSENT else bool(autocast)
+    tying = plan_tying(model, settings)
+    settings = tying.settings
 
     fan_in_fan_out = settings.fan_in_fan_out
     if settings.target_modules is None and settings.target_parameters and _type_of(model) not in profile.default_targets:
@@ -191,7 +222,8 @@ def prepare_wrapped(
         )
 
     shared_flag, deferred = [fan_in_fan_out], []
-    unmatched = _inject_modules(model, settings, profile, saved_guard, resolved, params_of, shared_flag, deferred)
+    unmatched = _inject_modules(model, settings, profile, saved_guard, resolved, params_of, shared_flag, deferred,
+                                tying.targets)
     fan_in_fan_out = shared_flag[0]
     wrapped: list[str] = []
     if settings.target_parameters:
@@ -210,14 +242,19 @@ def prepare_wrapped(
                                                 "but no parameter was matched")
     elif unmatched is not None:
         raise unmatched
+    fan_in_fan_out = _tie_targets(model, tying, settings, profile, params_of, fan_in_fan_out)
     for args in deferred:
-        warn_unused(*args[:3], args[3] + wrapped)
+        warn_unused(*args[:3], args[3] + wrapped + list(tying.targets))
     if not deferred and wrapped:  # parameters alone: no module walk counted excludes
         warn_unused(settings, profile, None, wrapped)
     _mark_trainable(model, settings.bias, profile.bias_all_substring)
     _arrange_input_grads_for_checkpointing(model)
     _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora,
                 trains=not settings.inference_mode)
+    for key in tying.saved:  # tied modules to save: their trained copy holds the embedding copy's weight
+        embedding_copy = model.get_input_embeddings().modules_to_save[ADAPTER]
+        model.set_submodule(key, SavedModule(model.get_submodule(key), ADAPTER, trains=not settings.inference_mode,
+                                             trained_copy=tied_saved_copy(embedding_copy)))
     if settings.trainable_token_indices:
         wrap_trainable_tokens(model, settings.trainable_token_indices, ADAPTER, autocast, (LoraLinear, LoraEmbedding))
     if settings.inference_mode:

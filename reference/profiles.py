@@ -108,6 +108,7 @@ class Profile:
                 "use_dora": False,
                 "inference_mode": False,
                 "trainable_token_indices": None,
+                "ensure_weight_tying": False,
                 "init_lora_weights": True,
                 "fan_in_fan_out": False,
                 "lora_bias": False,
@@ -153,7 +154,8 @@ class Profile:
     e.g. DeBERTa's ``q_bias``, t5's ``relative_attention_bias.weight``: observed on 0.15.2,
     0.18.1 and 0.19.0, in 0.16.0 - 0.20.0's source); peft 0.21 (PR #3490, "Refactor state dict
     handling") trains only names that are or end with ``.bias``."""
-    features: tuple[str, ...] = ("use_dora", "inference_mode", "trainable_token_indices", "target_parameters")
+    features: tuple[str, ...] = ("use_dora", "inference_mode", "trainable_token_indices", "target_parameters",
+                                 "ensure_weight_tying")
     """The ``LoraConfig`` features beyond the base fields that this era has and the reference
     models: the strategies draw only these, and the run header lists them."""
     init_variants: tuple[str, ...] = ("olora", "pissa", "orthogonal")
@@ -219,10 +221,11 @@ _PEFT_0_17 = dataclasses.replace(
     name="peft-0.17",
     peft=">=0.17,<0.18",
     description="peft 0.17",
-    features=Profile.features,
+    features=("use_dora", "inference_mode", "trainable_token_indices", "target_parameters"),
     init_variants=("olora", "pissa", "orthogonal"),
 )
-# peft 0.18.0: the "lora_bias=True but the targeted layer has no bias" warning; rwkv defaults.
+# peft 0.18.0: the "lora_bias=True but the targeted layer has no bias" warning; rwkv defaults;
+# ensure_weight_tying (absent from 0.17.1's source, present in 0.18.0's).
 _PEFT_0_18 = dataclasses.replace(
     _PEFT_0_17,
     name="peft-0.18",
@@ -230,6 +233,7 @@ _PEFT_0_18 = dataclasses.replace(
     description="peft 0.18",
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_18),
     warns_lora_bias_without_base_bias=True,
+    features=Profile.features,
 )
 # peft 0.19.0: LoRA layers are built from the LoraConfig, so an Embedding layer records the
 # shared fan_in_fan_out flag (0.18 dropped it from the embedding kwargs: observed False);

@@ -129,6 +129,8 @@ class AdapterSpec:
     trainable_token_indices: Any = ABSENT
     """A tuple of embedding row indices that train (list form: the input embedding and the
     modules tied to it; ``reference.tokens``)."""
+    ensure_weight_tying: Any = ABSENT
+    """Keep the modules tied to the input embedding tied once adapters are added (``reference.tying``)."""
     target_parameters: Any = ABSENT
     """A tuple of parameter names (``<module>.<parameter>``, exact or dotted suffix) that get
     parameter-level LoRA, e.g. fused MoE experts (``reference.params``)."""

@@ -31,6 +31,7 @@ from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec, Trai
 from strategies.targets import TARGET_KINDS, layer_one_exclude, matching_regexes, near_miss_targets, near_misses
 from strategies.params import PARAMS_INVALID_KINDS, fused_types, has_parameters, with_parameters
 from strategies.tokens import TOKENS_INVALID_KINDS, has_tokens, with_tokens
+from strategies.tying import with_tying
 from strategies.inits import INIT_INVALID_KINDS, init_values, init_variant, invalid_kind_possible, keeps_pinned_init
 from strategies.validation import check_kinds, check_rate
 from strategies.zoo import TASKS, ZOO, ZooEntry, tasks_of
@@ -415,6 +416,7 @@ def cases(
     init: str | None = None,
     tokens: bool = False,
     parameters: bool = False,
+    tying: bool = False,
 ) -> Case:
     """A whole case; about ``invalid_rate`` of them deliberately invalid (one rule broken).
 
@@ -422,7 +424,8 @@ def cases(
     case is drawn in; ``dora`` True pins ``use_dora`` (a DoRA cell), ``init`` an
     ``init_lora_weights`` variant (an init cell: ``strategies.inits``), ``tokens`` True trainable
     token rows (a tokens cell: ``strategies.tokens``), ``parameters`` True parameter targets on a
-    fused-expert type (a parameters cell: ``strategies.params``).  ``inference_mode`` is
+    fused-expert type (a parameters cell: ``strategies.params``), ``tying`` True
+    ``ensure_weight_tying`` (a tying cell: ``strategies.tying``).  ``inference_mode`` is
     drawn at the peft level only (a trainer is given a config to train).  A passed-in PeftModel
     carries no DoRA adapter (the trained values of ``reference.trained`` leave magnitudes at
     their initial norms, and a merge of them is not modelled bit for bit): such a draw drops
@@ -445,6 +448,9 @@ def cases(
         # the documented way to keep one trainable is to leave it out of quantization.  One case
         # in ten keeps transformers' own choice, so that the quantized-head rule is checked too.
         quant = dataclasses.replace(quant, skip_modules=CLASSIFIER_HEADS)
+    keep = ZOO[model.model_type].keep_unquantized
+    if quant.quantized and keep:  # (the output head stays unquantized, as transformers' own choice keeps it)
+        quant = dataclasses.replace(quant, skip_modules=tuple(dict.fromkeys((*(quant.skip_modules or ("lm_head",)), *keep))))
     kind = draw(st.sampled_from(target_kinds), label="target_kind") if target_kinds else None
     invalid = None
     # A 40-slot wheel with the invalid slots last: Hypothesis favours low indices, and a
@@ -465,6 +471,7 @@ def cases(
     adapter = draw(with_tokens(adapter, ZOO[model.model_type], profile, pinned=tokens, invalid=invalid))
     adapter = draw(with_parameters(adapter, model, profile, pinned=parameters, invalid=invalid, keep_dora=dora is True,
                                    keep_init=init is not None))
+    adapter = draw(with_tying(adapter, model, profile, level=level, pinned=tying, invalid=invalid))
     if quant.quantized and adapter.init_lora_weights == "pissa" and invalid != "pissa_on_quantized":
         adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)  # PiSSA refuses a quantized base
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else

@@ -18,6 +18,8 @@ per level, the few cells that together reach every value pair of the coverage
   the peft level one cell per fused type and quantization kind (target kinds list, all-linear,
   regex rotating), at the trl level one per quantization kind; the dimension
   ``parameter_targets x model_type`` asks for every fused type with parameter targets;
+* peft level: ``tying`` (``ensure_weight_tying`` pinned), one cell per quantization kind on the
+  decoder types whose embeddings are tied;
 * peft level: init variant x quantization kind, where the variant is one of the profile's
   ``init_lora_weights`` variants (``olora``, ``pissa``, ``orthogonal``; ``default`` for the
   rest): extra cells pin each variant, one per quantization kind it accepts (PiSSA refuses a
@@ -42,10 +44,11 @@ __all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_fea
            "expected_cells", "init_quant_kinds"]
 
 QUANT_KINDS = ("none", "8bit", "4bit")
-ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters")
+ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters", "tying")
 """The adapter features a cell may pin: ``lora`` leaves them to the draw (its first example is
 plain LoRA), ``dora`` pins ``use_dora=True``, ``tokens`` pins ``trainable_token_indices``,
-``parameters`` pins ``target_parameters`` (on the fused-expert types only: ``strategies.params``)."""
+``parameters`` pins ``target_parameters`` (on the fused-expert types only: ``strategies.params``),
+``tying`` pins ``ensure_weight_tying`` (peft level, on types with tied embeddings: ``strategies.tying``)."""
 
 DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peft: model_type x quantization": ("peft", ("model_type", "quantization")),
@@ -116,6 +119,10 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
             for row, quant in enumerate(quants):
                 task = tasks_of(model_type)[(row + index) % len(tasks_of(model_type))]
                 out.append(Cell("peft", model_type, quant, _PARAMETER_KINDS[(row + index) % 3], task, "parameters"))
+        tied = _tied_types()
+        for row, quant in enumerate(quants if tied else ()):
+            model_type = tied[row % len(tied)]
+            out.append(Cell("peft", model_type, quant, ("list", "default", "list")[row % 3], "CAUSAL_LM", "tying"))
         for v, variant in enumerate(select_profile().init_variants):
             for row, quant in enumerate(q for q in quants if q in init_quant_kinds(variant)):
                 model_type = types[(row * 5 + v * 13 + 3) % len(types)]
@@ -142,6 +149,13 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
 
 _PARAMETER_KINDS = ("list", "all-linear", "regex")
 """The target kinds a parameters cell rotates over (parameters beside default targets are left out)."""
+
+
+def _tied_types() -> tuple[str, ...]:
+    """The types a tying cell pins, where the installed stack has the feature."""
+    from strategies.tying import tied_types
+
+    return tied_types() if "ensure_weight_tying" in select_profile().features else ()
 
 
 def _fused_types() -> tuple[str, ...]:
@@ -187,7 +201,9 @@ def adapter_feature(adapter: Mapping[str, Any]) -> str:
         return "dora"
     if adapter.get("trainable_token_indices"):
         return "tokens"
-    return "parameters" if adapter.get("target_parameters") else "lora"
+    if adapter.get("target_parameters"):
+        return "parameters"
+    return "tying" if adapter.get("ensure_weight_tying") is True else "lora"
 
 
 def dimension_cells(case: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:

@@ -71,6 +71,9 @@ class ZooEntry:
     """Leaf names of the Linear / Conv1D modules inside a block."""
     embedding_names: tuple[str, ...]
     """Leaf names of the ``nn.Embedding`` modules anywhere in the model."""
+    keep_unquantized: tuple[str, ...] = ()
+    """Leaf names of Linear layers narrower than the 4-bit CPU kernels take (an output width not a
+    multiple of 32): a quantized case keeps them out of quantization (``QuantSpec.skip_modules``)."""
 
 
 # Encoder-only types whose ``*ForCausalLM`` wants ``is_decoder=True`` (it warns
@@ -279,8 +282,9 @@ def _bart(num_layers: int, hidden: int) -> PretrainedConfig:
 # -- the catalog ---------------------------------------------------------------------
 
 
-def _e(model_type, make, tasks, container, linears, embeddings) -> ZooEntry:
-    return ZooEntry(model_type, make, tuple(tasks), container, tuple(linears), tuple(embeddings))
+def _e(model_type, make, tasks, container, linears, embeddings, keep_unquantized=()) -> ZooEntry:
+    return ZooEntry(model_type, make, tuple(tasks), container, tuple(linears), tuple(embeddings),
+                    tuple(keep_unquantized))
 
 
 _ENTRIES = [
@@ -328,7 +332,8 @@ _ENTRIES = [
     # qwen2_moe: a shared expert (plain Linear layers) beside the routed ones; its gate is 1 wide
     _e("qwen2_moe", _llama_like(Qwen2MoeConfig, num_key_value_heads=None, num_experts=2, num_experts_per_tok=2,
                                 moe_intermediate_size=128, shared_expert_intermediate_size=128),
-       _DEC3, "layers", _ATTN, ("embed_tokens",)),
+       _DEC3, "layers", _ATTN + ("gate_proj", "up_proj", "down_proj", "shared_expert_gate"), ("embed_tokens",),
+       keep_unquantized=("shared_expert_gate",)),
     _e("olmoe", _llama_like(OlmoeConfig, num_key_value_heads=None, num_experts=2, num_experts_per_tok=2),
        ("CAUSAL_LM",), "layers", _ATTN, ("embed_tokens",)),
     _e("stablelm", _llama_like(StableLmConfig, num_key_value_heads=None, hidden_dropout=0.0),

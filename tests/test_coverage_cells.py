@@ -73,6 +73,25 @@ def test_parameter_cells_pin_every_fused_expert_type(level):
     assert all(c.id.endswith("-parameters") and c.parameter_targets == "given" for c in pinned)
 
 
+def test_tying_cells_pin_weight_tying_on_tied_decoders():
+    """``tying`` cells: peft level only, one per quantization kind, on decoder types whose config ties
+    the embeddings, where the profile has ensure_weight_tying; drawn cases ask for it."""
+    from strategies.tying import tied_types
+
+    pinned = [c for c in cells("peft") if c.adapter_feature == "tying"]
+    assert not [c for c in cells("trl") if c.adapter_feature == "tying"]
+    if "ensure_weight_tying" not in select_profile().features:
+        assert pinned == []
+        return
+    assert {c.quantization for c in pinned} == set(QUANTS)
+    assert {c.model_type for c in pinned} <= set(tied_types()) and "gemma" in tied_types()
+    assert not {"t5", "mt5", "bart", "llama"} & set(tied_types())
+    for cell in pinned:
+        drawn = draw_many(cases(model_types=(cell.model_type,), quant_kinds=(cell.quantization,),
+                                target_kinds=(cell.target_kind,), tasks=(cell.task,), tying=True), 5)
+        assert all(c.adapter.ensure_weight_tying is True for c in drawn)
+
+
 def test_init_cells_pin_each_variant_with_every_quantization_kind_it_accepts():
     """One cell per init variant of the profile and quantization kind it accepts (PiSSA refuses a
     quantized base), targets reaching Linear layers, on types every profile has defaults for;
@@ -113,8 +132,10 @@ def test_expected_cells_are_the_projections_of_the_cells():
 
     features = ("dora", "lora", "tokens") + (("parameters",) if fused_types()
                                               and "target_parameters" in select_profile().features else ())
+    tying = ("tying",) if "ensure_weight_tying" in select_profile().features else ()
     for level in ("peft", "trl"):
-        assert expected[f"{level}: adapter_feature x quantization"] == sorted(itertools.product(features, QUANTS))
+        assert expected[f"{level}: adapter_feature x quantization"] == sorted(
+            itertools.product(features + (tying if level == "peft" else ()), QUANTS))
     assert {c for c in expected["peft: parameter_targets x model_type"] if c[0] == "given"} == {
         ("given", t) for t in (fused_types() if "parameters" in features else ())}
     assert set(expected_cells(("trl",))) == {"trl: model_type x quantization", "trl: adapter_feature x quantization"}

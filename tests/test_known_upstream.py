@@ -123,6 +123,18 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # ensure_weight_tying on a bf16 model: the fp32 upcast of the adapters copies the tied factors apart.
+    "weight-tying-lost-to-adapter-upcast": Case(
+        ModelSpec("gemma", "CAUSAL_LM", num_layers=1, load_dtype="bfloat16"),
+        adapter=AdapterSpec(r=4, target_modules=("q_proj", "embed_tokens"), ensure_weight_tying=True),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # ensure_weight_tying with OLoRA: the init replaces the tied head's factors.
+    "weight-tying-broken-by-decomposing-inits": Case(
+        ModelSpec("opt", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules=("q_proj", "embed_tokens"), ensure_weight_tying=True, init_lora_weights="olora"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # "all-linear" on qwen2_moe: no conversion, the routed experts and the router get no LoRA.
     "moe-conversion-skips-qwen2-moe": Case(
         ModelSpec("qwen2_moe", "CAUSAL_LM", num_layers=1),

@@ -123,12 +123,17 @@ def test_flow_rules_change_where_upstream_changed():
 
 def test_profile_rules_change_where_upstream_changed():
     p = PROFILES
-    assert [p[n].embedding_keeps_fan_in_fan_out for n in p] == [False, False, False, True, True, True]
-    assert [p[n].adapter_dtype_follows_4bit_compute for n in p] == [False, False, False, True, True, True]
-    assert [p[n].warns_lora_bias_without_base_bias for n in p] == [False, False, True, True, True, True]
-    assert [p[n].warns_unused_patterns for n in p] == [False] * 5 + [True]
-    assert ["gemma4" in p[n].default_targets for n in p] == [False, False, False, True, True, True]
-    assert ["rwkv" in p[n].default_targets for n in p] == [False, False, True, True, True, True]
-    assert ["nemotron_h" in p[n].default_targets for n in p] == [False] * 4 + [True, True]
+    # seed, peft-0.16, peft-0.17, peft-0.18, peft-0.19, peft-0.20, current
+    assert [p[n].embedding_keeps_fan_in_fan_out for n in p] == [False] * 4 + [True] * 3
+    assert [p[n].adapter_dtype_follows_4bit_compute for n in p] == [False] * 4 + [True] * 3
+    assert [p[n].warns_lora_bias_without_base_bias for n in p] == [False] * 3 + [True] * 4
+    assert [p[n].warns_unused_patterns for n in p] == [False] * 6 + [True]
+    assert ["gemma4" in p[n].default_targets for n in p] == [False] * 4 + [True] * 3
+    assert ["rwkv" in p[n].default_targets for n in p] == [False] * 3 + [True] * 4
+    assert ["nemotron_h" in p[n].default_targets for n in p] == [False] * 5 + [True] * 2
+    assert ["orthogonal" in p[n].init_variants for n in p] == [False] * 2 + [True] * 5
+    assert ["target_parameters" in p[n].features for n in p] == [False] * 2 + [True] * 5
+    assert ["ensure_weight_tying" in p[n].features for n in p] == [False] * 3 + [True] * 4
+    assert [p[n].moe_conversion for n in p] == [False] * 4 + [True] * 3
     lazy = [p[n].layer_index_regex.startswith(".*?") for n in p]
-    assert lazy == [False] * 4 + [True, True]
+    assert lazy == [False] * 5 + [True, True]

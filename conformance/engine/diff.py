@@ -138,6 +138,8 @@ def diff(reference: Snapshot, upstream: Snapshot) -> list[Divergence]:
             other = getattr(upstream.model, name)
             if name in _ITEMISED:
                 _compare_pairs(MODEL, name, value, other, out)
+            elif name == "shared_storage":  # per group of tied tensors
+                _compare_sets(MODEL, name, value, other, out)
             elif name == "hooks":  # per module: an entry can excuse the hooks of one module
                 _compare_pairs(MODEL, name, _by_path(value), _by_path(other), out)
             elif value != other:

@@ -165,11 +165,11 @@ ADAPTER_CONFIG_KEYS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "lora_bias", "use_rslora",
     "use_dora", "init_lora_weights", "fan_in_fan_out", "task_type", "inference_mode", "target_parameters",
-    "trainable_token_indices",
+    "trainable_token_indices", "ensure_weight_tying",
 )
 """The ``LoraConfig`` fields compared as stored on the PEFT model (what ``save_pretrained`` writes
 to ``adapter_config.json``), where preparation resolves or rewrites some of them."""
-OPTIONAL_CONFIG_KEYS = frozenset({"target_parameters"})
+OPTIONAL_CONFIG_KEYS = frozenset({"target_parameters", "ensure_weight_tying"})
 """Fields some supported peft releases lack (``target_parameters``: peft >= 0.17): compared only
 when both sides have them."""
 

@@ -272,7 +272,8 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "bare_parameter_adapters": lambda ctx: bool(ctx.value("feature.trainable_tokens")
                                                 or ctx.value("feature.embedding_targeted")),
     "moe_converted": lambda ctx: _moe_converted(ctx),
-    "parameter_targets": lambda ctx: bool(_parameter_targets(ctx)[1]),
+    "tied_factors_upcast": lambda ctx: _tied_factors_upcast(ctx),
+    "parameter_targets": lambda ctx: ctx.case.adapter.target_parameters not in (ABSENT, None, ()) or _moe_converted(ctx),
     "trainable_tokens": lambda ctx: ctx.case.adapter.trainable_token_indices not in (ABSENT, None, ()),
     "conv1d_targeted": lambda ctx: bool(ctx.paths("conv1d_lora_modules")),
     "integer_bnb_weights": _integer_bnb_weights,
@@ -362,6 +363,25 @@ def _pattern_kinds_on_parameters_only(ctx: CaseContext) -> frozenset[str]:
     return frozenset(out)
 
 
+def _tied_lora_factor_groups(ctx: CaseContext) -> frozenset[str]:
+    """The reference's groups of tensors sharing storage that hold LoRA factors (``ensure_weight_tying``)."""
+    snap = ctx.reference
+    if snap is None or snap.model is None:
+        return frozenset()
+    return frozenset(g for g in snap.model.shared_storage if ".lora_" in g)
+
+
+def _tied_factors_upcast(ctx: CaseContext) -> bool:
+    """Tied LoRA factors next to a half-precision input embedding, with ``autocast_adapter_dtype`` on:
+    the adapter dtype policy upcasts them to fp32."""
+    snap = ctx.reference
+    if snap is None or not _tied_lora_factor_groups(ctx) or ctx.case.training.autocast_adapter_dtype is False:
+        return False
+    bases = [p for p in snap.params if re.search(r"\.base_layer\.weight$", p.path)
+             and any(p.path[: -len(".base_layer.weight")] + ".lora_embedding" in g for g in snap.model.shared_storage)]
+    return any(p.dtype in ("float16", "bfloat16") for p in bases)
+
+
 def _moe_converted(ctx: CaseContext) -> bool:
     """The reference converted the case's targets for fused experts (``reference.params``)."""
     from reference.params import convert_moe_targets
@@ -423,6 +443,7 @@ SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "conv1d_lora_modules": _conv1d_lora_modules,
     "widened_targets": _widened_targets,
     "pattern_kinds_on_parameters_only": _pattern_kinds_on_parameters_only,
+    "tied_lora_factor_groups": _tied_lora_factor_groups,
     "targets_inside_saved": _targets_inside_saved,
     "resolved_config_fields": _resolved_config_fields,
 }

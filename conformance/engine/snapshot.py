@@ -144,6 +144,9 @@ class ModelFacts:
     """Every module hook: (path, kind, function name)."""
     config_writes: tuple[tuple[str, str], ...] = ()
     """``model.config`` keys preparation changed (``use_cache``, ``output_router_logits``...), with their new values."""
+    shared_storage: tuple[str, ...] = ()
+    """Groups of parameter paths (``a = b``) whose tensors start at the same storage address: one
+    Parameter reached under two names (tied embeddings), or tied adapters sharing factors."""
 
 
 @dataclass(frozen=True)
@@ -395,7 +398,16 @@ def _model_facts(
         gradient_checkpointing_kwargs=checkpointing_kwargs(model),
         hooks=hooks_of(model),
         config_writes=config_writes(model, pristine),
+        shared_storage=_shared_storage(model),
     )
+
+
+def _shared_storage(model: nn.Module) -> tuple[str, ...]:
+    groups: dict[tuple[str, int], list[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        if param.numel() and param.device.type != "meta":
+            groups.setdefault((str(param.device), param.data_ptr()), []).append(path)
+    return tuple(sorted(" = ".join(sorted(paths)) for paths in groups.values() if len(paths) > 1))
 
 
 def _quiet_getattr(obj: Any, name: str) -> Any:

@@ -246,6 +246,8 @@ _WARNING_KINDS: tuple[tuple[str, str], ...] = (
     ("lora_bias_without_base_bias", r"`lora_bias=True` was passed but the targeted layer of type .* has no bias"),
     ("embeddings_untied_after_merge", r"Input and output embeddings are no longer tied after merging"),
     ("target_modules_unmatched", r"target_modules=.* were set but no module was matched"),
+    ("weight_tying_nothing_tied", r"You have requested `ensure_weight_tying`, but no tied modules were found"),
+    ("weight_tying_nothing_asked", r"You have requested `ensure_weight_tying`, but no tied modules are added"),
     ("target_parameters_unmatched", r"target_parameters=.* were set but no parameter was matched"),
 )
 

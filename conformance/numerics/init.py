@@ -123,11 +123,16 @@ def _linear_problems(module: nn.Module, name: str, init: Any, pooled: dict) -> l
     return out
 
 
-def _embedding_problems(module: nn.Module, name: str, init: Any, pooled: dict) -> list[str]:
+def _embedding_problems(module: nn.Module, name: str, init: Any, pooled: dict,
+                        linear_as: list[torch.Tensor] = ()) -> list[str]:
+    """``linear_as``: the Linear layers' A factors; an embedding B equal to one of them transposed
+    is the factor of a tied layer (``ensure_weight_tying``), initialised as that A (checked there)."""
     a, b = module.lora_embedding_A[name], module.lora_embedding_B[name]
     if init is False:
         return ["init_lora_weights=False: embedding B is all zero"] if _zero(b) else []
     out = [] if _zero(a) else [f"embedding A is not zero (max |A| {_max(a):.3g})"]
+    if any(x.shape == b.t().shape and torch.equal(x.detach(), b.detach().t().to(x.dtype)) for x in linear_as):
+        return out
     problem = _check_ms("embedding B", _ms(b), mean_square_bounds_normal(b.numel(), 1.0, _rounding(b)), b.numel())
     pooled["gaussian", 1.0, b.dtype].append(b.detach().double().flatten())
     return out + ([problem] if problem else [])
@@ -238,11 +243,13 @@ def init_problems(model: nn.Module, init: Any, loaded: nn.Module | None = None) 
     out: dict[str, list[str]] = {}
     pooled: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     variant = variant_of(init)
+    linear_as = [m.lora_A[n].weight for _, m in lora_layers(model) for n in adapter_names(m)
+                 if n in getattr(m, "lora_A", {})]
     for path, module in lora_layers(model):
         problems: list[str] = []
         for name in adapter_names(module):
             if name in getattr(module, "lora_embedding_A", {}):
-                found = _embedding_problems(module, name, init, pooled)
+                found = _embedding_problems(module, name, init, pooled, linear_as)
             elif variant is not None:
                 found = variant_problems(module, path, name, variant, loaded, mean_square_bounds_normal)
             else:

@@ -208,6 +208,18 @@ def assign_shared_values(upstream: nn.Module, reference: nn.Module, seed: int) -
                 missing.append(name)
                 continue
             target.data.copy_(param.data.to(target.dtype))
+        # Parameters the reference ties (one storage, e.g. ensure_weight_tying's head and embedding
+        # factors) hold whichever value was copied last: give upstream's the same values, so a
+        # side that does not tie them computes with the same numbers (the tie itself is a snapshot fact).
+        up_params = dict(upstream.named_parameters())
+        storages: dict[int, list[str]] = {}
+        for name, param in reference.named_parameters(remove_duplicate=False):
+            if param.numel():
+                storages.setdefault(param.data_ptr(), []).append(name)
+        for names in storages.values():
+            for name in names if len(names) > 1 else ():
+                if name in lora_params and name in up_params and name in ref_params and up_params[name].shape == ref_params[name].shape:
+                    up_params[name].data.copy_(ref_params[name].data.to(up_params[name].dtype))
     return missing
 
 
