@@ -113,17 +113,20 @@ def convert_moe_targets(model: nn.Module, modules: Any, r: int, alpha: float, ra
             if any(re.fullmatch(modules, f"{c}.{old}") for c in containers) or any(
                     k.rpartition(".")[2] == old for k in matched):
                 named.add(old)
-        kept = frozenset(k for k in matched if k.rpartition(".")[2] not in renames)
-        stored = frozenset(k.rpartition(".")[2] for k in matched)
-        stored = frozenset(n for n in stored if n not in renames)
+        # a matched Linear keeps its LoRA (qwen2_moe's shared expert); the router module is converted
+        linear = {k for k, m in model.named_modules() if isinstance(m, nn.Linear)}
+        kept = frozenset(k for k in matched if k.rpartition(".")[2] not in renames or k in linear)
+        stored = frozenset(k.rpartition(".")[2] for k in kept)
     else:
+        keys = [k for k, _ in model.named_modules() if k]
         kept_names = []
         for name in modules:
             old = next((o for o in renames if name == o or name.endswith("." + o)), None)
-            if old is None:
-                kept_names.append(name)
-            else:
+            if old is not None:
                 named.add(old)
+            # a v4 name that still names real modules (qwen2_moe's shared expert) keeps them targeted
+            if old is None or any(k == name or k.endswith("." + name) for k in keys):
+                kept_names.append(name)
         kept = frozenset(kept_names)
         stored = kept
     if not named:

@@ -61,7 +61,9 @@ def with_tying(draw, adapter: AdapterSpec, model: ModelSpec, profile: Profile, *
             changes["use_dora"] = ABSENT if adapter.use_dora is True else adapter.use_dora
             changes["lora_bias"] = ABSENT if adapter.lora_bias is True else adapter.lora_bias
     final = dataclasses.replace(adapter, **changes)
-    if isinstance(final.target_modules, tuple) and "embed_tokens" in final.target_modules and \
-            final.init_lora_weights not in (ABSENT, True, False, "gaussian"):
-        final = dataclasses.replace(final, init_lora_weights=ABSENT)  # a decomposing init cannot keep the tie (registry)
+    if isinstance(final.target_modules, tuple) and "embed_tokens" in final.target_modules:
+        if final.init_lora_weights not in (ABSENT, True, False, "gaussian"):
+            final = dataclasses.replace(final, init_lora_weights=ABSENT)  # a decomposing init voids the tie (registry)
+        if final.use_dora is True and invalid != "dora_with_lora_bias":
+            final = dataclasses.replace(final, use_dora=ABSENT)  # DoRA on tied factors: not modelled
     return final
