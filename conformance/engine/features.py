@@ -274,6 +274,7 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "moe_converted": lambda ctx: _moe_converted(ctx),
     "tied_factors_upcast": lambda ctx: _tied_factors_upcast(ctx),
     "parameter_targets": lambda ctx: ctx.case.adapter.target_parameters not in (ABSENT, None, ()) or _moe_converted(ctx),
+    # (_moe_converted loads the model only for the fused families' types)
     "trainable_tokens": lambda ctx: ctx.case.adapter.trainable_token_indices not in (ABSENT, None, ()),
     "conv1d_targeted": lambda ctx: bool(ctx.paths("conv1d_lora_modules")),
     "integer_bnb_weights": _integer_bnb_weights,
@@ -387,8 +388,10 @@ def _moe_converted(ctx: CaseContext) -> bool:
     from reference.params import convert_moe_targets
     from reference.targets import effective_targets
 
+    from reference.params import FAMILY_OF
+
     settings = _settings(ctx)
-    if settings is None or not ctx.profile.moe_conversion:
+    if settings is None or not ctx.profile.moe_conversion or ctx.case.model.model_type not in FAMILY_OF:
         return False
     try:
         resolved = effective_targets(ctx.model, settings, ctx.profile)
