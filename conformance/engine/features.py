@@ -403,12 +403,14 @@ def _moe_converted(ctx: CaseContext) -> bool:
 
 
 def _targets_inside_saved(ctx: CaseContext) -> frozenset[str]:
-    """Modules the targets match that lie inside a modules_to_save entry (which guards them)."""
+    """Modules the targets match that lie strictly inside a modules_to_save entry (which guards
+    them): a module that *is* the entry is saved whole, no stray layer is attached to it."""
     settings = _settings(ctx)
     if settings is None or not settings.modules_to_save:
         return frozenset()
-    inside = set(_reached(ctx)) - set(_reached(ctx, tuple(settings.modules_to_save)))
-    return frozenset(inside)
+    names = tuple(settings.modules_to_save)
+    inside = set(_reached(ctx)) - set(_reached(ctx, names))
+    return frozenset(k for k in inside if "." in k and is_saved(k.rpartition(".")[0], names))
 
 
 def _resolved_config_fields(ctx: CaseContext) -> frozenset[str]:
