@@ -211,3 +211,12 @@ def test_untie_entry_catches_a_different_fault_in_its_scope(monkeypatch):
 
     after_get_peft_model(monkeypatch, double)
     assert_caught([BF16_TARGET], {"adapter[default].scaling"}, path="lm_head")
+
+
+def test_decomposing_init_entry_needs_tying_through_the_targets():
+    """OLoRA with the embedding among the modules to save ties nothing it could void: out of scope."""
+    saved = dataclasses.replace(SAVE, adapter=dataclasses.replace(SAVE.adapter, init_lora_weights="olora"))
+    assert not _scope("weight-tying-broken-by-decomposing-inits", saved)
+    targeted = _case("opt", AdapterSpec(target_modules=("q_proj", "embed_tokens"), ensure_weight_tying=True,
+                                        init_lora_weights="olora"))
+    assert _scope("weight-tying-broken-by-decomposing-inits", targeted)

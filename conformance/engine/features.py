@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any, Callable
 
 from torch import nn
@@ -273,6 +274,7 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
                                                 or ctx.value("feature.embedding_targeted")),
     "moe_converted": lambda ctx: _moe_converted(ctx),
     "tied_factors_upcast": lambda ctx: _tied_factors_upcast(ctx),
+    "ties_targets": lambda ctx: _ties_targets(ctx),
     "parameter_targets": lambda ctx: ctx.case.adapter.target_parameters not in (ABSENT, None, ()) or _moe_converted(ctx),
     # (_moe_converted loads the model only for the fused families' types)
     "trainable_tokens": lambda ctx: ctx.case.adapter.trainable_token_indices not in (ABSENT, None, ()),
@@ -362,6 +364,19 @@ def _pattern_kinds_on_parameters_only(ctx: CaseContext) -> frozenset[str]:
             if on_params and not any(re.match(rf"(.*\.)?({key})$", n) for n in modules):
                 out.add(kind)
     return frozenset(out)
+
+
+def _ties_targets(ctx: CaseContext) -> bool:
+    """``ensure_weight_tying`` acts through the targets: a module is tied to the input embedding and
+    the targets name an embedding (``reference.tying``)."""
+    from reference.tying import plan_tying
+
+    settings = _settings(ctx)
+    if settings is None or not settings.ensure_weight_tying:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(plan_tying(ctx.model, settings).targets)
 
 
 def _tied_lora_factor_groups(ctx: CaseContext) -> frozenset[str]:
