@@ -349,6 +349,32 @@ def _parameter_targets(ctx: CaseContext) -> tuple[set[str], set[str]]:
     return modules, keys
 
 
+def _rewrapped_parameter_paths(ctx: CaseContext) -> frozenset[str]:
+    """LoRA module paths where both sides wrap a parameter, but not the same one, and upstream's
+    wrapper there scales as the reference's wrapper of *that* parameter on the same module does
+    (so a wrong scaling still shows)."""
+    if ctx.reference is None or ctx.upstream is None:
+        return frozenset()
+
+    def owner(path: str) -> str:
+        return re.sub(r"(\.base_layer)+$", "", path)
+
+    def scalings(m: Any) -> dict:
+        return {name: a.scaling for name, a in m.adapters}
+
+    ref_by_kind = {(owner(m.path), m.kind): m for m in ctx.reference.lora}
+    up = {m.path: m for m in ctx.upstream.lora}
+    out = set()
+    for m in ctx.reference.lora:
+        other = up.get(m.path)
+        if other is None or not m.kind.startswith("parameter:") or not other.kind.startswith("parameter:"):
+            continue
+        same = ref_by_kind.get((owner(m.path), other.kind))
+        if other.kind != m.kind and same is not None and scalings(same) == scalings(other):
+            out.add(m.path)
+    return frozenset(out)
+
+
 def _pattern_kinds_on_parameters_only(ctx: CaseContext) -> frozenset[str]:
     """``rank_pattern`` / ``alpha_pattern`` when one of its keys (as the reference stored them)
     reaches a targeted parameter and no targeted module."""
@@ -464,6 +490,7 @@ SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "widened_targets": _widened_targets,
     "pattern_kinds_on_parameters_only": _pattern_kinds_on_parameters_only,
     "tied_lora_factor_groups": _tied_lora_factor_groups,
+    "rewrapped_parameter_paths": _rewrapped_parameter_paths,
     "targets_inside_saved": _targets_inside_saved,
     "resolved_config_fields": _resolved_config_fields,
 }
