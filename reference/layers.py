@@ -21,7 +21,7 @@ from reference.errors import InvalidConfig, InvalidRank, LoraBiasUnsupported
 from reference.notices import warn
 from reference.rules import adapter_dtype, scaling
 
-__all__ = ["AdapterParams", "LoraEmbedding", "LoraLinear", "SavedModule"]
+__all__ = ["AdapterParams", "LoraEmbedding", "LoraLinear", "SavedModule", "init_linear_factors"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,20 @@ def _weight_dtype(base: nn.Module, follow_4bit_compute: bool) -> torch.dtype:
     if follow_4bit_compute and type(base).__name__ == "Linear4bit" and compute is not None:
         return compute
     return base.weight.dtype
+
+
+def init_linear_factors(a: nn.Linear, b: nn.Linear, init: object, r: int) -> None:
+    """A Linear-like layer's default factor init: A He-uniform (``"gaussian"``: normal with std
+    1/r), B and its bias zero, so the update starts at zero."""
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a.weight, std=1.0 / r)
+        else:
+            # He-uniform with a = sqrt(5): the bound is 1/sqrt(fan_in), like nn.Linear's own init.
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        if b.bias is not None:
+            nn.init.zeros_(b.bias)
 
 
 class _LoraBase(nn.Module):
@@ -160,15 +174,7 @@ class LoraLinear(_LoraBase):
         inits.write_residual(self.base_layer, residual, self.fan_in_fan_out)
 
     def _init(self, a: nn.Linear, b: nn.Linear, p: AdapterParams) -> None:
-        with torch.no_grad():
-            if p.init == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / p.r)
-            else:
-                # He-uniform with a = sqrt(5): the bound is 1/sqrt(fan_in), like nn.Linear's own init.
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-            nn.init.zeros_(b.weight)
-            if b.bias is not None:
-                nn.init.zeros_(b.bias)
+        init_linear_factors(a, b, p.init, p.r)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

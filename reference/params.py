@@ -32,7 +32,6 @@ ValueError.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from reference.errors import InvalidConfig, InvalidRank
+from reference.layers import init_linear_factors
 from reference.rules import adapter_dtype, scaling
 
 __all__ = ["FAMILIES", "LoraParam", "MoeConversion", "convert_moe_targets", "inject_parameters"]
@@ -209,12 +209,7 @@ class LoraParam(nn.Module):
         a = nn.Linear(self.in_features, p.r * self.num_experts, bias=False)
         b = nn.Linear(p.r * self.num_experts, self.out_features, bias=False)
         if p.init is not False:
-            with torch.no_grad():
-                if p.init == "gaussian":
-                    nn.init.normal_(a.weight, std=1.0 / p.r)
-                else:
-                    nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
+            init_linear_factors(a, b, p.init, p.r)
         param = self.param()
         dtype = adapter_dtype(param.dtype, p.autocast)
         for t in (a.weight, b.weight):

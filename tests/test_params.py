@@ -9,6 +9,7 @@ of the fused experts, the doubled rank of the fused projections.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from conformance.engine.runner import run_case
 from fault_kit import PROFILE, after_get_peft_model, assert_caught, wrap_kbit_step
+from test_known_narrow import MIXTRAL_ALL_LINEAR, _active, _double_scaling, _fails, _in_scope, _modules, _out_of_scope
 from reference import errors
 from reference.layers import AdapterParams
 from reference.params import LoraParam, convert_moe_targets
@@ -252,3 +254,88 @@ def test_catches_a_conversion_that_does_not_double_the_fused_rank(monkeypatch):
     monkeypatch.setattr(conversion, "_convert_peft_config_moe", single_rank)
     case = dataclasses.replace(PARAM_CASES[1], model=dataclasses.replace(PARAM_CASES[1].model, load_dtype="float32"))
     assert_caught([case], {"adapter[default].r", "adapter[default].alpha"})
+
+
+# -- narrowness of the entries about parameter targets -------------------------------------------
+
+
+def test_pattern_entry_catches_a_trainable_half_precision_router(monkeypatch):
+    """all-linear on mixtral reaches the router as a parameter target: a fault on it still fails."""
+    _active("pattern-unused-warning-ignores-parameter-targets")
+    _in_scope("pattern-unused-warning-ignores-parameter-targets", MIXTRAL_ALL_LINEAR)
+
+    def router_fp16(peft_model, config):
+        for _, gate in _modules(peft_model, "mlp.gate"):
+            base = gate.base_layer
+            base.weight.data = base.weight.data.to(torch.float16)
+            base.weight.requires_grad = True
+
+    after_get_peft_model(monkeypatch, router_fp16)
+    _fails(MIXTRAL_ALL_LINEAR, "requires_grad", path="model.layers.0.mlp.gate.base_layer.weight")
+
+
+def test_pattern_entry_catches_doubled_scaling_on_the_experts(monkeypatch):
+    _active("pattern-unused-warning-ignores-parameter-targets")
+    _double_scaling(monkeypatch, "mlp.experts")
+    _fails(MIXTRAL_ALL_LINEAR, "adapter[default].scaling", path="model.layers.0.mlp.experts")
+
+
+def test_pattern_entry_catches_a_fault_on_the_attention(monkeypatch):
+    _active("pattern-unused-warning-ignores-parameter-targets")
+    _double_scaling(monkeypatch, "self_attn.q_proj")
+    _fails(MIXTRAL_ALL_LINEAR, "adapter[default].scaling", path="model.layers.0.self_attn.q_proj")
+
+
+def test_pattern_entry_excuses_no_warning_about_a_key_on_modules_only(monkeypatch):
+    """A rank_pattern key that reaches a targeted module only: an "unused" warning about it is a fault."""
+    _active("pattern-unused-warning-ignores-parameter-targets")
+    case = Case(ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1),
+                adapter=AdapterSpec(target_modules=("q_proj",), target_parameters=("down_proj",),
+                                    rank_pattern=(("q_proj", 2),)), training=NO_KBIT)
+    _in_scope("pattern-unused-warning-ignores-parameter-targets", case)
+
+    def spurious(peft_model, config):
+        warnings.warn("The following rank_pattern keys did not match any targeted module and were ignored: "
+                      "['q_proj'].", RuntimeWarning, stacklevel=2)
+
+    after_get_peft_model(monkeypatch, spurious)
+    _fails(case, "warnings.rank_pattern_unused")
+
+
+QWEN2_MOE_ALL_LINEAR = Case(ModelSpec("qwen2_moe", "CAUSAL_LM", num_layers=1),
+                            adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"), training=NO_KBIT)
+
+
+def test_qwen2_moe_entry_catches_a_fault_on_the_shared_expert(monkeypatch):
+    _active("moe-conversion-skips-qwen2-moe")
+    _in_scope("moe-conversion-skips-qwen2-moe", QWEN2_MOE_ALL_LINEAR)
+    _double_scaling(monkeypatch, "shared_expert.down_proj")
+    _fails(QWEN2_MOE_ALL_LINEAR, "adapter[default].scaling", path="model.layers.0.mlp.shared_expert.down_proj")
+
+
+def test_qwen2_moe_entry_catches_doubled_scaling_on_named_experts(monkeypatch):
+    """Parameters the user names get LoRA on both sides: their scaling stays compared."""
+    _active("moe-conversion-skips-qwen2-moe")
+    case = dataclasses.replace(QWEN2_MOE_ALL_LINEAR, adapter=dataclasses.replace(
+        QWEN2_MOE_ALL_LINEAR.adapter, target_parameters=("gate_up_proj",)))
+    _in_scope("moe-conversion-skips-qwen2-moe", case)
+    _double_scaling(monkeypatch, "mlp.experts")
+    _fails(case, "adapter[default].scaling")
+
+
+def test_qwen2_moe_entry_needs_the_conversion(monkeypatch):
+    """A list of attention names converts nothing: LoRA on the router there is a fault."""
+    _active("moe-conversion-skips-qwen2-moe")
+    case = dataclasses.replace(QWEN2_MOE_ALL_LINEAR, adapter=AdapterSpec(target_modules=("q_proj",),
+                                                                         task_type="CAUSAL_LM"))
+    _out_of_scope("moe-conversion-skips-qwen2-moe", case)
+    import peft
+
+    original = peft.get_peft_model
+
+    def with_router(model, config, *args, **kwargs):
+        config.target_parameters = ["mlp.gate.weight"]
+        return original(model, config, *args, **kwargs)
+
+    monkeypatch.setattr(peft, "get_peft_model", with_router)
+    _fails(case, "lora.present", path="model.layers.0.mlp.gate")
