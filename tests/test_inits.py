@@ -284,6 +284,11 @@ def test_stale_scales_entry_names_only_the_stale_norm(monkeypatch):
 
 
 def test_expert_parameters_entry_needs_decomposing_inits_on_fused_experts_and_its_errors():
+    """(Its scope reads the loaded model: the experts must be fused, as transformers 5 builds them.)"""
+    from strategies.params import fused_types
+
+    if not fused_types():
+        pytest.skip("the installed transformers keeps MoE experts as Linear layers")
     entry = "init-variants-crash-on-expert-parameters"
     registry = load_registry(versions={"peft": "0.21.2", "transformers": "5.23.0"})
     assert entry in {e.id for e in registry.active}
