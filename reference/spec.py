@@ -176,6 +176,13 @@ class TrainingSpec:
     adapter spec) instead of a plain model."""
     peft_config_too: bool = True
     """trl level, with ``peft_model_in``: ``peft_config`` is passed as well."""
+    load_saved: bool = False
+    """peft level: resume from a saved adapter.  The adapter spec is prepared on a fresh load of
+    the model (no k-bit step), given trained values (``reference.trained``) and saved; the case's
+    model (after the k-bit step, if asked) then loads it with ``PeftModel.from_pretrained``
+    instead of ``get_peft_model`` (``reference.resume``)."""
+    is_trainable: Any = ABSENT
+    """With ``load_saved``: ``from_pretrained``'s ``is_trainable`` (ABSENT: its default, False)."""
     device: Literal["cpu", "cuda"] = "cpu"
 
 

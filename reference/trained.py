@@ -17,7 +17,7 @@ from torch import nn
 
 from reference.spec import Case
 
-__all__ = ["TRAINED_STD", "give_trained_values", "trained_seed"]
+__all__ = ["TRAINED_STD", "give_trained_copies", "give_trained_values", "trained_seed"]
 
 TRAINED_STD = 0.05
 """The std of the trained factors' values: a visible update, small beside the base weights."""
@@ -39,3 +39,21 @@ def give_trained_values(model: nn.Module, seed: int) -> None:
             g.manual_seed(seed ^ int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little"))
             values = torch.randn(param.shape, generator=g, dtype=torch.float32) * TRAINED_STD
             param.data.copy_(values.to(device=param.device, dtype=param.dtype))
+
+
+_FACTORS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
+
+
+def give_trained_copies(model: nn.Module, seed: int) -> None:
+    """Move every other trainable floating-point parameter of ``model`` (modules-to-save
+    copies, biases a bias mode trains) by seeded normal steps of :data:`TRAINED_STD`: what
+    training changed besides the factors, so that a saved adapter holds values its loader must
+    take (resuming, ``reference.resume``)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad or not param.dtype.is_floating_point or any(p in name for p in _FACTORS):
+                continue
+            g = torch.Generator(device="cpu")
+            g.manual_seed(seed ^ int.from_bytes(hashlib.sha256(("step|" + name).encode()).digest()[:7], "little"))
+            step = torch.randn(param.shape, generator=g, dtype=torch.float32) * TRAINED_STD
+            param.data.add_(step.to(device=param.device, dtype=param.dtype))

@@ -20,6 +20,8 @@ per level, the few cells that together reach every value pair of the coverage
   ``parameter_targets x model_type`` asks for every fused type with parameter targets;
 * peft level: ``tying`` (``ensure_weight_tying`` pinned), one cell per quantization kind on the
   decoder types whose embeddings are tied;
+* peft level: ``resume`` (``training.load_saved`` pinned: ``PeftModel.from_pretrained`` of a saved
+  adapter), one cell per quantization kind;
 * peft level: init variant x quantization kind, where the variant is one of the profile's
   ``init_lora_weights`` variants (``olora``, ``pissa``, ``orthogonal``; ``default`` for the
   rest): extra cells pin each variant, one per quantization kind it accepts (PiSSA refuses a
@@ -44,11 +46,12 @@ __all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_fea
            "expected_cells", "init_quant_kinds"]
 
 QUANT_KINDS = ("none", "8bit", "4bit")
-ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters", "tying")
+ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters", "tying", "resume")
 """The adapter features a cell may pin: ``lora`` leaves them to the draw (its first example is
 plain LoRA), ``dora`` pins ``use_dora=True``, ``tokens`` pins ``trainable_token_indices``,
 ``parameters`` pins ``target_parameters`` (on the fused-expert types only: ``strategies.params``),
-``tying`` pins ``ensure_weight_tying`` (peft level, on types with tied embeddings: ``strategies.tying``)."""
+``tying`` pins ``ensure_weight_tying`` (peft level, on types with tied embeddings: ``strategies.tying``),
+``resume`` pins ``training.load_saved`` (peft level: ``strategies.resume``)."""
 
 DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peft: model_type x quantization": ("peft", ("model_type", "quantization")),
@@ -123,6 +126,10 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
         for row, quant in enumerate(quants if tied else ()):
             model_type = tied[row % len(tied)]
             out.append(Cell("peft", model_type, quant, ("list", "default", "list")[row % 3], "CAUSAL_LM", "tying"))
+        for row, quant in enumerate(quants):
+            model_type = types[(row * 9 + 4) % len(types)]
+            out.append(Cell("peft", model_type, quant, TARGET_KINDS[(row * 2) % len(TARGET_KINDS)],
+                            tasks_of(model_type)[row % len(tasks_of(model_type))], "resume"))
         for v, variant in enumerate(select_profile().init_variants):
             for row, quant in enumerate(q for q in quants if q in init_quant_kinds(variant)):
                 model_type = types[(row * 5 + v * 13 + 3) % len(types)]
@@ -188,7 +195,7 @@ def _features(case: Mapping[str, Any]) -> dict[str, str]:
         "quantization": case.get("quant", {}).get("kind", "none"),
         "target_kind": target_kind(adapter.get("target_modules")),
         "task": model.get("task", "CAUSAL_LM"),
-        "adapter_feature": adapter_feature(adapter),
+        "adapter_feature": "resume" if case.get("training", {}).get("load_saved") else adapter_feature(adapter),
         "init_variant": init_variant(adapter.get("init_lora_weights")),
         "parameter_targets": "given" if adapter.get("target_parameters") else "-",
     }

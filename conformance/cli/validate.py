@@ -93,6 +93,7 @@ _ANY_FIELDS = {
     "gradient_checkpointing": (BOOL,),
     "use_reentrant": (BOOL,),
     "autocast_adapter_dtype": (BOOL,),
+    "is_trainable": (BOOL,),
 }
 
 

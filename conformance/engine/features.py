@@ -258,7 +258,17 @@ def _lora_dropout_given(ctx: CaseContext) -> bool:
     return ctx.case.adapter.lora_dropout not in (ABSENT, None, 0, 0.0)
 
 
+def _inference_model(ctx: CaseContext) -> bool:
+    """The case prepares a model for inference: ``inference_mode=True``, or a resumed adapter
+    loaded without ``is_trainable`` (``from_pretrained`` stores ``inference_mode=not is_trainable``)."""
+    t = ctx.case.training
+    if t.load_saved:
+        return t.is_trainable is not True
+    return ctx.case.adapter.inference_mode is True
+
+
 FEATURES: dict[str, Callable[[CaseContext], Any]] = {
+    "inference_model": _inference_model,
     "target_kind": lambda ctx: target_kind(ctx.case.adapter.target_modules),
     "targets_reach_head": _targets_reach_head,
     "saved_module_quantized": _saved_module_quantized,
@@ -479,7 +489,7 @@ def _conv1d_lora_modules(ctx: CaseContext) -> frozenset[str]:
     return frozenset(m.path for m in snap.lora if m.kind == "conv1d") if snap is not None else frozenset()
 
 
-CASE_ONLY = frozenset({"target_kind", "layers_pattern_given", "lora_dropout_given", "init_variant", "trainable_tokens",
+CASE_ONLY = frozenset({"inference_model", "target_kind", "layers_pattern_given", "lora_dropout_given", "init_variant", "trainable_tokens",
                        "integer_bnb_weights"})
 """Features computed from the case alone (no model, no snapshot): a ``when`` checks them first."""
 

@@ -30,6 +30,7 @@ from conformance.numerics import enabled as numerics_enabled
 from conformance.engine.snapshot import PeftFacts, Snapshot, error_snapshot, snapshot_of
 from reference import PreparationError, Profile, builtin_class
 from reference.prepare import prepare_wrapped
+from reference.resume import resume
 from reference.trained import trained_seed
 from reference.notices import PreparationWarning
 from reference.trl import prepare_trl, select_trl_flow
@@ -110,6 +111,11 @@ def _pristine(case: Case) -> nn.Module:
                           via_checkpoint=_via_checkpoint(case))
 
 
+def _fresh(case: Case) -> nn.Module:
+    """Another load of the case's model: the one a resumed adapter was trained and saved from."""
+    return load_model(case.model, case.quant, cache_dir(), device=case.training.device)
+
+
 def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Module | None]:
     """The reference's snapshot of ``case`` and its prepared model (None when it raised)."""
     # At the trl level with a path, the trainer loads the checkpoint through transformers;
@@ -124,6 +130,9 @@ def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Modu
                 result = prepare_trl(model, case.adapter, case.training, profile, select_trl_flow(),
                                      pad_token_id=offline.tokenizer().pad_token_id, trained_seed=trained_seed(case))
                 prepared, trainer_gc, wrapper = result.model, result.trainer_gradient_checkpointing, result.wrapper
+            elif case.training.load_saved:
+                prepared, wrapper = resume(model, _fresh(case), case.adapter, case.training, profile,
+                                           trained_seed(case))
             else:
                 prepared, wrapper = prepare_wrapped(model, case.adapter, case.training, profile)
         except PreparationError as exc:
@@ -155,7 +164,8 @@ def _upstream_prepared(case: Case, raw_warnings: list[str] | None = None) -> tup
             if t.level == "trl":
                 prepared, trainer_gc, mutations, wrapper = upstream.prepare_trl(model, case)
             else:
-                prepared, mutations, wrapper = upstream.prepare_peft(model, case)
+                prepared, mutations, wrapper = upstream.prepare_peft(model, case,
+                                                                     _fresh(case) if t.load_saved else None)
         except Exception as exc:  # noqa: BLE001 - every upstream rejection is an outcome to compare
             cls, kind = upstream.classify_error(exc)
             return error_snapshot(cls, kind, f"{type(exc).__name__}: {exc}"), None

@@ -147,6 +147,11 @@ class ModelFacts:
     shared_storage: tuple[str, ...] = ()
     """Groups of parameter paths (``a = b``) whose tensors start at the same storage address: one
     Parameter reached under two names (tied embeddings), or tied adapters sharing factors."""
+    model_training: bool | None = None
+    """The prepared model's own ``training`` flag (a loaded model is in eval mode)."""
+    lora_training: bool | str | None = None
+    """The LoRA layers' ``training`` flags: True (all), False (none), ``mixed``; None without
+    LoRA layers.  New layers train; ``from_pretrained(is_trainable=False)`` puts all in eval."""
 
 
 @dataclass(frozen=True)
@@ -399,7 +404,14 @@ def _model_facts(
         hooks=hooks_of(model),
         config_writes=config_writes(model, pristine),
         shared_storage=_shared_storage(model),
+        model_training=bool(model.training),
+        lora_training=_lora_training(model),
     )
+
+
+def _lora_training(model: nn.Module) -> bool | str | None:
+    flags = {bool(m.training) for m in model.modules() if _is_lora_layer(m)}
+    return None if not flags else (flags.pop() if len(flags) == 1 else "mixed")
 
 
 def _shared_storage(model: nn.Module) -> tuple[str, ...]:

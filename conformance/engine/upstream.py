@@ -85,16 +85,40 @@ def wrapper_facts(wrapper: Any) -> tuple[str, tuple[str, ...], dict[str, Any]]:
     return type(wrapper).__name__, tuple(active), stored
 
 
-def prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, tuple[str, ...], Any]:
-    """``prepare_model_for_kbit_training`` (if asked) then ``get_peft_model``.
+def _saved_adapter(source: nn.Module, case: Case, directory: str) -> tuple[str, ...]:
+    """A trained adapter saved by upstream (``training.load_saved``): ``get_peft_model`` of the
+    case's adapter on ``source`` (no k-bit step, default dtypes), the seeded values of
+    ``reference.trained``, ``save_pretrained``.  Returns the config fields it mutated."""
+    from peft import LoraConfig, get_peft_model
+
+    from reference.trained import give_trained_copies, give_trained_values, trained_seed
+
+    config = LoraConfig(**case.adapter.given())
+    saved_from = get_peft_model(source, config)
+    give_trained_values(saved_from.base_model.model, trained_seed(case))
+    give_trained_copies(saved_from.base_model.model, trained_seed(case))
+    saved_from.save_pretrained(directory)
+    return config_mutations(config, case.adapter.given())
+
+
+def prepare_peft(model: nn.Module, case: Case, source: nn.Module | None = None) -> tuple[nn.Module, tuple[str, ...], Any]:
+    """``prepare_model_for_kbit_training`` (if asked) then ``get_peft_model``; with
+    ``training.load_saved``, ``PeftModel.from_pretrained`` of an adapter trained and saved from
+    ``source`` (a fresh load of the same model) instead.
 
     Returns the transformers model inside the PEFT wrapper (its parameter paths are
     those of the reference's prepared model), the LoraConfig fields it mutated, and the
     PeftModel itself.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     t = case.training
+    directory = None
+    if t.load_saved:
+        import tempfile
+
+        directory = tempfile.TemporaryDirectory(prefix="conformance-adapter-")
+        mutations = _saved_adapter(source, case, directory.name)
     if t.prepare_kbit:
         kwargs: dict[str, Any] = {}
         if t.gradient_checkpointing is not ABSENT:
@@ -102,10 +126,16 @@ def prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, tuple[str, ..
         if t.use_reentrant is not ABSENT:
             kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": t.use_reentrant}
         model = prepare_model_for_kbit_training(model, **kwargs)
-    config = LoraConfig(**case.adapter.given())
     kwargs = {}
     if t.autocast_adapter_dtype is not ABSENT:
         kwargs["autocast_adapter_dtype"] = t.autocast_adapter_dtype
+    if directory is not None:
+        with directory:
+            if t.is_trainable is not ABSENT:
+                kwargs["is_trainable"] = t.is_trainable
+            peft_model = PeftModel.from_pretrained(model, directory.name, **kwargs)
+        return peft_model.base_model.model, mutations, peft_model
+    config = LoraConfig(**case.adapter.given())
     peft_model = get_peft_model(model, config, **kwargs)
     return peft_model.base_model.model, config_mutations(config, case.adapter.given()), peft_model
 

@@ -278,11 +278,12 @@ def _has_dora(model: nn.Module) -> bool:
 
 def _checks_init_output(case: Case, init: Any) -> bool:
     """Whether the init output is checked: for ``init_lora_weights=True``, except on a passed-in
-    PeftModel, which carries a trained adapter (reference.trained): its output is no init output.
+    PeftModel or a resumed adapter (``training.load_saved``), which carry a trained adapter
+    (reference.trained): their output is no init output.
     (``"orthogonal"``'s ``B A`` is zero only up to the factors' rounding, which the scaling
     magnifies - up to alpha / sqrt(r) with rsLoRA - and trl may cast them to bf16: its property is
     checked per layer, against that rounding, in ``conformance.numerics.init_variants``.)"""
-    return init is True and not case.training.peft_model_in
+    return init is True and not case.training.peft_model_in and not case.training.load_saved
 
 
 def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream: nn.Module,
