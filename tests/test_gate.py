@@ -215,8 +215,10 @@ def test_planted_upstream_change_is_reported(corpus_dir, tmp_path, monkeypatch):
     smallest = group["smallest"]
     assert smallest["after"] == "bfloat16" and smallest["path"].endswith(".weight") and ".lora_A." in smallest["path"]
     assert smallest["replay"] == f"python -m conformance compare {corpus_dir} --case {smallest['id']}"
-    # Only the planted fault's fields (and the model-level parameter counts it implies) change.
-    assert {g["field"] for g in data["changes"]} <= {"dtype"}
+    # Only the planted fault's fields change: the factors' dtype, and the values of factors loaded
+    # from a saved adapter (a resumed case: its bf16 factors hold the saved values rounded).
+    assert {g["field"] for g in data["changes"]} <= {"dtype", "value"}
+    assert {g["role"] for g in data["changes"] if g["field"] == "value"} <= {"lora_A", "lora_B", "lora module"}
     text = md.read_text()
     assert "`dtype`" in text and "lora_A" in text and smallest["id"] in text
     # The replay command shows the change for that one case.

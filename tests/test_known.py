@@ -75,7 +75,8 @@ def test_shipped_registry_parses_and_documents_every_entry():
 SEED_ONLY = {"layers-to-transform-zero-read-as-missing", "orphan-lora-inside-saved-module",
              "inference-mode-leaves-saved-copy-trainable",
              "lora-embedding-update-ignores-embed-scale", "falcon-8bit-modifies-a-matmul8bit-view-in-place",
-             "trainable-tokens-skip-aliased-embeddings", "trainable-tokens-ignore-embed-scale"}
+             "trainable-tokens-skip-aliased-embeddings", "trainable-tokens-ignore-embed-scale",
+             "lora-only-bias-not-saved"}
 # Entries for upstream ranges between the pinned stacks (trl 0.20 - 0.23; peft < 0.21.2 with transformers >= 5.18).
 NEITHER = {"trl-kbit-step-freezes-passed-peft-model", "seq2seq-peft-model-transformers-5-18",
            "moe-string-targets-split-into-characters", "peft-bnb-merge-drops-lora-bias-scaling",

@@ -222,6 +222,12 @@ MINIMAL = {
         adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(1,), task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # bias="lora_only" resumed from a saved adapter: the trained base biases were not saved.
+    "lora-only-bias-not-saved": Case(
+        ModelSpec("gpt2", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(r=4, bias="lora_only", task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False, load_saved=True, is_trainable=True),
+    ),
 }
 ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"}}
 """Entries a minimal case may also meet: QDoRA on 8-bit on the CPU always meets the lost-scales one."""

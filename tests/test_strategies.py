@@ -118,6 +118,8 @@ def invalid_kind(case: Case) -> str | None:
         return "orthogonal_odd_rank"
     if a.trainable_token_indices not in (ABSENT, None) and any(i >= 256 for i in a.trainable_token_indices):
         return "token_index_out_of_range"
+    if targets == (entry.layer_container,):  # (rejected before any parameter option is seen)
+        return "container_target"
     reaches_parameters = a.target_parameters not in (ABSENT, None, ()) or (
         targets == "all-linear" and case.model.model_type in fused_types())
     if reaches_parameters and (a.lora_dropout not in (ABSENT, 0.0) or a.lora_bias is True or a.use_dora is True):

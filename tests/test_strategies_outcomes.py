@@ -33,6 +33,7 @@ EXPECTED = {
     "pissa_on_quantized": {"pissa_quantized"},
     "orthogonal_odd_rank": {"orthogonal_odd_rank"},
     "token_index_out_of_range": {"token_index_out_of_range"},
+    "param_wrapper_option": {"param_wrapper_unsupported"},
 }
 
 

@@ -62,14 +62,16 @@ def _fingerprint(t: torch.Tensor) -> str:
     return f"sha {digest}"
 
 
-def value_relation(tensor: torch.Tensor, original: torch.Tensor | None) -> str:
-    """``equal``, ``changed: <fingerprint> (loaded: <fingerprint>)`` or ``new`` (see the module docstring).
+def value_relation(tensor: torch.Tensor, original: torch.Tensor | None, *, fingerprint_new: bool = False) -> str:
+    """``equal``, ``changed: <fingerprint> (loaded: <fingerprint>)`` or ``new`` (see the module docstring);
+    with ``fingerprint_new``, a new tensor is ``new: <fingerprint>`` (values both sides must agree on,
+    such as the factors of an adapter loaded from a file).
 
     Packed bitsandbytes tensors (4-bit, int8, whatever their storage dtype) compare their
     stored bytes and their quantization state; floating ones compare bits after rounding
     the loaded value to the tensor's own dtype (so an unchanged NaN is ``equal``)."""
     if original is None or tuple(original.shape) != tuple(tensor.shape):
-        return "new"
+        return f"new: {_fingerprint(tensor)}" if fingerprint_new else "new"
     if _packed(tensor) or _packed(original) or not (tensor.dtype.is_floating_point and original.dtype.is_floating_point):
         same = tensor.dtype == original.dtype and torch.equal(_raw(tensor), _raw(original).to(tensor.device))
         same = same and _same_quant_state(tensor, original)

@@ -139,7 +139,8 @@ def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Modu
             return error_snapshot(builtin_class(exc), exc.kind, str(exc)), None
     kinds = [w.message.kind for w in caught if isinstance(w.message, PreparationWarning)]
     peft = PeftFacts(wrapper.wrapper, wrapper.active_adapters, normalise_config(dict(wrapper.config)))
-    return snapshot_of(prepared, kinds, trainer_gc, pristine=_pristine(case), peft=peft), prepared
+    return snapshot_of(prepared, kinds, trainer_gc, pristine=_pristine(case), peft=peft,
+                       fingerprint_new=case.training.load_saved), prepared
 
 
 def _upstream_side(case: Case, raw_warnings: list[str] | None = None) -> Snapshot:
@@ -174,7 +175,8 @@ def _upstream_prepared(case: Case, raw_warnings: list[str] | None = None) -> tup
         raw_warnings.extend(sorted(set(upstream.own_warnings(caught)) | set(logged)))
     name, active, stored = upstream.wrapper_facts(wrapper)
     peft = PeftFacts(name, active, normalise_config(stored))
-    snap = snapshot_of(prepared, kinds, trainer_gc, pristine=_pristine(case), peft=peft)
+    snap = snapshot_of(prepared, kinds, trainer_gc, pristine=_pristine(case), peft=peft,
+                       fingerprint_new=t.load_saved)
     return dataclasses.replace(snap, config_mutations=mutations), prepared
 
 

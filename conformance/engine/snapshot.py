@@ -436,6 +436,7 @@ def snapshot_of(
     *,
     pristine: nn.Module | None = None,
     peft: PeftFacts | None = None,
+    fingerprint_new: bool = False,
 ) -> Snapshot:
     """Describe a prepared transformers model (the model *inside* any PEFT wrapper),
     with the kinds of the warnings its preparation emitted and, at the trl level, the
@@ -443,13 +444,16 @@ def snapshot_of(
 
     ``pristine`` is the loaded model preparation started from: parameter and buffer
     values are then recorded against it, and so are ``model.config`` writes.  ``peft``
-    holds the facts of the PEFT wrapper (read by the caller, which has it)."""
+    holds the facts of the PEFT wrapper (read by the caller, which has it).  ``fingerprint_new``
+    records the values of new parameters too (LoRA factors loaded from a saved adapter: both
+    sides must hold the same numbers), not only that they are new."""
     loaded = loaded_state(pristine) if pristine is not None else None
     originals = loaded.params if loaded is not None else None
     params = []
     numels: dict[str, int] = {}
     for path, param in model.named_parameters(remove_duplicate=True):
-        value = "" if originals is None else value_relation(param, originals.get(pristine_path(path)))
+        value = "" if originals is None else value_relation(param, originals.get(pristine_path(path)),
+                                                             fingerprint_new=fingerprint_new)
         params.append(_param_facts(path, param, value))
         numels[path] = param.numel()
     buffers = []
