@@ -40,7 +40,8 @@ class LoraSettings:
     fan_in_fan_out: bool
     task_type: str | None
     inference_mode: bool = False
-    trainable_token_indices: tuple[int, ...] | None = None
+    trainable_token_indices: tuple | None = None
+    """List form: the rows, a tuple of ints; dict form: (module name, rows) pairs (``reference.tokens``)."""
     target_parameters: frozenset[str] | None = None
     ensure_weight_tying: bool = False
     given_layers: Any = None
@@ -59,6 +60,14 @@ def _names(value: Any) -> Any:
     if isinstance(value, str):
         return "all-linear" if value.lower() == "all-linear" else value
     return frozenset(value)
+
+
+def _token_indices(value: Any) -> tuple | None:
+    if not value:
+        return None
+    if isinstance(value, dict):
+        return tuple((str(k), tuple(v)) for k, v in value.items())
+    return tuple(value)
 
 
 def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
@@ -124,7 +133,7 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         fan_in_fan_out=bool(get("fan_in_fan_out")),
         task_type=get("task_type"),
         inference_mode=bool(get("inference_mode")),
-        trainable_token_indices=tuple(get("trainable_token_indices")) if get("trainable_token_indices") else None,
+        trainable_token_indices=_token_indices(get("trainable_token_indices")),
         target_parameters=frozenset(params) if params else None,
         ensure_weight_tying=bool(get("ensure_weight_tying", False)),
         given_layers=layers,

@@ -79,9 +79,18 @@ def stored_config(settings: LoraSettings, resolved_targets: Any, fan_in_fan_out:
         "fan_in_fan_out": fan_in_fan_out,
         "task_type": settings.task_type,
         "inference_mode": settings.inference_mode,
-        "trainable_token_indices": list(settings.trainable_token_indices) if settings.trainable_token_indices else None,
+        "trainable_token_indices": _stored_tokens(settings.trainable_token_indices),
         "target_parameters": sorted(settings.target_parameters) if settings.target_parameters else None,
     }
+
+
+def _stored_tokens(indices: Any) -> Any:
+    """The list form as a list, the dict form as ``{name: rows}``."""
+    if not indices:
+        return None
+    if all(isinstance(i, tuple) for i in indices):
+        return {name: list(rows) for name, rows in indices}
+    return list(indices)
 
 
 def _suffixes(name: str) -> list[str]:

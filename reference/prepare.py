@@ -186,6 +186,10 @@ def prepare_wrapped(
     tying = plan_tying(model, settings)
     settings = tying.settings
 
+    if settings.target_modules == frozenset() and not settings.target_parameters and \
+            "target_parameters" in profile.features:
+        # peft >= 0.17 reads an empty list as "no module targets" (it may come with parameter targets)
+        raise NoTargetMatched("No target_modules passed but also no target_parameters found", "no_target_modules")
     fan_in_fan_out = settings.fan_in_fan_out
     if settings.target_modules is None and settings.target_parameters and _type_of(model) not in profile.default_targets:
         resolved = frozenset()  # parameters alone: no module targets needed

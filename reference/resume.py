@@ -72,18 +72,20 @@ def save_prepared(model: nn.Module, wrapper: PeftWrapper, directory: str | Path)
 
 
 def _load_tensors(model: nn.Module, directory: Path) -> None:
-    """Copy the saved tensors into ``model``'s parameters (cast to each parameter's dtype).  A
-    saved tensor that finds no parameter, or the wrong shape, is an error."""
+    """Copy the saved tensors into ``model``'s parameters (cast to each parameter's dtype), as a
+    non-strict state-dict load does: a saved tensor that finds no parameter is left out (peft
+    0.15 saves LoRA inside a saved classification head, which the stored config then keeps
+    from getting LoRA: registry ``orphan-lora-inside-saved-module``), a parameter the file lacks
+    keeps its initial value; a tensor of the wrong shape is an error."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(directory / WEIGHTS_NAME))
     by_key = {checkpoint_key(path): p for path, p in model.named_parameters()}
-    unknown = sorted(set(tensors) - set(by_key))
-    if unknown:
-        raise ValueError(f"{directory}: {len(unknown)} saved tensors match no parameter, e.g. {unknown[:3]}")
     with torch.no_grad():
         for key, value in tensors.items():
-            param = by_key[key]
+            param = by_key.get(key)
+            if param is None:
+                continue
             if tuple(param.shape) != tuple(value.shape):
                 raise ValueError(f"{directory}: {key} has shape {tuple(value.shape)}, the model {tuple(param.shape)}")
             param.data.copy_(value.to(device=param.device, dtype=param.dtype))

@@ -128,7 +128,8 @@ class AdapterSpec:
     """A model prepared for inference: nothing trains."""
     trainable_token_indices: Any = ABSENT
     """A tuple of embedding row indices that train (list form: the input embedding and the
-    modules tied to it; ``reference.tokens``)."""
+    modules tied to it), or (module name, rows) pairs (dict form: ``{"lm_head": [...]}``; in
+    JSON a list of ``[name, [rows]]`` pairs, like ``rank_pattern``); ``reference.tokens``."""
     ensure_weight_tying: Any = ABSENT
     """Keep the modules tied to the input embedding tied once adapters are added (``reference.tying``)."""
     target_parameters: Any = ABSENT
@@ -144,6 +145,9 @@ class AdapterSpec:
                 continue
             if f.name in ("rank_pattern", "alpha_pattern") and value is not None:
                 value = dict(value)
+            elif f.name == "trainable_token_indices" and isinstance(value, tuple) and value and all(
+                    isinstance(v, tuple) for v in value):
+                value = {name: list(rows) for name, rows in value}  # the dict form, as (name, rows) pairs
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value

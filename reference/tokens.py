@@ -1,7 +1,9 @@
 """Trainable token rows (``trainable_token_indices``): train a few rows of an embedding matrix.
 
 With ``trainable_token_indices=[i, j, ...]`` the model's *input embedding* is wrapped so that
-only the rows ``i, j, ...`` train (new tokens added to a tokenizer, say), as peft lays it out:
+only the rows ``i, j, ...`` train (new tokens added to a tokenizer, say); the dict form
+``{"embed_tokens": [i, ...], "lm_head": [k, ...]}`` names the modules (a name or a dotted suffix)
+and their rows (:func:`wrap_trainable_tokens`).  As peft lays it out:
 
 * ``<emb>.token_adapter.base_layer`` is the original module (frozen);
 * ``<emb>.token_adapter.trainable_tokens_delta.<adapter>`` (k, d), trainable: despite its name it
@@ -27,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from reference.errors import TokenIndexOutOfRange, TokensOnLoraLayer
+from reference.errors import NoTargetMatched, TokenIndexOutOfRange, TokensOnLoraLayer
 from reference.rules import adapter_dtype
 
-__all__ = ["TokenAdapter", "TokensWrapper", "wrap_trainable_tokens"]
+__all__ = ["TokenAdapter", "TokensWrapper", "is_dict_form", "token_mapping", "wrap_trainable_tokens"]
 
 
 class _Buffers(nn.Module):
@@ -115,25 +117,68 @@ def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules(remove_duplicate=False) if m is module and name]
 
 
-def wrap_trainable_tokens(model: nn.Module, indices: Iterable[int], adapter: str, autocast: bool,
+def is_dict_form(indices: object) -> bool:
+    """``trainable_token_indices`` given per module: a mapping, or (in a case) its (name, rows) pairs."""
+    if isinstance(indices, dict):
+        return True
+    return isinstance(indices, tuple) and bool(indices) and all(isinstance(i, tuple) for i in indices)
+
+
+def token_mapping(indices: object) -> dict[str, list[int]]:
+    """The dict form as ``{module name: rows}``."""
+    pairs = indices.items() if isinstance(indices, dict) else indices
+    return {str(name): list(rows) for name, rows in pairs}
+
+
+def wrap_trainable_tokens(model: nn.Module, indices: object, adapter: str, autocast: bool,
                           lora_types: tuple[type, ...]) -> None:
-    """Wrap the input embedding and every module sharing its weight (list-form
-    ``trainable_token_indices``)."""
+    """List form: wrap the input embedding and every module sharing its weight.  Dict form
+    (``{name: rows}``): wrap every module whose name is a key or ends with ``.<key>`` (a key that
+    names nothing is a ValueError, like a target that matches nothing), each with its own rows;
+    where one is the input embedding, the modules sharing its weight that no key names share its
+    rows (a tied ``lm_head`` named by a key of its own trains rows of its own: observed, peft
+    0.15.2 and 0.21.2)."""
     embedding = model.get_input_embeddings()
-    names = _names_of(model, embedding)
-    if isinstance(embedding, lora_types) or (names and isinstance(model.get_submodule(names[0]), lora_types)):
+    if not is_dict_form(indices):
+        names = _names_of(model, embedding)
+        _wrap(model, names, list(indices), adapter, autocast, lora_types, embedding, ())
+        return
+    mapping = token_mapping(indices)
+    modules = [name for name, _ in model.named_modules() if name]
+    chosen: dict[str, list[int]] = {}
+    missing = []
+    for key, rows in mapping.items():
+        found = [name for name in modules if name == key or name.endswith("." + key)]
+        missing += [] if found else [key]
+        chosen.update({name: rows for name in found})
+    if missing:
+        raise NoTargetMatched(f"Target modules {set(missing)} (trainable_token_indices) not found in the base model")
+    for name, rows in chosen.items():
+        module = model.get_submodule(name)
+        names = _names_of(model, module) if module is embedding else [name]
+        _wrap(model, names, rows, adapter, autocast, lora_types, module, tuple(chosen))
+
+
+def _wrap(model: nn.Module, names: list[str], rows: list[int], adapter: str, autocast: bool,
+          lora_types: tuple[type, ...], module: nn.Module, named: tuple[str, ...]) -> None:
+    """Wrap ``module`` (reached under ``names``) for ``rows``; if it is the input embedding, every
+    other module sharing its weight (and not in ``named``) shares the rows."""
+    if isinstance(module, lora_types) or (names and isinstance(model.get_submodule(names[0]), lora_types)):
         raise TokensOnLoraLayer(
             f"trainable_token_indices cannot be applied to {names[0] if names else 'the input embedding'}, "
-            f"which already has LoRA ({type(embedding).__name__})")
-    weight = embedding.weight
-    tied_names = [name for name, m in model.named_modules(remove_duplicate=False)
-                  if name and m is not embedding and getattr(m, "weight", None) is weight
-                  and not isinstance(m, (TokensWrapper, TokenAdapter))]
-    primary = TokensWrapper(embedding)
-    primary.token_adapter.add_adapter(adapter, indices, autocast)
+            f"which already has LoRA ({type(module).__name__})")
+    tied_names: list[str] = []
+    if module is model.get_input_embeddings():
+        weight = module.weight
+        inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, TokensWrapper))
+        tied_names = [name for name, m in model.named_modules(remove_duplicate=False)
+                      if name and m is not module and getattr(m, "weight", None) is weight and name not in named
+                      and not name.startswith(inside) and not isinstance(m, (TokensWrapper, TokenAdapter))]
+    primary = TokensWrapper(module)
+    primary.token_adapter.add_adapter(adapter, rows, autocast)
     primary.active_adapters.append(adapter)
     for name in names:
-        model.set_submodule(name, primary if name == names[0] else _tied(embedding, primary, adapter))
+        model.set_submodule(name, primary if name == names[0] else _tied(module, primary, adapter))
     for name in tied_names:
         model.set_submodule(name, _tied(model.get_submodule(name), primary, adapter))
 

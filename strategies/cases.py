@@ -471,7 +471,8 @@ def cases(
                                                   tokens=tokens, parameters=parameters)))
         invalid = draw(st.sampled_from(possible), label="invalid_kind")
     adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind, dora=dora, init=init))
-    adapter = draw(with_tokens(adapter, ZOO[model.model_type], profile, pinned=tokens, invalid=invalid))
+    adapter = draw(with_tokens(adapter, ZOO[model.model_type], profile, pinned=tokens, invalid=invalid,
+                               model_type=model.model_type, level=level, task=model.task))
     adapter = draw(with_parameters(adapter, model, profile, pinned=parameters, invalid=invalid, keep_dora=dora is True,
                                    keep_init=init is not None))
     adapter = draw(with_tying(adapter, model, profile, level=level, pinned=tying, invalid=invalid))

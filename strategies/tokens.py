@@ -1,7 +1,9 @@
 """``trainable_token_indices`` for the strategies (``reference.tokens``).
 
 About one case in six trains a few rows of the input embedding (list form, indices below 64 of
-the zoo's 256-entry vocabulary).  A valid case keeps them apart from what would reject or nest
+the zoo's 256-entry vocabulary); a third of those at the peft level, on causal types with an
+``lm_head`` (not encoder-decoders), take the dict form instead: ``{<embedding>: rows}``,
+``{"lm_head": rows}`` or both, each with rows of its own (``lm_head`` then leaves the targets).  A valid case keeps them apart from what would reject or nest
 them: no LoRA on an embedding (TypeError upstream), no ``lm_head`` among the modules to save (on
 a tied model the saved copy would nest inside the token wrapper: not modelled yet), and no
 passed-in PeftModel (``reference.trained`` writes LoRA values only).  A cell may pin them (the
@@ -12,6 +14,7 @@ the vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from hypothesis import strategies as st
 
@@ -26,13 +29,28 @@ VOCAB_ROWS = 64
 """Indices are drawn below this (every zoo vocabulary has 256 rows)."""
 
 
+@functools.lru_cache(maxsize=None)
+def dict_form_types() -> tuple[str, ...]:
+    """Causal types whose model has an ``lm_head`` beside its input embedding and no encoder-decoder
+    aliasing: where the dict form may name the embedding, the head, or both."""
+    from strategies.tying import ENCODER_DECODERS
+    from strategies.zoo import model_types
+
+    return tuple(t for t in model_types("CAUSAL_LM") if t not in ENCODER_DECODERS and t not in _NO_LM_HEAD)
+
+
+_NO_LM_HEAD = ("bert", "electra")
+"""Causal zoo types whose head is not called ``lm_head`` (``cls.predictions``, ``generator_lm_head``)."""
+
+
 def has_tokens(adapter: AdapterSpec) -> bool:
     return adapter.trainable_token_indices not in (ABSENT, None, ())
 
 
 @st.composite
 def with_tokens(draw, adapter: AdapterSpec, entry: ZooEntry, profile: Profile, *, pinned: bool = False,
-                invalid: str | None = None) -> AdapterSpec:
+                invalid: str | None = None, model_type: str = "", level: str = "peft",
+                task: str = "CAUSAL_LM") -> AdapterSpec:
     """``adapter`` with trainable token rows drawn (always when ``pinned`` or for the invalid
     kind), the fields that would reject or nest them adjusted (pinned) or the rows left out."""
     if "trainable_token_indices" not in profile.features:
@@ -51,6 +69,17 @@ def with_tokens(draw, adapter: AdapterSpec, entry: ZooEntry, profile: Profile, *
     if (on_embedding or saves_head) and not forced:
         return adapter
     changes: dict = {"trainable_token_indices": rows}
+    if level == "peft" and task == "CAUSAL_LM" and model_type in dict_form_types() and draw(st.integers(0, 2), label="tokens_form") == 2:
+        keys = draw(st.sampled_from(((entry.embedding_names[0],), ("lm_head",), (entry.embedding_names[0], "lm_head"))),
+                    label="token_modules")
+        pairs = [(keys[0], rows)]
+        if len(keys) == 2:
+            pairs.append((keys[1], tuple(draw(st.lists(st.integers(0, VOCAB_ROWS - 1), min_size=1, max_size=3,
+                                                       unique=True), label="head_token_indices"))))
+        changes["trainable_token_indices"] = tuple(pairs)
+        if "lm_head" in keys and isinstance(targets, tuple) and "lm_head" in targets:
+            targets = tuple(t for t in targets if t != "lm_head")
+            changes["target_modules"] = targets
     if on_embedding:
         changes["target_modules"] = tuple(t for t in targets if t not in entry.embedding_names)
     if saves_head:

@@ -228,6 +228,12 @@ MINIMAL = {
         adapter=AdapterSpec(r=4, bias="lora_only", task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False, load_saved=True, is_trainable=True),
     ),
+    # peft 0.15 saves a classification head with a stray LoRA layer inside; from_pretrained cannot map its keys.
+    "saved-copy-with-lora-inside-cannot-be-reloaded": Case(
+        ModelSpec("roberta", "SEQ_CLS", num_layers=1),
+        adapter=AdapterSpec(target_modules=("query", "dense"), task_type="SEQ_CLS"),
+        training=TrainingSpec(prepare_kbit=False, load_saved=True),
+    ),
 }
 ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"}}
 """Entries a minimal case may also meet: QDoRA on 8-bit on the CPU always meets the lost-scales one."""

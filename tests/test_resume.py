@@ -239,3 +239,30 @@ def test_lora_only_entry_does_not_excuse_a_lost_bias_elsewhere(monkeypatch):
 
     _after_from_pretrained(monkeypatch, nudge)
     assert_caught([LORA_ONLY], {"value"}, path=r"transformer\.ln_f\.bias")
+
+
+HEAD_INSIDE = Case(ModelSpec("roberta", "SEQ_CLS", num_layers=1), QuantSpec(),
+                   AdapterSpec(target_modules=("query", "dense"), task_type="SEQ_CLS"),
+                   TrainingSpec(prepare_kbit=False, load_saved=True))
+
+
+def test_reload_crash_entry_needs_lora_inside_a_saved_module():
+    if not _scope("saved-copy-with-lora-inside-cannot-be-reloaded", HEAD_INSIDE):
+        pytest.skip("the entry is not active on this stack")
+    fresh = dataclasses.replace(HEAD_INSIDE, training=TrainingSpec(prepare_kbit=False))
+    assert not _scope("saved-copy-with-lora-inside-cannot-be-reloaded", fresh)
+    outside = dataclasses.replace(HEAD_INSIDE, adapter=AdapterSpec(target_modules=("query",), task_type="SEQ_CLS"))
+    assert not _scope("saved-copy-with-lora-inside-cannot-be-reloaded", outside)
+
+
+def test_reload_crash_entry_does_not_excuse_a_crash_elsewhere(monkeypatch):
+    """A resumed adapter whose targets stay outside the head crashing the same way still fails."""
+    if "saved-copy-with-lora-inside-cannot-be-reloaded" not in {e.id for e in default_registry().active}:
+        pytest.skip("the entry is not active on this stack")
+    outside = dataclasses.replace(HEAD_INSIDE, adapter=AdapterSpec(target_modules=("query",), task_type="SEQ_CLS"))
+
+    def crash(pm):
+        raise KeyError("base_model.model.classifier.dense.weight")
+
+    _after_from_pretrained(monkeypatch, crash)
+    assert_caught([outside], {"raised"}, path="<error>")

@@ -64,6 +64,8 @@ STRING = _Kind("a string", lambda v: isinstance(v, str))
 STRINGS = _Kind("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
 INTS = _Kind("a list of integers", lambda v: isinstance(v, list) and all(_is_int(x) for x in v))
 INT_PAIRS = _Kind('a list of ["pattern", integer] pairs (or an object)', _pairs(_is_int))
+INTS_PAIRS = _Kind('a list of ["module", [integers]] pairs (or an object)',
+                   _pairs(lambda v: isinstance(v, list) and all(_is_int(x) for x in v)))
 NUMBER_PAIRS = _Kind('a list of ["pattern", number] pairs (or an object)', _pairs(_is_number))
 
 ADAPTER_FIELDS: dict[str, tuple[_Kind, ...]] = {
@@ -86,7 +88,7 @@ ADAPTER_FIELDS: dict[str, tuple[_Kind, ...]] = {
     "fan_in_fan_out": (BOOL,),
     "task_type": (NULL, STRING),
     "inference_mode": (BOOL,),
-    "trainable_token_indices": (NULL, INTS),
+    "trainable_token_indices": (NULL, INTS, INTS_PAIRS),
 }
 _ANY_FIELDS = {
     # TrainingSpec fields annotated Any (ABSENT means "not passed"); the strategies draw booleans.
@@ -158,7 +160,7 @@ def _section(where: str, section: str, data: Any, spec_cls: type) -> dict[str, A
     for name, value in data.items():
         if name not in names:
             raise CliError(f"{where}: {section}.{name} is not a field; the {section} fields are {', '.join(names)}")
-        if name in ("rank_pattern", "alpha_pattern") and isinstance(value, Mapping):
+        if name in ("rank_pattern", "alpha_pattern", "trainable_token_indices") and isinstance(value, Mapping):
             value = [[k, v] for k, v in value.items()]  # given as an object: the spec holds (pattern, value) pairs
         out[name] = _check_field(where, section, name, value, hints[name])
     return out

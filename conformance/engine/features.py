@@ -250,6 +250,28 @@ def _tied_head_with_bias(ctx: CaseContext) -> bool:
     return any(isinstance(m, nn.Linear) and m.weight is weight and m.bias is not None for m in ctx.model.modules())
 
 
+def _token_linear_with_bias(ctx: CaseContext) -> bool:
+    """Trainable tokens wrap a Linear that carries a bias: a tied output layer (list form, or the
+    dict form naming the input embedding), or a Linear the dict form names itself (codegen's
+    ``lm_head``)."""
+    from reference.tokens import is_dict_form, token_mapping
+
+    indices = ctx.case.adapter.trainable_token_indices
+    if indices in (ABSENT, None, ()):
+        return False
+    if not is_dict_form(indices):
+        return _tied_head_with_bias(ctx)
+    keys = tuple(token_mapping(indices))
+    embedding = ctx.model.get_input_embeddings()
+    for name, module in ctx.model.named_modules():
+        if name and any(name == k or name.endswith("." + k) for k in keys):
+            if module is embedding and _tied_head_with_bias(ctx):
+                return True
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                return True
+    return False
+
+
 def _layers_pattern_given(ctx: CaseContext) -> bool:
     return ctx.case.adapter.layers_pattern not in (ABSENT, None, "", ())
 
@@ -279,6 +301,7 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "bias_mode_trains_a_bias": _bias_mode_trains_a_bias,
     "init_variant": lambda ctx: init_variant(ctx.case.adapter.init_lora_weights),
     "tied_head_with_bias": _tied_head_with_bias,
+    "token_linear_with_bias": _token_linear_with_bias,
     "scaled_input_embedding": lambda ctx: getattr(ctx.model.get_input_embeddings(), "embed_scale", None) is not None,
     "bare_parameter_adapters": lambda ctx: bool(ctx.value("feature.trainable_tokens")
                                                 or ctx.value("feature.embedding_targeted")),
@@ -292,6 +315,7 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "integer_bnb_weights": _integer_bnb_weights,
     "lora_dropout_given": _lora_dropout_given,
     "targets_inside_saved": lambda ctx: bool(ctx.paths("targets_inside_saved")),
+    "saved_with_lora_inside": lambda ctx: _saved_with_lora_inside(ctx),
     "trainable_besides_lora": _trainable_besides_lora,
     "trainable_4bit_weight": _trainable_4bit_weight,
     "reentrant_checkpointing": _reentrant_checkpointing,
@@ -462,6 +486,20 @@ def _targets_inside_saved(ctx: CaseContext) -> frozenset[str]:
     names = tuple(settings.modules_to_save)
     inside = set(_reached(ctx)) - set(_reached(ctx, names))
     return frozenset(k for k in inside if "." in k and is_saved(k.rpartition(".")[0], names))
+
+
+def _saved_with_lora_inside(ctx: CaseContext) -> bool:
+    """The targets reach a module strictly inside a module that is saved (a ``modules_to_save``
+    entry or, with a classification task, its head), guarding only what the profile guards while
+    targets are resolved: where peft 0.15 leaves LoRA inside the saved copy."""
+    settings = _settings(ctx)
+    if settings is None:
+        return False
+    names = tuple(settings.modules_to_save or ()) + _task_heads(ctx)
+    guarded = tuple(settings.modules_to_save or ()) + (
+        _task_heads(ctx) if (settings.task_type or "") in ctx.profile.guarded_task_heads else ())
+    inside = set(_reached(ctx, guarded)) - set(_reached(ctx, names))
+    return any("." in k and is_saved(k.rpartition(".")[0], names) for k in inside)
 
 
 def _resolved_config_fields(ctx: CaseContext) -> frozenset[str]:
