@@ -186,10 +186,6 @@ def prepare_wrapped(
     tying = plan_tying(model, settings)
     settings = tying.settings
 
-    if settings.target_modules == frozenset() and not settings.target_parameters and \
-            "target_parameters" in profile.features:
-        # peft >= 0.17 reads an empty list as "no module targets" (it may come with parameter targets)
-        raise NoTargetMatched("No target_modules passed but also no target_parameters found", "no_target_modules")
     fan_in_fan_out = settings.fan_in_fan_out
     if settings.target_modules is None and settings.target_parameters and _type_of(model) not in profile.default_targets:
         resolved = frozenset()  # parameters alone: no module targets needed
@@ -226,8 +222,16 @@ def prepare_wrapped(
         )
 
     shared_flag, deferred = [fan_in_fan_out], []
-    unmatched = _inject_modules(model, settings, profile, saved_guard, resolved, params_of, shared_flag, deferred,
-                                tying.targets)
+    try:
+        unmatched = _inject_modules(model, settings, profile, saved_guard, resolved, params_of, shared_flag, deferred,
+                                    tying.targets)
+    except NoTargetMatched as exc:
+        if exc.kind == "targets_not_found" and settings.target_modules == frozenset() and \
+                "target_parameters" in profile.features:
+            # peft >= 0.17 reads an empty list, where nothing was excluded, as "no module targets"
+            raise NoTargetMatched("No target_modules passed but also no target_parameters found",
+                                  "no_target_modules") from None
+        raise
     fan_in_fan_out = shared_flag[0]
     wrapped: list[str] = []
     if settings.target_parameters:

@@ -327,12 +327,14 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
         result.divergences.append(Divergence(MODEL, "numerics.layout", "missing: " + ", ".join(missing[:5]), "present"))
         return result
     up_runs = {}
+    one_sided: set[str] = set()
     for prefix, train in (("", False), ("train_", True)):
         run_seed = case_seed(case, prefix or "eval")
         ref_run = run_model(reference, ref_inputs, train=train, seed=run_seed, autocast=autocast)
         up_runs[prefix] = run_model(upstream, inputs, train=train, seed=run_seed, autocast=autocast)
         _compare_runs(prefix, ref_run, up_runs[prefix], tol, result)
-    _name_a_defect(case, reference, ref_inputs, up_runs, autocast, tol, result)
+        one_sided |= set(ref_run.grads) ^ set(up_runs[prefix].grads)
+    _name_a_defect(case, reference, ref_inputs, up_runs, autocast, tol, result, one_sided)
     if result.both_raised and loaded is not None:
         base = run_model(loaded(), inputs, train=False, seed=seed, backward=False, autocast=autocast)
         if base.error is not None:
@@ -345,14 +347,15 @@ _FORWARD_FIELDS = re.compile(r"numerics\.(train_)?(logits|loss|grad)")
 
 
 def _name_a_defect(case: Case, reference: nn.Module, inputs: dict[str, torch.Tensor], up_runs: dict[str, Any],
-                   autocast: torch.dtype | None, tol: Tolerance, result: NumericsResult) -> None:
+                   autocast: torch.dtype | None, tol: Tolerance, result: NumericsResult,
+                   one_sided_grads: set[str] = frozenset()) -> None:
     """Where the forwards differ, try each known upstream defect on the reference
     (``conformance.numerics.emulate``): if the reference's runs with it match upstream's, the
     forward divergences become one divergence that names it.  A gradient of a parameter that
     trains on one side only is a trainability difference, which the snapshot's requires_grad
     field reports and the registry judges on its own: it is neither compared nor replaced."""
-    if not any(_FORWARD_FIELDS.fullmatch(d.field) for d in result.divergences):
-        return
+    if not any(_replaced(d, one_sided_grads) for d in result.divergences):
+        return  # (only parameters that train on one side differ: no defect of the forward to name)
     for defect in DEFECTS:
         if not defect.applies(reference):
             continue

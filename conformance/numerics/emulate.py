@@ -23,6 +23,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -39,8 +40,17 @@ def _biased_heads(model: nn.Module) -> list[nn.Module]:
 
 
 def _scaled_embeddings(model: nn.Module) -> list[nn.Module]:
+    """Token-wrapped embeddings whose ``embed_scale`` changes the lookup (bart's is 1.0 unless its
+    config scales: dropping it changes nothing, so it names no defect)."""
     return [w for w in _token_wrappers(model)
-            if isinstance(w.token_adapter.base_layer, nn.Embedding) and getattr(w.token_adapter.base_layer, "embed_scale", None) is not None]
+            if isinstance(w.token_adapter.base_layer, nn.Embedding)
+            and _scales(getattr(w.token_adapter.base_layer, "embed_scale", None))]
+
+
+def _scales(scale: object) -> bool:
+    if scale is None:
+        return False
+    return not bool(torch.all(torch.as_tensor(scale, dtype=torch.float32) == 1.0))
 
 
 def _without_scale(wrapper: nn.Module) -> Callable:
