@@ -116,7 +116,7 @@ def invalid_kind(case: Case) -> str | None:
         return "pissa_on_quantized"
     if a.init_lora_weights == "orthogonal" and isinstance(a.r, int) and a.r % 2:
         return "orthogonal_odd_rank"
-    if a.trainable_token_indices not in (ABSENT, None) and any(i >= 256 for i in a.trainable_token_indices):
+    if a.trainable_token_indices not in (ABSENT, None) and any(i >= 256 for i in _token_rows(a.trainable_token_indices)):
         return "token_index_out_of_range"
     if targets == (entry.layer_container,):  # (rejected before any parameter option is seen)
         return "container_target"
@@ -411,3 +411,10 @@ def test_model_specs_and_adapter_specs_compose():
     model = find_any(model_specs(model_types=("gpt2",)), lambda m: m.num_layers == 3)
     spec = find_any(adapter_specs(model, invalid="container_target", profile=CURRENT), lambda a: True)
     assert spec.target_modules == ("h",)
+
+
+def _token_rows(indices) -> list[int]:
+    """Every row of list- or dict-form ``trainable_token_indices``."""
+    from reference.tokens import is_dict_form, token_mapping
+
+    return [i for rows in token_mapping(indices).values() for i in rows] if is_dict_form(indices) else list(indices)
