@@ -191,6 +191,8 @@ class LoraLinear(_LoraBase):
         bnb = type(self.base_layer).__module__.startswith("bitsandbytes")
         convert = not bnb or not torch.is_autocast_enabled()
         for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue  # active for the model, not held here (a layer another adapter created)
             a, b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(a.weight.dtype) if convert else x)
             if name in self.lora_magnitude_vector:
@@ -241,6 +243,8 @@ class LoraEmbedding(_LoraBase):
         out_dtype = result.dtype
         base = self.base_layer
         for name in self.active_adapters:
+            if name not in self.lora_embedding_A:
+                continue
             a = self.lora_embedding_A[name].T
             b = self.lora_embedding_B[name].T
             after_a = F.embedding(x, a, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
@@ -285,7 +289,15 @@ class SavedModule(nn.Module):
         for param in self.modules_to_save[adapter].parameters():
             param.requires_grad = trains
 
+    def add_copy(self, adapter: str) -> None:
+        """A frozen copy for another adapter (``reference.adapters``), not active."""
+        self.modules_to_save[adapter] = copy.deepcopy(self.original_module)
+        for param in self.modules_to_save[adapter].parameters():
+            param.requires_grad = False
+
     def forward(self, *args, **kwargs):
+        if self.active_adapter is None:  # no copy for the active adapter: the original runs
+            return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -297,8 +309,8 @@ class SavedModule(nn.Module):
         except AttributeError:
             if name in ("modules_to_save", "active_adapter"):
                 raise
-            active = self.__dict__.get("active_adapter")
+            active = self.__dict__.get("active_adapter", False)
             copies = self._modules.get("modules_to_save")
-            if active is None or copies is None:
+            if active is False or copies is None:
                 raise
-            return getattr(copies[active], name)
+            return getattr(copies[active] if active is not None else self._modules["original_module"], name)

@@ -165,6 +165,10 @@ class Profile:
     dora_bnb_update_rounded_first: bool = False
     """A bitsandbytes layer rounds its DoRA update to the base output's dtype before adding it,
     as it does a plain LoRA update (peft 0.15); peft 0.16's LoRA variants round the sum once."""
+    add_adapter_autocasts: bool = True
+    """``add_adapter`` upcasts the new adapter's half-precision factors to fp32 (its own
+    ``autocast_adapter_dtype=True``, peft >= 0.19; before, they kept the base's dtype, observed on
+    0.15.2 and 0.18.1: ``reference.adapters``)."""
     moe_conversion: bool = True
     """With transformers 5, the targets of a fused-expert MoE model are converted to keep their
     transformers-4 meaning: expert projections and the router become ``target_parameters``
@@ -200,6 +204,7 @@ _SEED = Profile(
     init_variants=("olora", "pissa"),
     features=("use_dora", "inference_mode", "trainable_token_indices"),
     moe_conversion=False,
+    add_adapter_autocasts=False,
 )
 # peft 0.16.0: SEQ_CLS heads guarded before targeting,
 # modules_to_save over a LoRA layer is a TypeError, new default-target
@@ -251,6 +256,7 @@ _PEFT_0_19 = dataclasses.replace(
     adapter_dtype_follows_4bit_compute=True,
     merge_unties_diverged_embeddings=True,
     moe_conversion=True,
+    add_adapter_autocasts=True,  # add_adapter(..., autocast_adapter_dtype=True)
 )
 # peft 0.20.0: the layer index is the *first* digit segment after two leading segments (lazy
 # `.*?`; before, the greedy `.*` took the last one, e.g. an MoE expert index instead of the

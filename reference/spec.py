@@ -187,6 +187,9 @@ class TrainingSpec:
     instead of ``get_peft_model`` (``reference.resume``)."""
     is_trainable: Any = ABSENT
     """With ``load_saved``: ``from_pretrained``'s ``is_trainable`` (ABSENT: its default, False)."""
+    set_adapter: Any = ABSENT
+    """peft level, with a second adapter: ``peft_model.set_adapter(<name>)`` after it is added
+    (``"default"`` or ``"second"``; ABSENT: no call, ``default`` stays active)."""
     device: Literal["cpu", "cuda"] = "cpu"
 
 
@@ -200,6 +203,9 @@ class Case:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     invalid: bool = False
     """True when the strategy built this case to be rejected by both sides."""
+    second_adapter: AdapterSpec | None = None
+    """peft level: a second adapter, added as ``peft_model.add_adapter("second", LoraConfig(...))``
+    after ``get_peft_model`` (``reference.adapters``); None: one adapter."""
 
     # -- serialisation -------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -210,6 +216,7 @@ class Case:
             "adapter": _present(self.adapter),
             "training": _present(self.training),
             "invalid": self.invalid,
+            **({"second_adapter": _present(self.second_adapter)} if self.second_adapter is not None else {}),
         }
 
     def dumps(self) -> str:
@@ -224,6 +231,7 @@ class Case:
             adapter=_build(AdapterSpec, data.get("adapter", {})),
             training=_build(TrainingSpec, data.get("training", {})),
             invalid=bool(data.get("invalid", False)),
+            second_adapter=_build(AdapterSpec, data["second_adapter"]) if data.get("second_adapter") is not None else None,
         )
 
     @classmethod

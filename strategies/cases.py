@@ -33,6 +33,7 @@ from strategies.params import PARAMS_INVALID_KINDS, fused_types, has_parameters,
 from strategies.tokens import TOKENS_INVALID_KINDS, has_tokens, with_tokens
 from strategies.tying import with_tying
 from strategies.resume import with_resume
+from strategies.adapters import with_second_adapter
 from strategies.inits import INIT_INVALID_KINDS, init_values, init_variant, invalid_kind_possible, keeps_pinned_init
 from strategies.validation import check_kinds, check_rate
 from strategies.zoo import TASKS, ZOO, ZooEntry, tasks_of
@@ -419,6 +420,7 @@ def cases(
     parameters: bool = False,
     tying: bool = False,
     resume: bool = False,
+    adapters: bool = False,
 ) -> Case:
     """A whole case; about ``invalid_rate`` of them deliberately invalid (one rule broken).
 
@@ -428,7 +430,8 @@ def cases(
     token rows (a tokens cell: ``strategies.tokens``), ``parameters`` True parameter targets on a
     fused-expert type (a parameters cell: ``strategies.params``), ``tying`` True
     ``ensure_weight_tying`` (a tying cell: ``strategies.tying``), ``resume`` True a resumed
-    adapter (a resume cell: ``strategies.resume``).  ``inference_mode`` is
+    adapter (a resume cell: ``strategies.resume``), ``adapters`` True a second adapter (an
+    adapters cell: ``strategies.adapters``).  ``inference_mode`` is
     drawn at the peft level only (a trainer is given a config to train).  A passed-in PeftModel
     carries no DoRA adapter (the trained values of ``reference.trained`` leave magnitudes at
     their initial norms, and a merge of them is not modelled bit for bit): such a draw drops
@@ -505,4 +508,7 @@ def cases(
             adapter = dataclasses.replace(adapter, use_dora=ABSENT)
     free = invalid is None and not (dora or init or tokens or parameters or tying)
     training, adapter = draw(with_resume(training, adapter, pinned=resume and invalid is None, allowed=free))
-    return Case(model=model, quant=quant, adapter=adapter, training=training, invalid=invalid is not None)
+    adapter, training, second = draw(with_second_adapter(model, adapter, training, pinned=adapters and invalid is None,
+                                                         allowed=free and not resume))
+    return Case(model=model, quant=quant, adapter=adapter, training=training, invalid=invalid is not None,
+                second_adapter=second)

@@ -21,7 +21,8 @@ per level, the few cells that together reach every value pair of the coverage
 * peft level: ``tying`` (``ensure_weight_tying`` pinned), one cell per quantization kind on the
   decoder types whose embeddings are tied;
 * peft level: ``resume`` (``training.load_saved`` pinned: ``PeftModel.from_pretrained`` of a saved
-  adapter), one cell per quantization kind;
+  adapter) and ``adapters`` (a second adapter pinned: ``add_adapter`` / ``set_adapter``), one cell
+  each per quantization kind;
 * peft level: init variant x quantization kind, where the variant is one of the profile's
   ``init_lora_weights`` variants (``olora``, ``pissa``, ``orthogonal``; ``default`` for the
   rest): extra cells pin each variant, one per quantization kind it accepts (PiSSA refuses a
@@ -46,12 +47,13 @@ __all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_fea
            "expected_cells", "init_quant_kinds"]
 
 QUANT_KINDS = ("none", "8bit", "4bit")
-ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters", "tying", "resume")
+ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters", "tying", "resume", "adapters")
 """The adapter features a cell may pin: ``lora`` leaves them to the draw (its first example is
 plain LoRA), ``dora`` pins ``use_dora=True``, ``tokens`` pins ``trainable_token_indices``,
 ``parameters`` pins ``target_parameters`` (on the fused-expert types only: ``strategies.params``),
 ``tying`` pins ``ensure_weight_tying`` (peft level, on types with tied embeddings: ``strategies.tying``),
-``resume`` pins ``training.load_saved`` (peft level: ``strategies.resume``)."""
+``resume`` pins ``training.load_saved`` (peft level: ``strategies.resume``), ``adapters`` pins a second
+adapter (peft level: ``strategies.adapters``)."""
 
 DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peft: model_type x quantization": ("peft", ("model_type", "quantization")),
@@ -130,6 +132,10 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
             model_type = types[(row * 9 + 4) % len(types)]
             out.append(Cell("peft", model_type, quant, TARGET_KINDS[(row * 2) % len(TARGET_KINDS)],
                             tasks_of(model_type)[row % len(tasks_of(model_type))], "resume"))
+        for row, quant in enumerate(quants):
+            model_type = types[(row * 11 + 6) % len(types)]
+            out.append(Cell("peft", model_type, quant, ("list", "default", "regex")[row % 3],
+                            tasks_of(model_type)[row % len(tasks_of(model_type))], "adapters"))
         for v, variant in enumerate(select_profile().init_variants):
             for row, quant in enumerate(q for q in quants if q in init_quant_kinds(variant)):
                 model_type = types[(row * 5 + v * 13 + 3) % len(types)]
@@ -195,7 +201,8 @@ def _features(case: Mapping[str, Any]) -> dict[str, str]:
         "quantization": case.get("quant", {}).get("kind", "none"),
         "target_kind": target_kind(adapter.get("target_modules")),
         "task": model.get("task", "CAUSAL_LM"),
-        "adapter_feature": "resume" if case.get("training", {}).get("load_saved") else adapter_feature(adapter),
+        "adapter_feature": "resume" if case.get("training", {}).get("load_saved") else
+        "adapters" if case.get("second_adapter") else adapter_feature(adapter),
         "init_variant": init_variant(adapter.get("init_lora_weights")),
         "parameter_targets": "given" if adapter.get("target_parameters") else "-",
     }

@@ -135,7 +135,7 @@ def test_expected_cells_are_the_projections_of_the_cells():
     tying = ("tying",) if "ensure_weight_tying" in select_profile().features else ()
     for level in ("peft", "trl"):
         assert expected[f"{level}: adapter_feature x quantization"] == sorted(
-            itertools.product(features + (tying + ("resume",) if level == "peft" else ()), QUANTS))
+            itertools.product(features + (tying + ("resume", "adapters") if level == "peft" else ()), QUANTS))
     assert {c for c in expected["peft: parameter_targets x model_type"] if c[0] == "given"} == {
         ("given", t) for t in (fused_types() if "parameters" in features else ())}
     assert set(expected_cells(("trl",))) == {"trl: model_type x quantization", "trl: adapter_feature x quantization"}

@@ -76,7 +76,9 @@ SEED_ONLY = {"layers-to-transform-zero-read-as-missing", "orphan-lora-inside-sav
              "inference-mode-leaves-saved-copy-trainable",
              "lora-embedding-update-ignores-embed-scale", "falcon-8bit-modifies-a-matmul8bit-view-in-place",
              "trainable-tokens-skip-aliased-embeddings", "trainable-tokens-ignore-embed-scale",
-             "lora-only-bias-not-saved", "saved-copy-with-lora-inside-cannot-be-reloaded"}
+             "lora-only-bias-not-saved", "saved-copy-with-lora-inside-cannot-be-reloaded",
+             "new-adapter-saved-copy-active", "set-adapter-trains-original-of-unsaved-module",
+             "add-adapter-freezes-active-saved-copies"}
 # Entries for upstream ranges between the pinned stacks (trl 0.20 - 0.23; peft < 0.21.2 with transformers >= 5.18).
 NEITHER = {"trl-kbit-step-freezes-passed-peft-model", "seq2seq-peft-model-transformers-5-18",
            "moe-string-targets-split-into-characters", "peft-bnb-merge-drops-lora-bias-scaling",

@@ -234,6 +234,27 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules=("query", "dense"), task_type="SEQ_CLS"),
         training=TrainingSpec(prepare_kbit=False, load_saved=True),
     ),
+    # add_adapter saving lm_head anew: peft 0.15 - 0.17 activate the new adapter's copy.
+    "new-adapter-saved-copy-active": Case(
+        ModelSpec("llama", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("q_proj",)),
+        training=TrainingSpec(prepare_kbit=False),
+        second_adapter=AdapterSpec(r=2, target_modules=("v_proj",), modules_to_save=("lm_head",)),
+    ),
+    # set_adapter("default") where only the second adapter saves lm_head: peft 0.15 - 0.18 train the original.
+    "set-adapter-trains-original-of-unsaved-module": Case(
+        ModelSpec("llama", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("q_proj",)),
+        training=TrainingSpec(prepare_kbit=False, set_adapter="default"),
+        second_adapter=AdapterSpec(r=2, target_modules=("v_proj",), modules_to_save=("lm_head",)),
+    ),
+    # add_adapter whose config saves nothing: peft 0.15 - 0.19 freeze the active adapter's lm_head copy.
+    "add-adapter-freezes-active-saved-copies": Case(
+        ModelSpec("llama", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("q_proj",), modules_to_save=("lm_head",)),
+        training=TrainingSpec(prepare_kbit=False),
+        second_adapter=AdapterSpec(r=2, target_modules=("v_proj",)),
+    ),
 }
 ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"}}
 """Entries a minimal case may also meet: QDoRA on 8-bit on the CPU always meets the lost-scales one."""

@@ -96,6 +96,7 @@ _ANY_FIELDS = {
     "use_reentrant": (BOOL,),
     "autocast_adapter_dtype": (BOOL,),
     "is_trainable": (BOOL,),
+    "set_adapter": (STRING,),
 }
 
 
@@ -174,7 +175,7 @@ def case_from_json(data: Any, where: str = "--case") -> Any:
 
     if not isinstance(data, Mapping):
         raise CliError(f"{where}: a case is a JSON object with the sections {', '.join(SECTIONS)}, got {_show(data)}")
-    unknown = [k for k in data if k not in (*SECTIONS, "invalid")]
+    unknown = [k for k in data if k not in (*SECTIONS, "second_adapter", "invalid")]
     if unknown:
         raise CliError(f"{where}: {unknown[0]!r} is not a section of a case; the sections are {', '.join(SECTIONS)} "
                        "(and invalid: true or false)")
@@ -182,6 +183,8 @@ def case_from_json(data: Any, where: str = "--case") -> Any:
         raise CliError(f"{where}: invalid={_show(data['invalid'])} is not true or false")
     specs = {"model": ModelSpec, "quant": QuantSpec, "adapter": AdapterSpec, "training": TrainingSpec}
     checked = {s: _section(where, s, data.get(s, {}), specs[s]) for s in SECTIONS}
+    if data.get("second_adapter") is not None:  # an optional section: a second adapter (add_adapter)
+        checked["second_adapter"] = _section(where, "second_adapter", data["second_adapter"], AdapterSpec)
     model_type = checked["model"].get("model_type")
     if model_type is None:
         raise CliError(f"{where}: model.model_type is required: one of {', '.join(ZOO)}")

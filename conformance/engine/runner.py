@@ -31,6 +31,7 @@ from conformance.engine.snapshot import PeftFacts, Snapshot, error_snapshot, sna
 from reference import PreparationError, Profile, builtin_class
 from reference.prepare import prepare_wrapped
 from reference.resume import resume
+from reference.adapters import with_second_adapter
 from reference.trained import trained_seed
 from reference.notices import PreparationWarning
 from reference.trl import prepare_trl, select_trl_flow
@@ -135,6 +136,8 @@ def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Modu
                                            trained_seed(case))
             else:
                 prepared, wrapper = prepare_wrapped(model, case.adapter, case.training, profile)
+                if case.second_adapter is not None:
+                    wrapper = with_second_adapter(prepared, wrapper, case, profile)
         except PreparationError as exc:
             return error_snapshot(builtin_class(exc), exc.kind, str(exc)), None
     kinds = [w.message.kind for w in caught if isinstance(w.message, PreparationWarning)]

@@ -137,6 +137,10 @@ def prepare_peft(model: nn.Module, case: Case, source: nn.Module | None = None) 
         return peft_model.base_model.model, mutations, peft_model
     config = LoraConfig(**case.adapter.given())
     peft_model = get_peft_model(model, config, **kwargs)
+    if case.second_adapter is not None:
+        peft_model.add_adapter("second", LoraConfig(**case.second_adapter.given()))
+        if t.set_adapter is not ABSENT:
+            peft_model.set_adapter(t.set_adapter)
     return peft_model.base_model.model, config_mutations(config, case.adapter.given()), peft_model
 
 
@@ -253,6 +257,8 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("all_excluded", r"All modules were excluded"),
     ("no_target_modules", r"No `target_modules` passed but also no `target_parameters` found"),
     ("invalid_bias", r"Requested bias: .*, is not implemented"),
+    # add_adapter: peft trains biases for one adapter at most
+    ("several_adapters_with_bias", r"supports only 1 adapter with bias"),
     # transformers >= 5.18 removed what PeftModelForSeq2SeqLM saves (peft < 0.21.2).
     ("seq2seq_generation_kwargs_missing", r"_prepare_encoder_decoder_kwargs_for_generation"),
     # peft >= 0.17's parameter-level LoRA (target_parameters) rejects some options.

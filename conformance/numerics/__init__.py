@@ -303,7 +303,13 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
     init = resolve(case.adapter, profile).init_lora_weights
     # the variants that rewrite the base weight are checked against the loaded one
     before = loaded() if loaded is not None and variant_of(init) in RESIDUAL_INITS else None
-    ref_init, up_init = init_problems(reference, init, before), init_problems(upstream, init, before)
+    per_adapter = None
+    if case.second_adapter is not None:  # the second adapter's own init (reference.adapters)
+        from reference.adapters import SECOND
+
+        per_adapter = {SECOND: resolve(case.second_adapter, profile).init_lora_weights}
+    ref_init = init_problems(reference, init, before, per_adapter)
+    up_init = init_problems(upstream, init, before, per_adapter)
     for path in sorted(ref_init.keys() | up_init.keys()):
         if ref_init.get(path) == up_init.get(path):
             continue  # the same property broken alike on both sides (a passed-in trained adapter): not a divergence

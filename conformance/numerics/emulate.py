@@ -12,6 +12,8 @@ other fault, alone or beside the defect, leaves the runs apart and the divergenc
 * ``token_embed_scale_dropped``: a trainable-token wrapper around a scaled embedding (gemma's
   ``*ScaledWordEmbedding``, bart with ``scale_embedding``) looks up the rows without the
   embedding's ``embed_scale`` (peft < 0.18);
+* ``new_adapter_copy_active``: a module saved by an adapter that is not active runs that
+  adapter's copy instead of the original (peft < 0.18 activates the copy ``add_adapter`` makes);
 * ``tied_embedding_wrappers_bypassed``: the other embeddings that share the input embedding's
   weight (t5's ``encoder.embed_tokens`` and ``decoder.embed_tokens`` beside ``shared``) keep the
   original module, so their lookups ignore the trainable rows.
@@ -92,6 +94,21 @@ def _bypassed(wrapper: nn.Module) -> Callable:
     return forward
 
 
+def _inactive_copies(model: nn.Module) -> list[nn.Module]:
+    """The reference's saved modules that run their original because the active adapter has no
+    copy there (a module another adapter saved: ``reference.adapters``)."""
+    from reference.layers import SavedModule
+
+    return [m for m in model.modules() if isinstance(m, SavedModule) and m.active_adapter is None
+            and len(m.modules_to_save)]
+
+
+def _copy_run(wrapper: nn.Module) -> Callable:
+    def forward(*args, **kwargs):
+        return next(iter(wrapper.modules_to_save.values()))(*args, **kwargs)
+    return forward
+
+
 @dataclass(frozen=True)
 class Defect:
     name: str
@@ -109,6 +126,8 @@ class Defect:
 
 
 DEFECTS = (
+    Defect("new_adapter_copy_active", "a saved module runs its original while the active adapter has no copy there",
+           "upstream's forward is the reference's with the other adapter's copy running", _inactive_copies, _copy_run),
     Defect("tied_head_bias_dropped", "a tied output layer wrapped for trainable tokens adds its bias",
            "upstream's forward is the reference's with that bias dropped", _biased_heads, _without_bias),
     Defect("token_embed_scale_dropped", "a scaled embedding wrapped for trainable tokens keeps its embed_scale",

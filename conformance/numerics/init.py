@@ -235,11 +235,13 @@ def variant_of(init: Any) -> str | None:
     return kind if kind in VARIANTS else None
 
 
-def init_problems(model: nn.Module, init: Any, loaded: nn.Module | None = None) -> dict[str, list[str]]:
+def init_problems(model: nn.Module, init: Any, loaded: nn.Module | None = None,
+                  per_adapter: dict[str, Any] | None = None) -> dict[str, list[str]]:
     """Init properties that ``model``'s adapters break, by module path (``<pooled>`` for
     the pooled statistics); empty when every property holds.  ``init`` is the resolved
     ``init_lora_weights`` of the case; ``loaded``, the loaded model before preparation, lets
-    the variants that rewrite the base weight be checked against it."""
+    the variants that rewrite the base weight be checked against it.  ``per_adapter`` gives
+    another adapter's own ``init_lora_weights`` (a second adapter: ``reference.adapters``)."""
     out: dict[str, list[str]] = {}
     pooled: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     variant = variant_of(init)
@@ -248,12 +250,14 @@ def init_problems(model: nn.Module, init: Any, loaded: nn.Module | None = None) 
     for path, module in lora_layers(model):
         problems: list[str] = []
         for name in adapter_names(module):
+            own = (per_adapter or {}).get(name, init)
+            own_variant = variant if own is init else variant_of(own)
             if name in getattr(module, "lora_embedding_A", {}):
-                found = _embedding_problems(module, name, init, pooled, linear_as)
-            elif variant is not None:
-                found = variant_problems(module, path, name, variant, loaded, mean_square_bounds_normal)
+                found = _embedding_problems(module, name, own, pooled, linear_as)
+            elif own_variant is not None:
+                found = variant_problems(module, path, name, own_variant, loaded, mean_square_bounds_normal)
             else:
-                found = _linear_problems(module, name, init, pooled)
+                found = _linear_problems(module, name, own, pooled)
             found += _magnitude_problems(module, name)
             problems += [f"[{name}] {p}" for p in found]
         if problems:
