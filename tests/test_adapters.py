@@ -189,3 +189,17 @@ def test_switch_and_freeze_entries_are_scoped_by_what_each_adapter_saves():
     assert _scope("add-adapter-freezes-active-saved-copies", alone)
     assert not _scope("add-adapter-freezes-active-saved-copies", dataclasses.replace(
         alone, training=dataclasses.replace(alone.training, set_adapter="default")))
+
+
+def test_switch_entry_excuses_a_tied_embedding_only_through_a_bare_saved_head(monkeypatch):
+    """gemma3_text ties lm_head to embed_tokens: the original the switch makes trainable is listed
+    as the embedding's weight.  Without the switch, an embedding made trainable still fails."""
+    tied = _case(FIRST, SECOND, "default", model_type="gemma3_text")
+    assert _scope("set-adapter-trains-original-of-unsaved-module", tied)
+    plain = _case(FIRST, SECOND, model_type="gemma3_text")
+
+    def train_embedding(pm, name):
+        pm.base_model.model.model.embed_tokens.weight.requires_grad_(True)
+
+    _after_add_adapter(monkeypatch, train_embedding)
+    assert_caught([plain], {"requires_grad"}, path=r"model\.embed_tokens\.weight")

@@ -245,6 +245,10 @@ def test_cases_reach_every_invalid_kind(sample):
             continue
         # not in the sample: search for it (no_default_targets needs a type without defaults)
         types = NO_DEFAULTS if kind == "no_default_targets" else None
+        if kind == "param_wrapper_option":  # (only the fused-expert types have parameters to refuse)
+            from strategies.params import fused_types
+
+            types = fused_types() or None
         level = "trl" if kind == "peft_model_with_config" else "peft"  # a trl-level input (trl >= 0.27)
         found = find_any(cases(profile=CURRENT, model_types=types, level=level),
                          lambda c, kind=kind: invalid_kind(c) == kind)

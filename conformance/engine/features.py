@@ -519,12 +519,43 @@ def _moe_converted(ctx: CaseContext) -> bool:
 def _targets_inside_saved(ctx: CaseContext) -> frozenset[str]:
     """Modules the targets match that lie strictly inside a modules_to_save entry (which guards
     them): a module that *is* the entry is saved whole, no stray layer is attached to it."""
+    out: set[str] = set()
     settings = _settings(ctx)
-    if settings is None or not settings.modules_to_save:
+    if settings is not None and settings.modules_to_save:
+        names = tuple(settings.modules_to_save)
+        inside = set(_reached(ctx)) - set(_reached(ctx, names))
+        out |= {k for k in inside if "." in k and is_saved(k.rpartition(".")[0], names)}
+    if ctx.case.second_adapter is not None:  # the second adapter's own targets and saved modules
+        try:
+            second = resolve(ctx.case.second_adapter, ctx.profile)
+        except PreparationError:
+            second = None
+        if second is not None and second.modules_to_save:
+            names = tuple(second.modules_to_save)
+            inside = set(_reached_by(ctx, second, ())) - set(_reached_by(ctx, second, names))
+            out |= {k for k in inside if "." in k and is_saved(k.rpartition(".")[0], names)}
+    return frozenset(out)
+
+
+def _reached_by(ctx: CaseContext, settings: LoraSettings, saved: tuple[str, ...]) -> list[str]:
+    try:
+        return [t.name for t in iter_targets(ctx.model, settings, ctx.profile, saved)]
+    except PreparationError:
+        return []
+
+
+def _tied_to_saved_originals(ctx: CaseContext) -> frozenset[str]:
+    """Parameters that share their storage with a saved module's original (a tied input embedding
+    beside a saved ``lm_head``): where a flag set on the original shows (the reference's snapshot)."""
+    snap = ctx.reference
+    if snap is None or snap.model is None:
         return frozenset()
-    names = tuple(settings.modules_to_save)
-    inside = set(_reached(ctx)) - set(_reached(ctx, names))
-    return frozenset(k for k in inside if "." in k and is_saved(k.rpartition(".")[0], names))
+    out: set[str] = set()
+    for group in snap.model.shared_storage:
+        paths = group.split(" = ")
+        if any(".original_module." in p for p in paths):
+            out |= {p for p in paths if ".original_module." not in p}
+    return frozenset(out)
 
 
 def _saved_with_lora_inside(ctx: CaseContext) -> bool:
@@ -581,6 +612,7 @@ SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "tied_lora_factor_groups": _tied_lora_factor_groups,
     "rewrapped_parameter_paths": _rewrapped_parameter_paths,
     "targets_inside_saved": _targets_inside_saved,
+    "tied_to_saved_originals": _tied_to_saved_originals,
     "resolved_config_fields": _resolved_config_fields,
 }
 """Set features for ``{placeholders}`` in an entry's path and field regexes."""
