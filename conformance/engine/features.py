@@ -316,6 +316,12 @@ def _switch_leaves_a_saved_module_bare(ctx: CaseContext) -> bool:
     return any(n not in mine for n in other)
 
 
+def _scales(scale: object) -> bool:
+    from conformance.numerics.emulate import scales
+
+    return scales(scale)
+
+
 def _inference_model(ctx: CaseContext) -> bool:
     """The case prepares a model for inference: ``inference_mode=True``, or a resumed adapter
     loaded without ``is_trainable`` (``from_pretrained`` stores ``inference_mode=not is_trainable``)."""
@@ -341,7 +347,8 @@ FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "init_variant": lambda ctx: init_variant(ctx.case.adapter.init_lora_weights),
     "tied_head_with_bias": _tied_head_with_bias,
     "token_linear_with_bias": _token_linear_with_bias,
-    "scaled_input_embedding": lambda ctx: getattr(ctx.model.get_input_embeddings(), "embed_scale", None) is not None,
+    # an embed_scale of 1 (bart without scale_embedding) scales nothing: no scale to lose
+    "scaled_input_embedding": lambda ctx: _scales(getattr(ctx.model.get_input_embeddings(), "embed_scale", None)),
     "bare_parameter_adapters": lambda ctx: bool(ctx.value("feature.trainable_tokens")
                                                 or ctx.value("feature.embedding_targeted")),
     "moe_converted": lambda ctx: _moe_converted(ctx),

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["DEFECTS", "Defect"]
+__all__ = ["DEFECTS", "Defect", "scales"]
 
 
 def _token_wrappers(model: nn.Module) -> list[nn.Module]:
@@ -46,10 +46,11 @@ def _scaled_embeddings(model: nn.Module) -> list[nn.Module]:
     config scales: dropping it changes nothing, so it names no defect)."""
     return [w for w in _token_wrappers(model)
             if isinstance(w.token_adapter.base_layer, nn.Embedding)
-            and _scales(getattr(w.token_adapter.base_layer, "embed_scale", None))]
+            and scales(getattr(w.token_adapter.base_layer, "embed_scale", None))]
 
 
-def _scales(scale: object) -> bool:
+def scales(scale: object) -> bool:
+    """An ``embed_scale`` that changes the lookup (None or 1 does not)."""
     if scale is None:
         return False
     return not bool(torch.all(torch.as_tensor(scale, dtype=torch.float32) == 1.0))
