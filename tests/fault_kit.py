@@ -131,6 +131,22 @@ def invalid_candidates(where: Callable[[Case], bool], *scenarios: Case) -> list[
     return chosen + [s for s in scenarios if s not in chosen]
 
 
+def assert_clean(cases: Iterable[Case], allowed: Iterable[str] = ("loraconfig-mutated-in-place",), *,
+                 numerics: bool = False) -> list[Outcome]:
+    """Every case agrees with upstream, or diverges only as the ``allowed`` registry entries say;
+    with ``numerics``, the numerical checks ran on each (both sides built the same structure)."""
+    allowed = set(allowed)
+    outcomes = []
+    for case in cases:
+        outcome = run_case(case, PROFILE)
+        assert outcome.status in ("agree", "known"), (case.dumps(), outcome.divergences)
+        assert set(outcome.known) <= allowed, outcome.known
+        if numerics:
+            assert outcome.numerics is not None and outcome.same_structure, case.dumps()
+        outcomes.append(outcome)
+    return outcomes
+
+
 def assert_caught(candidates: Iterable[Case], fields: Iterable[str], *, path: str | None = None,
                   budget_s: float = 20.0) -> Outcome:
     """Run the candidates until one diverges in one of ``fields`` (and ``path``, a full-match regex)."""

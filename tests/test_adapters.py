@@ -12,7 +12,7 @@ from conformance.engine.features import CaseContext
 from conformance.engine.known import default_registry
 from conformance.engine.models import cache_dir, load_model
 from conformance.engine.runner import run_case
-from fault_kit import PROFILE, assert_caught
+from fault_kit import PROFILE, assert_caught, assert_clean
 from reference import select_profile
 from reference.adapters import with_second_adapter
 from reference.errors import InvalidConfig
@@ -93,12 +93,7 @@ CASES = [
 
 
 def test_clean_adapter_cases_agree():
-    allowed = {"loraconfig-mutated-in-place", "new-adapter-saved-copy-active"}
-    for case in CASES:
-        outcome = run_case(case, PROFILE)
-        assert outcome.status in ("agree", "known"), (case.dumps(), outcome.divergences)
-        assert set(outcome.known) <= allowed, outcome.known
-        assert outcome.numerics is not None
+    assert_clean(CASES, {"loraconfig-mutated-in-place", "new-adapter-saved-copy-active"}, numerics=True)
 
 
 def _after_add_adapter(monkeypatch, corrupt):

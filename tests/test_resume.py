@@ -18,7 +18,7 @@ import torch
 from conformance.engine.features import CaseContext
 from conformance.engine.known import default_registry
 from conformance.engine.runner import run_case
-from fault_kit import PROFILE, assert_caught
+from fault_kit import PROFILE, assert_caught, assert_clean
 from reference import select_profile
 from reference.resume import load_saved, resume, save_prepared
 from reference.prepare import prepare_wrapped
@@ -106,12 +106,8 @@ RESUME_CASES = [
 
 
 def test_clean_resume_cases_agree():
-    allowed = {"loraconfig-mutated-in-place", "inference-mode-leaves-saved-copy-trainable"}
-    for case in RESUME_CASES:
-        outcome = run_case(case, PROFILE)
-        assert outcome.status in ("agree", "known"), (case.dumps(), outcome.divergences)
-        assert set(outcome.known) <= allowed, outcome.known
-        assert outcome.numerics is not None and outcome.same_structure
+    assert_clean(RESUME_CASES, {"loraconfig-mutated-in-place", "inference-mode-leaves-saved-copy-trainable"},
+                 numerics=True)
 
 
 # -- held-out faults in upstream's loading ---------------------------------------------------------

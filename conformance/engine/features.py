@@ -280,62 +280,13 @@ def _lora_dropout_given(ctx: CaseContext) -> bool:
     return ctx.case.adapter.lora_dropout not in (ABSENT, None, 0, 0.0)
 
 
-def _second_adapter_saves_anew(ctx: CaseContext) -> bool:
-    """The second adapter saves a module the first does not (so ``add_adapter`` wraps it anew),
-    and the case does not switch to the second adapter afterwards."""
-    second = ctx.case.second_adapter
-    if second is None or ctx.case.training.set_adapter is not ABSENT:
-        return False
-    first, named = _saved_by_each(ctx)
-    return any(n not in first for n in named)
-
-
-def _saved_by_each(ctx: CaseContext) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The module names the first and the second adapter save (a classification PEFT model
-    saves its head for both)."""
-    def names(spec) -> tuple[str, ...]:
-        return tuple(spec.modules_to_save or ()) if spec.modules_to_save is not ABSENT else ()
-
-    return names(ctx.case.adapter) + _task_heads(ctx), names(ctx.case.second_adapter) + _task_heads(ctx)
-
-
-def _first_saves_alone(ctx: CaseContext) -> bool:
-    """A second adapter is added without a switch, and the first saves a module it does not."""
-    if ctx.case.second_adapter is None or ctx.case.training.set_adapter is not ABSENT:
-        return False
-    first, second = _saved_by_each(ctx)
-    return any(n not in second for n in first)
-
-
-def _switch_leaves_a_saved_module_bare(ctx: CaseContext) -> bool:
-    """``set_adapter`` switches to an adapter that has no copy in some saved module."""
-    if ctx.case.second_adapter is None or ctx.case.training.set_adapter is ABSENT:
-        return False
-    first, second = _saved_by_each(ctx)
-    mine, other = (first, second) if ctx.case.training.set_adapter == "default" else (second, first)
-    return any(n not in mine for n in other)
-
-
 def _scales(scale: object) -> bool:
     from conformance.numerics.emulate import scales
 
     return scales(scale)
 
 
-def _inference_model(ctx: CaseContext) -> bool:
-    """The case prepares a model for inference: ``inference_mode=True``, or a resumed adapter
-    loaded without ``is_trainable`` (``from_pretrained`` stores ``inference_mode=not is_trainable``)."""
-    t = ctx.case.training
-    if t.load_saved:
-        return t.is_trainable is not True
-    return ctx.case.adapter.inference_mode is True
-
-
 FEATURES: dict[str, Callable[[CaseContext], Any]] = {
-    "inference_model": _inference_model,
-    "second_adapter_saves_anew": _second_adapter_saves_anew,
-    "switch_leaves_a_saved_module_bare": _switch_leaves_a_saved_module_bare,
-    "first_saves_alone": _first_saves_alone,
     "target_kind": lambda ctx: target_kind(ctx.case.adapter.target_modules),
     "targets_reach_head": _targets_reach_head,
     "saved_module_quantized": _saved_module_quantized,
@@ -551,20 +502,6 @@ def _reached_by(ctx: CaseContext, settings: LoraSettings, saved: tuple[str, ...]
         return []
 
 
-def _tied_to_saved_originals(ctx: CaseContext) -> frozenset[str]:
-    """Parameters that share their storage with a saved module's original (a tied input embedding
-    beside a saved ``lm_head``): where a flag set on the original shows (the reference's snapshot)."""
-    snap = ctx.reference
-    if snap is None or snap.model is None:
-        return frozenset()
-    out: set[str] = set()
-    for group in snap.model.shared_storage:
-        paths = group.split(" = ")
-        if any(".original_module." in p for p in paths):
-            out |= {p for p in paths if ".original_module." not in p}
-    return frozenset(out)
-
-
 def _saved_with_lora_inside(ctx: CaseContext) -> bool:
     """The targets reach a module strictly inside a module that is saved (a ``modules_to_save``
     entry or, with a classification task, its head), guarding only what the profile guards while
@@ -604,9 +541,7 @@ def _conv1d_lora_modules(ctx: CaseContext) -> frozenset[str]:
     return frozenset(m.path for m in snap.lora if m.kind == "conv1d") if snap is not None else frozenset()
 
 
-CASE_ONLY = frozenset({"inference_model", "second_adapter_saves_anew", "switch_leaves_a_saved_module_bare",
-                       "first_saves_alone",
-                       "target_kind", "layers_pattern_given", "lora_dropout_given", "init_variant", "trainable_tokens",
+CASE_ONLY = frozenset({"target_kind", "layers_pattern_given", "lora_dropout_given", "init_variant", "trainable_tokens",
                        "integer_bnb_weights"})
 """Features computed from the case alone (no model, no snapshot): a ``when`` checks them first."""
 
@@ -619,8 +554,19 @@ SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "tied_lora_factor_groups": _tied_lora_factor_groups,
     "rewrapped_parameter_paths": _rewrapped_parameter_paths,
     "targets_inside_saved": _targets_inside_saved,
-    "tied_to_saved_originals": _tied_to_saved_originals,
     "resolved_config_fields": _resolved_config_fields,
 }
 """Set features for ``{placeholders}`` in an entry's path and field regexes."""
 
+
+# The features of resumed and several-adapter cases live beside these (conformance.engine.features_adapters);
+# imported last, since they build on this module's helpers.
+from conformance.engine.features_adapters import (  # noqa: E402
+    ADAPTER_CASE_ONLY,
+    ADAPTER_FEATURES,
+    ADAPTER_SET_FEATURES,
+)
+
+FEATURES.update(ADAPTER_FEATURES)
+SET_FEATURES.update(ADAPTER_SET_FEATURES)
+CASE_ONLY = CASE_ONLY | ADAPTER_CASE_ONLY

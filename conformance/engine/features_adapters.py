@@ -1,0 +1,88 @@
+"""Registry features of resumed adapters (``training.load_saved``) and of several adapters
+(``second_adapter``, ``training.set_adapter``): what the known-divergence entries about loading and
+switching adapters key on.  Registered into ``conformance.engine.features``' tables."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from conformance.engine.features import CaseContext, _task_heads
+from reference.spec import ABSENT
+
+__all__ = ["ADAPTER_CASE_ONLY", "ADAPTER_FEATURES", "ADAPTER_SET_FEATURES"]
+
+
+def _second_adapter_saves_anew(ctx: CaseContext) -> bool:
+    """The second adapter saves a module the first does not (so ``add_adapter`` wraps it anew),
+    and the case does not switch to the second adapter afterwards."""
+    second = ctx.case.second_adapter
+    if second is None or ctx.case.training.set_adapter is not ABSENT:
+        return False
+    first, named = _saved_by_each(ctx)
+    return any(n not in first for n in named)
+
+
+def _saved_by_each(ctx: CaseContext) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The module names the first and the second adapter save (a classification PEFT model
+    saves its head for both)."""
+    def names(spec) -> tuple[str, ...]:
+        return tuple(spec.modules_to_save or ()) if spec.modules_to_save is not ABSENT else ()
+
+    return names(ctx.case.adapter) + _task_heads(ctx), names(ctx.case.second_adapter) + _task_heads(ctx)
+
+
+def _first_saves_alone(ctx: CaseContext) -> bool:
+    """A second adapter is added without a switch, and the first saves a module it does not."""
+    if ctx.case.second_adapter is None or ctx.case.training.set_adapter is not ABSENT:
+        return False
+    first, second = _saved_by_each(ctx)
+    return any(n not in second for n in first)
+
+
+def _switch_leaves_a_saved_module_bare(ctx: CaseContext) -> bool:
+    """``set_adapter`` switches to an adapter that has no copy in some saved module."""
+    if ctx.case.second_adapter is None or ctx.case.training.set_adapter is ABSENT:
+        return False
+    first, second = _saved_by_each(ctx)
+    mine, other = (first, second) if ctx.case.training.set_adapter == "default" else (second, first)
+    return any(n not in mine for n in other)
+
+
+def _inference_model(ctx: CaseContext) -> bool:
+    """The case prepares a model for inference: ``inference_mode=True``, or a resumed adapter
+    loaded without ``is_trainable`` (``from_pretrained`` stores ``inference_mode=not is_trainable``)."""
+    t = ctx.case.training
+    if t.load_saved:
+        return t.is_trainable is not True
+    return ctx.case.adapter.inference_mode is True
+
+
+def _tied_to_saved_originals(ctx: CaseContext) -> frozenset[str]:
+    """Parameters that share their storage with a saved module's original (a tied input embedding
+    beside a saved ``lm_head``): where a flag set on the original shows (the reference's snapshot)."""
+    snap = ctx.reference
+    if snap is None or snap.model is None:
+        return frozenset()
+    out: set[str] = set()
+    for group in snap.model.shared_storage:
+        paths = group.split(" = ")
+        if any(".original_module." in p for p in paths):
+            out |= {p for p in paths if ".original_module." not in p}
+    return frozenset(out)
+
+
+
+ADAPTER_FEATURES: dict[str, Callable[[CaseContext], Any]] = {
+    "inference_model": _inference_model,
+    "second_adapter_saves_anew": _second_adapter_saves_anew,
+    "switch_leaves_a_saved_module_bare": _switch_leaves_a_saved_module_bare,
+    "first_saves_alone": _first_saves_alone,
+}
+"""Scalar features for ``when`` (all computed from the case alone)."""
+
+ADAPTER_CASE_ONLY = frozenset(ADAPTER_FEATURES)
+
+ADAPTER_SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
+    "tied_to_saved_originals": _tied_to_saved_originals,
+}
+"""Set features for ``{placeholders}``."""
