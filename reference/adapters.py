@@ -42,7 +42,7 @@ from reference.errors import InvalidConfig
 from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModule
 from reference.peft_model import CLASSIFIER_NAMES, PeftWrapper, condensed_targets, stored_config
 from reference.profiles import Profile
-from reference.spec import ABSENT, AdapterSpec, TrainingSpec
+from reference.spec import ABSENT, AdapterSpec
 from reference.targets import effective_targets, iter_targets
 
 __all__ = ["SECOND", "add_adapter", "set_adapter", "with_second_adapter"]
@@ -80,8 +80,7 @@ def _inside_lora(key: str, model: nn.Module) -> bool:
     return False
 
 
-def add_adapter(model: nn.Module, adapters: Adapters, name: str, spec: AdapterSpec, training: TrainingSpec,
-                profile: Profile) -> None:
+def add_adapter(model: nn.Module, adapters: Adapters, name: str, spec: AdapterSpec, profile: Profile) -> None:
     """``peft_model.add_adapter(name, LoraConfig(**spec))`` on a prepared ``model``."""
     settings = resolve(spec, profile)
     biased = [n for n, c in adapters.configs.items() if c.get("bias", "none") != "none"]
@@ -93,7 +92,6 @@ def add_adapter(model: nn.Module, adapters: Adapters, name: str, spec: AdapterSp
     resolved = effective_targets(model, settings, profile)
     fifo = settings.fan_in_fan_out
     before = list(adapters.active)
-    reached: list[str] = []
     for target in iter_targets(model, settings, profile, tuple(settings.modules_to_save or ()), targets=resolved):
         if _inside_lora(target.name, model):
             continue
@@ -109,7 +107,6 @@ def add_adapter(model: nn.Module, adapters: Adapters, name: str, spec: AdapterSp
             model.set_submodule(target.name, layer)
         layer.add_adapter(name, params)
         layer.active_adapters = list(before)
-        reached.append(target.name)
     for path, param in model.named_parameters():
         if f".{name}." in f".{path}." and ".lora_" in path:
             param.requires_grad = False
@@ -154,7 +151,7 @@ def with_second_adapter(model: nn.Module, wrapper: PeftWrapper, case, profile: P
     if wrapper.wrapper in CLASSIFIER_WRAPPERS:  # a classification PEFT model saves its head for every adapter
         saved = tuple(second.modules_to_save or ()) if second.modules_to_save is not ABSENT else ()
         second = dataclasses.replace(second, modules_to_save=saved + CLASSIFIER_NAMES)
-    add_adapter(model, adapters, SECOND, second, case.training, profile)
+    add_adapter(model, adapters, SECOND, second, profile)
     if case.training.set_adapter is not ABSENT:
         set_adapter(model, adapters, case.training.set_adapter)
     return adapters.facts()
