@@ -198,6 +198,14 @@ def after_get_peft_model(monkeypatch: pytest.MonkeyPatch, corrupt: Callable[[Any
     monkeypatch.setattr(peft, "get_peft_model", faulty)
 
 
+def unwrap_tied_head(peft_model: Any, _config: Any = None) -> None:
+    """A fault for :func:`after_get_peft_model`: ``lm_head`` loses its trainable-tokens wrapper
+    (its forward then ignores the trainable rows)."""
+    model = peft_model.base_model.model
+    if hasattr(model.lm_head, "token_adapter"):
+        model.lm_head = model.lm_head.token_adapter.base_layer
+
+
 def wrap_update_layer(monkeypatch: pytest.MonkeyPatch, *, before: Callable | None = None,
                       after: Callable | None = None) -> None:
     """Patch ``LoraLayer.update_layer`` (Linear and bnb LoRA layers use it): ``before(args)``

@@ -130,6 +130,18 @@ def _after_from_pretrained(monkeypatch, corrupt, **forced):
     monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(faulty))
 
 
+def _save_drops(monkeypatch, part: str) -> None:
+    """``save_pretrained`` leaves out every tensor whose key contains ``part``."""
+    import peft.peft_model as peft_model
+
+    original = peft_model.get_peft_model_state_dict
+
+    def dropping(*args, **kwargs):
+        return {k: v for k, v in original(*args, **kwargs).items() if part not in k}
+
+    monkeypatch.setattr(peft_model, "get_peft_model_state_dict", dropping)
+
+
 def test_catches_is_trainable_ignored(monkeypatch):
     _after_from_pretrained(monkeypatch, lambda pm: None, is_trainable=True)
     assert_caught([FROZEN], {"requires_grad"}, path=r".*\.lora_[AB]\.default\.weight")
@@ -151,14 +163,7 @@ def test_catches_a_saved_copy_that_is_not_loaded(monkeypatch):
 
 def test_catches_a_factor_the_save_dropped(monkeypatch):
     """save_pretrained loses every lora_B: the loaded adapter's B stays at its zero init."""
-    import peft.peft_model as peft_model
-
-    original = peft_model.get_peft_model_state_dict
-
-    def dropping(*args, **kwargs):
-        return {k: v for k, v in original(*args, **kwargs).items() if ".lora_B." not in k}
-
-    monkeypatch.setattr(peft_model, "get_peft_model_state_dict", dropping)
+    _save_drops(monkeypatch, ".lora_B.")
     assert_caught([QLORA], {"value"}, path=r".*\.lora_B\.default\.weight")
 
 
@@ -213,14 +218,7 @@ def test_lora_only_entry_catches_a_lost_factor_in_its_scope(monkeypatch):
     """Within the entry's scope (a resumed lora_only adapter), a factor the save lost still fails."""
     if not _scope("lora-only-bias-not-saved", LORA_ONLY):
         pytest.skip("the entry is not active on this stack")
-    import peft.peft_model as peft_model
-
-    original = peft_model.get_peft_model_state_dict
-
-    def dropping(*args, **kwargs):
-        return {k: v for k, v in original(*args, **kwargs).items() if ".lora_A." not in k}
-
-    monkeypatch.setattr(peft_model, "get_peft_model_state_dict", dropping)
+    _save_drops(monkeypatch, ".lora_A.")
     assert_caught([LORA_ONLY], {"value"}, path=r".*\.lora_A\.default\.weight")
 
 

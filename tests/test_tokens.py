@@ -12,7 +12,7 @@ from conformance.engine.features import CaseContext
 from conformance.engine.known import default_registry
 from conformance.engine.models import cache_dir, load_model
 from conformance.engine.runner import run_case
-from fault_kit import PROFILE, after_get_peft_model, assert_caught
+from fault_kit import PROFILE, after_get_peft_model, assert_caught, unwrap_tied_head
 from reference.errors import TokenIndexOutOfRange, TokensOnLoraLayer
 from reference.prepare import prepare
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
@@ -117,12 +117,7 @@ def test_catches_a_forward_that_ignores_the_rows(monkeypatch):
 
 def test_catches_a_tied_head_left_unwrapped(monkeypatch):
     """gpt2's lm_head shares wte's weight: without its wrapper the logits ignore the rows."""
-    def unwrap(pm, _config):
-        model = pm.base_model.model
-        if hasattr(model.lm_head, "token_adapter"):
-            model.lm_head = model.lm_head.token_adapter.base_layer
-
-    after_get_peft_model(monkeypatch, unwrap)
+    after_get_peft_model(monkeypatch, unwrap_tied_head)
     assert_caught([CASES[1]], {"tokens.present"}, path="lm_head")
 
 

@@ -8,7 +8,7 @@ import torch
 
 from conformance.engine.models import cache_dir, load_model
 from conformance.engine.runner import run_case
-from fault_kit import PROFILE, after_get_peft_model, assert_caught, assert_clean
+from fault_kit import PROFILE, after_get_peft_model, assert_caught, assert_clean, unwrap_tied_head
 from reference.errors import NoTargetMatched, TokensOnLoraLayer
 from reference.prepare import prepare
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
@@ -100,12 +100,7 @@ def test_catches_a_head_that_trains_the_embedding_rows(monkeypatch):
 
 
 def test_catches_a_tied_head_left_unwrapped(monkeypatch):
-    def unwrap(pm, _config):
-        model = pm.base_model.model
-        if hasattr(model.lm_head, "token_adapter"):
-            model.lm_head = model.lm_head.token_adapter.base_layer
-
-    after_get_peft_model(monkeypatch, unwrap)
+    after_get_peft_model(monkeypatch, unwrap_tied_head)
     assert_caught([EMBEDDING], {"tokens.present"}, path="lm_head")
 
 
