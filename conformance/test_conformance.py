@@ -72,7 +72,7 @@ def _run_cell(cell: Cell, request: pytest.FixtureRequest) -> None:
                      init=None if cell.init_variant == "default" else cell.init_variant,
                      tokens=cell.adapter_feature == "tokens", parameters=cell.adapter_feature == "parameters",
                      tying=cell.adapter_feature == "tying", resume=cell.adapter_feature == "resume",
-                     adapters=cell.adapter_feature == "adapters")
+                     adapters=cell.adapter_feature == "adapters", trainer=cell.trainer if cell.level == "trl" else None)
 
     @seed(_cell_seed(conf.seed, cell))
     @checks.hypothesis_settings(max_examples=conf.cell_examples, test_id=request.node.nodeid)
@@ -101,7 +101,7 @@ def test_peft_cell(cell: Cell, request):
 
 @pytest.mark.parametrize("cell", _cells("trl"), ids=lambda c: c.id)
 def test_trl_cell(cell: Cell, request):
-    """trl level, one cell: SFTTrainer's preparation agrees with the reference's trl flow."""
+    """trl level, one cell: the cell's trainer's preparation agrees with the reference's flow for it."""
     _run_cell(cell, request)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ __all__ = [
     "load_adapter",
     "read_adapter_spec",
     "save_adapter",
+    "spec_of_stored",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -132,13 +133,19 @@ _PAIRS = ("rank_pattern", "alpha_pattern")
 def read_adapter_spec(directory: str | Path) -> AdapterSpec:
     """The :class:`AdapterSpec` of a saved ``adapter_config.json`` (fields the reference
     does not model are left out; a non-LoRA adapter is an error)."""
-    import dataclasses
-
     data = json.loads((Path(directory) / CONFIG_NAME).read_text())
     if data.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}: peft_type={data.get('peft_type')!r}; only LORA adapters can be read")
     if data.get("use_dora"):
         raise ValueError(f"{directory}: use_dora=True; the reference does not load saved DoRA adapters yet")
+    return spec_of_stored(data)
+
+
+def spec_of_stored(data: Mapping[str, Any]) -> AdapterSpec:
+    """The :class:`AdapterSpec` of a stored config (``adapter_config.json``'s fields, or a PEFT
+    wrapper's ``config``): what ``LoraConfig(**stored)`` asks for."""
+    import dataclasses
+
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(AdapterSpec):
         # `inference_mode` is what save_pretrained writes (always True), not the adapter's shape:
@@ -148,8 +155,8 @@ def read_adapter_spec(directory: str | Path) -> AdapterSpec:
         value = data[f.name]
         if f.name in _PAIRS:
             value = tuple((value or {}).items())
-        elif isinstance(value, list):
-            value = tuple(value)
+        elif isinstance(value, (list, set, frozenset)):
+            value = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
         fields[f.name] = value
     return AdapterSpec(**fields)
 

@@ -67,6 +67,8 @@ class ModelSpec:
     """``dtype`` passed to the model (``torch_dtype`` of the checkpoint load)."""
     seed: int = 0
     """Seed of the random weights."""
+    num_labels: Any = ABSENT
+    """Classification heads: the number of labels (ABSENT: the zoo's).  A reward model has 1."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,16 @@ class TrainingSpec:
     set_adapter: Any = ABSENT
     """peft level, with a second adapter: ``peft_model.set_adapter(<name>)`` after it is added
     (``"default"`` or ``"second"``; ABSENT: no call, ``default`` stays active)."""
+    trainer: Any = ABSENT
+    """trl level: which trainer prepares the model, by trl's short name (``sft``, ``dpo``, ``kto``,
+    ``reward``, ``grpo``, ``rloo``, ``orpo``, ``cpo``, ``bco``; ABSENT: ``sft``).  Its rules per trl
+    era: ``reference.trainers``."""
     device: Literal["cpu", "cuda"] = "cpu"
+
+    @property
+    def trainer_name(self) -> str:
+        """The trainer's short name (``sft`` when not given)."""
+        return "sft" if self.trainer is ABSENT else str(self.trainer)
 
 
 @dataclass(frozen=True)

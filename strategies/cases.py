@@ -34,6 +34,7 @@ from strategies.tokens import TOKENS_INVALID_KINDS, has_tokens, with_tokens
 from strategies.tying import with_tying
 from strategies.resume import with_resume
 from strategies.adapters import with_second_adapter
+from strategies.trainers import pair_rule, trainer_task, trainer_training, trainers, with_trainer
 from strategies.inits import INIT_INVALID_KINDS, init_values, init_variant, invalid_kind_possible, keeps_pinned_init
 from strategies.validation import check_kinds, check_rate
 from strategies.zoo import TASKS, ZOO, ZooEntry, tasks_of
@@ -103,16 +104,14 @@ def _absent_or(strategy: SearchStrategy[Any]) -> SearchStrategy[Any]:
     return st.one_of(st.just(ABSENT), strategy)
 
 
-def _rejects_peft_model_with_config() -> bool:
-    from reference.trl import select_trl_flow
-
-    return select_trl_flow().peft_model_with_config == "reject"
+def _rejects_peft_model_with_config(trainer: str = "sft") -> bool:
+    return pair_rule(trainer) == "reject"
 
 
 def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, profile: Profile,
                              dora: bool | None = None, *, quantized: bool | None = None,
-                             init: str | None = None, tokens: bool = False, parameters: bool = False
-                             ) -> tuple[str, ...]:
+                             init: str | None = None, tokens: bool = False, parameters: bool = False,
+                             trainer: str = "sft") -> tuple[str, ...]:
     """The invalid kinds that can be built for this model, level and target kind, alone
     (``dora`` True: with ``use_dora`` pinned on; ``quantized``: the case's quantization, None
     unknown; ``init``: a pinned init variant)."""
@@ -128,7 +127,7 @@ def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, pro
             continue  # only for types without defaults (above)
         if kind == "lora_bias_on_embedding" and not entry.embedding_names:
             continue
-        if kind == "peft_model_with_config" and (level != "trl" or not _rejects_peft_model_with_config()):
+        if kind == "peft_model_with_config" and (level != "trl" or not _rejects_peft_model_with_config(trainer)):
             continue
         if kind == "peft_model_with_config" and dora:
             continue  # DoRA is not drawn on a passed-in PeftModel (cases())
@@ -421,6 +420,7 @@ def cases(
     tying: bool = False,
     resume: bool = False,
     adapters: bool = False,
+    trainer: str | None = None,
 ) -> Case:
     """A whole case; about ``invalid_rate`` of them deliberately invalid (one rule broken).
 
@@ -431,7 +431,8 @@ def cases(
     fused-expert type (a parameters cell: ``strategies.params``), ``tying`` True
     ``ensure_weight_tying`` (a tying cell: ``strategies.tying``), ``resume`` True a resumed
     adapter (a resume cell: ``strategies.resume``), ``adapters`` True a second adapter (an
-    adapters cell: ``strategies.adapters``).  ``inference_mode`` is
+    adapters cell: ``strategies.adapters``); ``trainer`` pins the trl-level trainer (a trainer
+    cell: ``strategies.trainers``; drawn otherwise).  ``inference_mode`` is
     drawn at the peft level only (a trainer is given a config to train).  A passed-in PeftModel
     carries no DoRA adapter (the trained values of ``reference.trained`` leave magnitudes at
     their initial norms, and a merge of them is not modelled bit for bit): such a draw drops
@@ -446,8 +447,11 @@ def cases(
     if tasks is not None:
         check_kinds("tasks", tasks, TASKS)
     profile = profile or select_profile()
-    # SFTTrainer trains causal language models only.
-    model = draw(model_specs(model_types=model_types, tasks=("CAUSAL_LM",) if level == "trl" else tasks))
+    # A trainer trains one kind of model: SFTTrainer and most others causal LMs, RewardTrainer a
+    # one-label sequence classifier.
+    trainer_name = draw(trainers(trainer, model_types), label="trainer") if level == "trl" else "sft"
+    model = draw(model_specs(model_types=model_types, tasks=(trainer_task(trainer_name),) if level == "trl" else tasks))
+    model = with_trainer(model, trainer_name)
     quant = draw(quant_specs(quant_kinds), label="quant")
     if quant.quantized and model.task in ("SEQ_CLS", "TOKEN_CLS") and draw(st.integers(0, 9), label="keep_heads") != 9:
         # transformers quantizes some classification heads (which ones depends on its version);
@@ -466,12 +470,12 @@ def cases(
     if forced or draw(st.sampled_from((False,) * (40 - slots) + (True,) * slots), label="invalid_roll"):
         if kind is not None:
             possible = compatible_invalid_kinds(model, level, kind, profile, dora, quantized=quant.quantized, init=init,
-                                                tokens=tokens, parameters=parameters)
+                                                tokens=tokens, parameters=parameters, trainer=trainer_name)
         else:
             possible = tuple(dict.fromkeys(
                 k for tk in TARGET_KINDS
                 for k in compatible_invalid_kinds(model, level, tk, profile, dora, quantized=quant.quantized, init=init,
-                                                  tokens=tokens, parameters=parameters)))
+                                                  tokens=tokens, parameters=parameters, trainer=trainer_name)))
         invalid = draw(st.sampled_from(possible), label="invalid_kind")
     adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind, dora=dora, init=init))
     adapter = draw(with_tokens(adapter, ZOO[model.model_type], profile, pinned=tokens, invalid=invalid,
@@ -482,8 +486,8 @@ def cases(
     if quant.quantized and adapter.init_lora_weights == "pissa" and invalid != "pissa_on_quantized":
         adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)  # PiSSA refuses a quantized base
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
-                                        False if _rejects_peft_model_with_config() else None)
-    training = draw(training_specs(level, quant, peft_model_with_config=pair))
+                                        False if pair_rule(trainer_name) in ("reject", "none") else None)
+    training = trainer_training(draw(training_specs(level, quant, peft_model_with_config=pair)), trainer_name)
     if level == "trl" and adapter.inference_mode is not ABSENT:
         adapter = dataclasses.replace(adapter, inference_mode=ABSENT)  # a trainer trains: peft level only
     if training.peft_model_in and init_variant(adapter.init_lora_weights) != "default":

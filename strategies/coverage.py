@@ -18,6 +18,10 @@ per level, the few cells that together reach every value pair of the coverage
   the peft level one cell per fused type and quantization kind (target kinds list, all-linear,
   regex rotating), at the trl level one per quantization kind; the dimension
   ``parameter_targets x model_type`` asks for every fused type with parameter targets;
+* trl level: trainer x quantization kind, where the trainer is each one the installed trl is
+  generated with (``strategies.trainers``): one cell per trainer other than SFT and quantization
+  kind, the model types of the trainer's task rotating (SFT's cells are the plain ones above, which
+  pin it, as the feature cells do);
 * peft level: ``tying`` (``ensure_weight_tying`` pinned), one cell per quantization kind on the
   decoder types whose embeddings are tied;
 * peft level: ``resume`` (``training.load_saved`` pinned: ``PeftModel.from_pretrained`` of a saved
@@ -41,6 +45,7 @@ from typing import Any, Callable, Iterable, Mapping
 from reference.profiles import select_profile
 from strategies.inits import init_variant
 from strategies.targets import TARGET_KINDS, target_kind
+from strategies.trainers import installed_trainers, trainer_of, trainer_task
 from strategies.zoo import model_types, tasks_of
 
 __all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_feature", "cells", "dimension_cells",
@@ -62,6 +67,7 @@ DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "trl: model_type x quantization": ("trl", ("model_type", "quantization")),
     "peft: adapter_feature x quantization": ("peft", ("adapter_feature", "quantization")),
     "trl: adapter_feature x quantization": ("trl", ("adapter_feature", "quantization")),
+    "trl: trainer x quantization": ("trl", ("trainer", "quantization")),
     "peft: init_variant x quantization": ("peft", ("init_variant", "quantization")),
     "peft: parameter_targets x model_type": ("peft", ("parameter_targets", "model_type")),
 }
@@ -81,6 +87,8 @@ class Cell:
     """One of :data:`ADAPTER_FEATURES`."""
     init_variant: str = "default"
     """``default`` (drawn freely) or an ``init_lora_weights`` variant the cell pins."""
+    trainer: str = "sft"
+    """trl level: the trainer the cell pins (``-`` at the peft level)."""
 
     @property
     def parameter_targets(self) -> str:
@@ -91,6 +99,7 @@ class Cell:
     def id(self) -> str:
         base = f"{self.model_type}-{self.quantization}-{self.target_kind}-{self.task}"
         base = base if self.adapter_feature == "lora" else f"{base}-{self.adapter_feature}"
+        base = base if self.trainer in ("sft", "-") else f"{base}-{self.trainer}"
         return base if self.init_variant == "default" else f"{base}-init_{self.init_variant}"
 
     def feature(self, name: str) -> str:
@@ -155,6 +164,13 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
         fused = _fused_types()
         for row, quant in enumerate(quants if fused else ()):
             out.append(Cell("trl", fused[row % len(fused)], quant, _PARAMETER_KINDS[row % 3], "CAUSAL_LM", "parameters"))
+        for t, trainer in enumerate(n for n in installed_trainers() if n != "sft"):
+            task = trainer_task(trainer)
+            typed = _with_defaults(model_types(task))
+            for row, quant in enumerate(quants):
+                model_type = typed[(row * 5 + t * 7) % len(typed)]
+                out.append(Cell("trl", model_type, quant, TARGET_KINDS[(row + t) % len(TARGET_KINDS)], task,
+                                trainer=trainer))
     else:
         raise ValueError(f"level={level!r} is not one of peft, trl")
     return tuple(c for c in out if keep is None or keep(c))
@@ -205,6 +221,7 @@ def _features(case: Mapping[str, Any]) -> dict[str, str]:
         "adapters" if case.get("second_adapter") else adapter_feature(adapter),
         "init_variant": init_variant(adapter.get("init_lora_weights")),
         "parameter_targets": "given" if adapter.get("target_parameters") else "-",
+        "trainer": trainer_of(case),
     }
 
 

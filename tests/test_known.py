@@ -78,7 +78,8 @@ SEED_ONLY = {"layers-to-transform-zero-read-as-missing", "orphan-lora-inside-sav
              "trainable-tokens-skip-aliased-embeddings", "trainable-tokens-ignore-embed-scale",
              "lora-only-bias-not-saved", "saved-copy-with-lora-inside-cannot-be-reloaded",
              "new-adapter-saved-copy-active", "set-adapter-trains-original-of-unsaved-module",
-             "add-adapter-freezes-active-saved-copies"}
+             "add-adapter-freezes-active-saved-copies", "dpo-family-merge-reads-a-missing-bias",
+             "peft-015-merge-drops-lora-bias-scaling"}
 # Entries for upstream ranges between the pinned stacks (trl 0.20 - 0.23; peft < 0.21.2 with transformers >= 5.18).
 NEITHER = {"trl-kbit-step-freezes-passed-peft-model", "seq2seq-peft-model-transformers-5-18",
            "moe-string-targets-split-into-characters", "peft-bnb-merge-drops-lora-bias-scaling",
@@ -88,7 +89,8 @@ NEITHER = {"trl-kbit-step-freezes-passed-peft-model", "seq2seq-peft-model-transf
 def test_shipped_entries_are_active_for_their_stacks_and_not_for_an_old_one():
     current = load_registry(REGISTRY_PATH, versions=STACK)
     assert {e.id for e in current.active} == {e.id for e in current.entries} - SEED_ONLY - NEITHER
-    seed = load_registry(REGISTRY_PATH, versions={"peft": "0.15.2", "transformers": "4.53.3", "bitsandbytes": "0.47.0"})
+    seed = load_registry(REGISTRY_PATH, versions={"peft": "0.15.2", "transformers": "4.53.3", "bitsandbytes": "0.47.0",
+                                                  "trl": "0.19.1"})
     assert SEED_ONLY <= {e.id for e in seed.active} and not NEITHER & {e.id for e in seed.active}
     # bitsandbytes 0.47 keeps the int8 scales of a re-assigned 8-bit weight: QDoRA runs on the seed stack
     assert "qdora-8bit-cpu-weight-loses-int8-scales" not in {e.id for e in seed.active}

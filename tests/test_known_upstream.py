@@ -255,6 +255,20 @@ MINIMAL = {
         training=TrainingSpec(prepare_kbit=False),
         second_adapter=AdapterSpec(r=2, target_modules=("v_proj",)),
     ),
+    # trl 0.19's DPO family merges a PeftModel given with a peft_config: peft 0.15's 8-bit merge reads a
+    # missing base bias (llama's q_proj has none)...
+    "dpo-family-merge-reads-a-missing-bias": Case(
+        ModelSpec("llama", num_layers=1),
+        QuantSpec(kind="8bit"),
+        AdapterSpec(r=4, lora_alpha=8, target_modules=("q_proj",), lora_bias=True, task_type="CAUSAL_LM"),
+        TrainingSpec(level="trl", prepare_kbit=False, trainer="dpo", peft_model_in=True, peft_config_too=True),
+    ),
+    # ...and its plain merge adds the LoRA bias unscaled (gpt_neox's query_key_value has a bias).
+    "peft-015-merge-drops-lora-bias-scaling": Case(
+        ModelSpec("gpt_neox", num_layers=1),
+        adapter=AdapterSpec(r=4, lora_alpha=8, target_modules=("query_key_value",), lora_bias=True, task_type="CAUSAL_LM"),
+        training=TrainingSpec(level="trl", prepare_kbit=False, trainer="kto", peft_model_in=True, peft_config_too=True),
+    ),
 }
 ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"}}
 """Entries a minimal case may also meet: QDoRA on 8-bit on the CPU always meets the lost-scales one."""

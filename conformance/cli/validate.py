@@ -97,6 +97,8 @@ _ANY_FIELDS = {
     "autocast_adapter_dtype": (BOOL,),
     "is_trainable": (BOOL,),
     "set_adapter": (STRING,),
+    "trainer": (STRING,),
+    "num_labels": (INT,),
 }
 
 
@@ -131,6 +133,13 @@ def _ranges(section: str, name: str, value: Any) -> str | None:
         return "a non-negative integer"
     if section == "quant" and name == "int8_threshold" and value < 0:
         return "a non-negative number"
+    if section == "model" and name == "num_labels" and value < 1:
+        return "a positive integer"
+    if section == "training" and name == "trainer":
+        from reference.trainers import TRAINER_NAMES
+
+        if value not in TRAINER_NAMES:
+            return f"one of {', '.join(TRAINER_NAMES)}"
     return None
 
 

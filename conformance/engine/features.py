@@ -337,6 +337,12 @@ def _relative(params: dict[str, Any], prefix: str, skip: tuple[str, ...] = ("pat
     return {p[len(prefix) + 1:]: _without(f, skip) for p, f in params.items() if p.startswith(prefix + ".")}
 
 
+def _seeded(ctx: CaseContext) -> bool:
+    from conformance.engine.runner import seeded_values
+
+    return seeded_values(ctx.case)
+
+
 def _widened_targets(ctx: CaseContext) -> frozenset[str]:
     """Modules a regex target does not match but whose leaf name is the leaf name of one it
     matches (not excluded, not saved): what resolving the regex to leaf names adds.  A module
@@ -355,7 +361,9 @@ def _widened_targets(ctx: CaseContext) -> frozenset[str]:
     ref_lora, up_lora = {m.path: m for m in ref.lora}, {m.path: m for m in up.lora}
     ref_params, up_params = {p.path: p for p in ref.params}, {p.path: p for p in up.params}
     # OLoRA and PiSSA leave each module's own residual in its base weight: values differ per module
-    skip = ("path", "value") if init_variant(ctx.case.adapter.init_lora_weights) in ("olora", "pissa") else ("path",)
+    # (and seeded trained values, fingerprinted where a passed-in adapter's are compared, are seeded per path)
+    per_module = init_variant(ctx.case.adapter.init_lora_weights) in ("olora", "pissa") or _seeded(ctx)
+    skip = ("path", "value") if per_module else ("path",)
     out = set()
     for name, _ in ctx.model.named_modules():
         if not name or name in matched or name.rsplit(".", 1)[-1] not in leaves:
@@ -535,6 +543,12 @@ def _bnb_lora_modules(ctx: CaseContext) -> frozenset[str]:
     return frozenset(m.path for m in snap.lora if m.kind in ("bnb4bit", "bnb8bit")) if snap is not None else frozenset()
 
 
+def _lora_modules(ctx: CaseContext) -> frozenset[str]:
+    """The reference's LoRA modules, whatever their base layer."""
+    snap = ctx.reference
+    return frozenset(m.path for m in snap.lora) if snap is not None else frozenset()
+
+
 def _conv1d_lora_modules(ctx: CaseContext) -> frozenset[str]:
     """The reference's LoRA modules around a transformers ``Conv1D`` (weight stored (in, out))."""
     snap = ctx.reference
@@ -548,6 +562,7 @@ CASE_ONLY = frozenset({"target_kind", "layers_pattern_given", "lora_dropout_give
 
 SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "bnb_lora_modules": _bnb_lora_modules,
+    "lora_modules": _lora_modules,
     "conv1d_lora_modules": _conv1d_lora_modules,
     "widened_targets": _widened_targets,
     "pattern_kinds_on_parameters_only": _pattern_kinds_on_parameters_only,

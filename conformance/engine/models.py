@@ -31,7 +31,7 @@ from transformers import (
     PretrainedConfig,
 )
 
-from reference.spec import ModelSpec, QuantSpec
+from reference.spec import ABSENT, ModelSpec, QuantSpec
 from strategies.zoo import CAUSAL_NEEDS_IS_DECODER, ZOO, tasks_of
 
 __all__ = [
@@ -100,6 +100,10 @@ def make_config(spec: ModelSpec) -> PretrainedConfig:
     if spec.hidden_size < 64 or spec.hidden_size % 64:
         raise ValueError(f"hidden_size must be a positive multiple of 64, got {spec.hidden_size}")
     config = entry.make_config(spec.num_layers, spec.hidden_size)
+    if spec.num_labels is not ABSENT:
+        if spec.task not in ("SEQ_CLS", "TOKEN_CLS"):
+            raise ValueError(f"num_labels is for classification heads, not task {spec.task!r}")
+        config.num_labels = int(spec.num_labels)
     if spec.task == "CAUSAL_LM" and spec.model_type in CAUSAL_NEEDS_IS_DECODER:
         config.is_decoder = True
     return config
@@ -174,7 +178,8 @@ def spec_key(spec: ModelSpec) -> str:
     """A stable hash of ``spec``, its zoo config and the library versions."""
     payload = {
         "format": _FORMAT,
-        "spec": dataclasses.asdict(spec),
+        # (a field left ABSENT is not part of the key: keys stay stable when a field is added)
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items() if v is not ABSENT},
         "config": make_config(spec).to_dict(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

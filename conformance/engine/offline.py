@@ -6,13 +6,18 @@ rows already tokenized (``input_ids``, ending in the end-of-sequence id, as SFTT
 preparation of the rows' text would give), passed with ``skip_prepare_dataset``: trl's
 dataset preparation never sees the model, and its ``datasets.map`` calls (fingerprinting each
 transform with dill) cost some 30 ms per trainer.  Both are built once per process.
+
+The other trainers get the smallest dataset of their kind (:func:`trainer_dataset`): preference
+pairs (DPO, ORPO, CPO), unpaired labelled completions (KTO, BCO), chosen / rejected texts
+(Reward) or prompts (GRPO, RLOO, with :func:`reward_function`; nothing is generated, since
+``train()`` never runs).
 """
 
 from __future__ import annotations
 
 import functools
 
-__all__ = ["DATASET_KWARGS", "dataset", "tokenizer"]
+__all__ = ["DATASET_KWARGS", "dataset", "reward_function", "tokenizer", "trainer_dataset"]
 
 DATASET_KWARGS = {"skip_prepare_dataset": True}
 """``SFTConfig.dataset_kwargs`` for :func:`dataset` (trl 0.19 and 1.x read the same key)."""
@@ -41,3 +46,25 @@ def dataset():
     tok = tokenizer()
     rows = [tok(text)["input_ids"] + [tok.eos_token_id] for text in TEXTS]
     return Dataset.from_dict({"input_ids": rows})
+
+
+_ROWS = {
+    "preference": {"prompt": ["w1 w2", "w3 w4"], "chosen": [" w5", " w6"], "rejected": [" w7", " w8"]},
+    "unpaired": {"prompt": ["w1 w2", "w3 w4"], "completion": [" w5", " w6"], "label": [True, False]},
+    "pairs": {"chosen": ["w1 w2 w5", "w3 w4 w6"], "rejected": ["w1 w2 w7", "w3 w4 w8"]},
+    "prompts": {"prompt": ["w1 w2", "w3 w4"]},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_dataset(kind: str):
+    """The two-row dataset of ``kind``: ``preference``, ``unpaired``, ``pairs`` or ``prompts``."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    return Dataset.from_dict(_ROWS[kind])
+
+
+def reward_function(completions, **kwargs):
+    """GRPO's / RLOO's reward: a constant (it is never called: nothing trains)."""
+    return [0.0 for _ in completions]

@@ -117,6 +117,15 @@ def _fresh(case: Case) -> nn.Module:
     return load_model(case.model, case.quant, cache_dir(), device=case.training.device)
 
 
+def seeded_values(case: Case) -> bool:
+    """Whether every new parameter of ``case``'s prepared model holds seeded values both sides
+    must agree on (``reference.trained``), so that the snapshot fingerprints them: an adapter
+    loaded from a file, or a trained PeftModel handed to a trainer without a new config (the
+    DPO family's ``ref`` adapter copies it)."""
+    t = case.training
+    return bool(t.load_saved) or (t.level == "trl" and t.peft_model_in and not t.peft_config_too)
+
+
 def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Module | None]:
     """The reference's snapshot of ``case`` and its prepared model (None when it raised)."""
     # At the trl level with a path, the trainer loads the checkpoint through transformers;
@@ -143,7 +152,7 @@ def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Modu
     kinds = [w.message.kind for w in caught if isinstance(w.message, PreparationWarning)]
     peft = PeftFacts(wrapper.wrapper, wrapper.active_adapters, normalise_config(dict(wrapper.config)))
     return snapshot_of(prepared, kinds, trainer_gc, pristine=_pristine(case), peft=peft,
-                       fingerprint_new=case.training.load_saved), prepared
+                       fingerprint_new=seeded_values(case)), prepared
 
 
 def _upstream_side(case: Case, raw_warnings: list[str] | None = None) -> Snapshot:
@@ -179,7 +188,7 @@ def _upstream_prepared(case: Case, raw_warnings: list[str] | None = None) -> tup
     name, active, stored = upstream.wrapper_facts(wrapper)
     peft = PeftFacts(name, active, normalise_config(stored))
     snap = snapshot_of(prepared, kinds, trainer_gc, pristine=_pristine(case), peft=peft,
-                       fingerprint_new=t.load_saved)
+                       fingerprint_new=seeded_values(case))
     return dataclasses.replace(snap, config_mutations=mutations), prepared
 
 

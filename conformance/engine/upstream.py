@@ -24,6 +24,7 @@ __all__ = [
     "config_mutations",
     "prepare_peft",
     "prepare_trl",
+    "trainer_classes",
     "versions",
     "wrapper_facts",
 ]
@@ -164,8 +165,60 @@ def memoize_accelerate_package_lookups() -> None:
     imports._is_package_available = functools.lru_cache(maxsize=None)(lookup)
 
 
+_TRAINER_CLASSES = {
+    "sft": "SFT", "dpo": "DPO", "kto": "KTO", "reward": "Reward", "grpo": "GRPO", "rloo": "RLOO",
+    "orpo": "ORPO", "cpo": "CPO", "bco": "BCO",
+}
+"""A trainer's short name -> the prefix of its trl classes (``<X>Trainer``, ``<X>Config``)."""
+
+
+def trainer_classes(trainer: str) -> tuple[Any, Any]:
+    """(``<X>Trainer``, ``<X>Config``) of the installed trl, from its top level, else from
+    ``trl.experimental`` (where trl 0.26+ moved some trainers)."""
+    import importlib
+
+    import trl
+
+    prefix = _TRAINER_CLASSES[trainer]
+    places = [trl]
+    with contextlib.suppress(ImportError):
+        places.append(importlib.import_module(f"trl.experimental.{trainer}"))
+    for place in places:
+        found = getattr(place, f"{prefix}Trainer", None), getattr(place, f"{prefix}Config", None)
+        if found[0] is not None and found[1] is not None:
+            return found
+    raise ImportError(f"trl {trl.__version__} has no {prefix}Trainer")
+
+
+def _trainer_inputs(trainer: str) -> dict[str, Any]:
+    """The dataset (and reward function) each trainer is built with (``conformance.engine.offline``)."""
+    from conformance.engine import offline
+    from reference.trainers import TRAINERS
+
+    if trainer == "sft":
+        return {"train_dataset": offline.dataset()}
+    kind = next(r.dataset for r in TRAINERS if r.trainer == trainer)
+    out: dict[str, Any] = {"train_dataset": offline.trainer_dataset(kind)}
+    if kind == "prompts":
+        out["reward_funcs"] = offline.reward_function
+    return out
+
+
+def _trainer_args(trainer: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus what ``trainer``'s config needs to build offline: SFT's pre-tokenized
+    dataset; GRPO's / RLOO's group size (two prompts, two generations each)."""
+    from conformance.engine import offline
+
+    if trainer == "sft":
+        return dict(kwargs, dataset_kwargs=dict(offline.DATASET_KWARGS))
+    if trainer in ("grpo", "rloo"):
+        return dict(kwargs, per_device_train_batch_size=2, num_generations=2, max_completion_length=4)
+    return kwargs
+
+
 def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tuple[str, ...], Any]:
-    """``SFTTrainer(model, args, peft_config=LoraConfig(...))``, built offline.
+    """``<Trainer>(model, args, peft_config=LoraConfig(...))``, built offline; the trainer is
+    ``training.trainer`` (SFTTrainer when absent).
 
     ``model`` is a loaded model, or a checkpoint directory that the trainer loads with
     ``model_init_kwargs`` (dtype and quantization config).  Returns the transformers
@@ -177,17 +230,16 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
 
     import trl
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
     from conformance.engine import offline
     from conformance.engine.models import quantization_config
 
     memoize_accelerate_package_lookups()
     t = case.training
+    trainer_class, config_class = trainer_classes(t.trainer_name)
     out = tempfile.mkdtemp(prefix="conformance-trl-")
     kwargs: dict[str, Any] = dict(
         output_dir=out, report_to="none", max_steps=1, use_cpu=t.device == "cpu", bf16=t.bf16, fp16=t.fp16,
-        dataset_kwargs=dict(offline.DATASET_KWARGS),
     )
     if t.gradient_checkpointing is not ABSENT:
         kwargs["gradient_checkpointing"] = t.gradient_checkpointing
@@ -212,12 +264,12 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
         give_trained_values(model.base_model.model, trained_seed(case))  # a trained adapter is handed over
         peft_config = LoraConfig(**case.adapter.given()) if t.peft_config_too else None
     try:
-        trainer = SFTTrainer(
+        trainer = trainer_class(
             model=model,
-            args=SFTConfig(**kwargs),
-            train_dataset=offline.dataset(),
+            args=config_class(**_trainer_args(t.trainer_name, kwargs)),
             processing_class=offline.tokenizer(),
             peft_config=peft_config,
+            **_trainer_inputs(t.trainer_name),
         )
         mutations = config_mutations(user_config, case.adapter.given())
         return trainer.model.base_model.model, bool(trainer.args.gradient_checkpointing), mutations, trainer.model

@@ -1,0 +1,176 @@
+"""The preparation of the trl trainers other than SFTTrainer, one function per shape.
+
+Which trainer takes which shape, and its other rules, is the table of :mod:`reference.trainers`;
+the steps the shapes share (the k-bit step, input grads, the bf16 casts, the head-LoRA check)
+are :mod:`reference.trl`'s, written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+from reference.adapter_io import spec_of_stored
+from reference.adapters import adapters_of, add_adapter
+from reference.errors import InvalidConfig
+from reference.kbit import is_kbit, prepare_for_kbit_training
+from reference.merge import merge_and_unload
+from reference.peft_model import PeftWrapper
+from reference.prepare import ADAPTER, prepare_wrapped
+from reference.profiles import Profile
+from reference.spec import ABSENT, AdapterSpec, TrainingSpec
+from reference.trainers import TrainerRules
+from reference.trained import give_trained_values
+
+__all__ = ["REF", "disable_dropout", "prepare_trainer"]
+
+REF = "ref"
+"""The name the DPO family gives the frozen copy of a passed-in adapter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """What a shape needs: the case and the trainer's settings resolved."""
+
+    adapter: AdapterSpec
+    training: TrainingSpec
+    profile: Profile
+    rules: TrainerRules
+    gc: bool
+    kwargs: dict
+    trained_seed: int | None
+
+
+def _peft_step(training: TrainingSpec) -> TrainingSpec:
+    """``get_peft_model`` with peft's defaults (the trainer passes no ``autocast_adapter_dtype``)."""
+    return dataclasses.replace(training, prepare_kbit=False, autocast_adapter_dtype=ABSENT)
+
+
+def _passed_in(model: nn.Module, s: _Step) -> PeftWrapper:
+    """The PeftModel the user built (``get_peft_model`` with defaults) and trained, handed over."""
+    _, wrapper = prepare_wrapped(model, s.adapter, _peft_step(s.training), s.profile)
+    if s.trained_seed is not None:
+        give_trained_values(model, s.trained_seed)
+    return wrapper
+
+
+def _family(model: nn.Module, s: _Step):
+    from reference.trl import _cast_for_bf16
+
+    wrapper = _passed_in(model, s) if s.training.peft_model_in else None
+    if wrapper is not None and not s.training.peft_config_too:
+        if s.gc:
+            model.enable_input_require_grads()
+        return model, wrapper
+    if wrapper is not None:
+        merge_and_unload(model, s.profile)
+    if is_kbit(model):
+        prepare_for_kbit_training(model, use_gradient_checkpointing=s.gc, gradient_checkpointing_kwargs=s.kwargs)
+    elif s.gc:
+        model.enable_input_require_grads()
+    _, wrapper = prepare_wrapped(model, s.adapter, _peft_step(s.training), s.profile)
+    if s.training.bf16 and getattr(model, "is_loaded_in_4bit", False):
+        _cast_for_bf16(model)
+    return model, wrapper
+
+
+def _reward_classic(model: nn.Module, s: _Step):
+    if s.training.peft_model_in:  # kept as it is, a peft_config passed too is dropped
+        return model, _passed_in(model, s)
+    if is_kbit(model):
+        prepare_for_kbit_training(model, use_gradient_checkpointing=s.gc, gradient_checkpointing_kwargs=s.kwargs)
+    _, wrapper = prepare_wrapped(model, s.adapter, _peft_step(s.training), s.profile)
+    return model, wrapper
+
+
+def _grpo_classic(model: nn.Module, s: _Step):
+    from reference.trl import _helper_checkpointing
+
+    if s.training.peft_model_in:
+        wrapper = _passed_in(model, s)
+    else:
+        _, wrapper = prepare_wrapped(model, s.adapter, _peft_step(s.training), s.profile)
+    if s.training.model_from_path:  # the trainer loads it with use_cache=False with checkpointing, else None
+        model.config.use_cache = False if s.gc else None
+    if s.gc:
+        model.config.use_cache = False
+        _helper_checkpointing(model, s.kwargs)
+    return model, wrapper
+
+
+def _ref_adapter(model: nn.Module, wrapper: PeftWrapper, profile: Profile) -> PeftWrapper:
+    """``add_adapter("ref", peft_config["default"])``, then every ``.default.`` parameter's
+    values copied into its ``.ref.`` twin: a frozen, inactive copy of the passed-in adapter."""
+    adapters = adapters_of(wrapper, ADAPTER)
+    add_adapter(model, adapters, REF, spec_of_stored(wrapper.config), profile)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if ".default." in name:
+                twin = params.get(name.replace(".default.", f".{REF}."))
+                if twin is None:
+                    raise AttributeError(f"{name.replace('.default.', f'.{REF}.')} is not a parameter")
+                twin.copy_(param)
+    return adapters.facts()
+
+
+def _inline(model: nn.Module, s: _Step):
+    from reference.trl import _current_after_peft, _reject_head_lora
+
+    quantized = is_kbit(model)
+    if s.training.peft_model_in:
+        if s.training.peft_config_too:
+            _passed_in(model, s)
+            raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
+        wrapper = _passed_in(model, s)
+        if s.rules.ref_adapter:
+            wrapper = _ref_adapter(model, wrapper, s.profile)
+    else:
+        _, wrapper = prepare_wrapped(model, s.adapter, _peft_step(s.training), s.profile)
+    result = _current_after_peft(model, s.gc, quantized, _skips_magnitudes(), wrapper)
+    if s.rules.rejects_head_lora:
+        _reject_head_lora(model)
+    return result.model, wrapper
+
+
+def _skips_magnitudes():
+    from reference.trl import TRL_FLOWS
+
+    return TRL_FLOWS["current"]  # the 1.16 trainers' bf16 cast skips DoRA magnitudes, as SFTTrainer's does
+
+
+_SHAPES: dict[str, Callable] = {
+    "family": _family,
+    "reward_classic": _reward_classic,
+    "grpo_classic": _grpo_classic,
+    "inline": _inline,
+}
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """``disable_dropout_in_model``: every ``nn.Dropout`` gets ``p=0`` (LoRA's dropout included)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0
+
+
+def prepare_trainer(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile,
+                    rules: TrainerRules, *, pad_token_id: int | None, trained_seed: int | None):
+    """``<Trainer>(model, args, peft_config=..., processing_class=tokenizer, ...)`` of a trainer
+    other than SFTTrainer, at construction (a ``reference.trl.TrlResult``)."""
+    from reference.trl import _finish
+
+    gc = training.gradient_checkpointing
+    gc = rules.gradient_checkpointing_default if gc is ABSENT else bool(gc)
+    kwargs = {} if training.use_reentrant is ABSENT else {"use_reentrant": training.use_reentrant}
+    step = _Step(adapter, training, profile, rules, gc, kwargs, trained_seed)
+    model, wrapper = _SHAPES[rules.preparation](model, step)
+    if rules.disables_dropout:
+        disable_dropout(model)
+    if rules.mirrors_pad_token and pad_token_id is not None:
+        config = model.config
+        (config.get_text_config() if hasattr(config, "get_text_config") else config).pad_token_id = pad_token_id
+    return _finish(model, gc, wrapper)

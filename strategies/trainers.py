@@ -1,0 +1,93 @@
+"""The trl trainer of a trl-level case (``training.trainer``, ``reference.trainers``).
+
+Every trainer with a checked row for the installed trl is generated (``available_trainers``);
+SFTTrainer is drawn half the time, the others share the rest, and a trainer cell pins one.  A
+trainer decides the model's task (RewardTrainer trains a one-label sequence classifier, the
+others causal LMs) and whether a PeftModel may come with a ``peft_config`` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hypothesis import strategies as st
+
+from reference.spec import ModelSpec, TrainingSpec
+from reference.trainers import TrainerRules, available_trainers, trainer_rules
+
+__all__ = ["installed_trainers", "pair_rule", "rules_of", "trainer_of", "trainer_task", "trainer_training", "trainers",
+           "with_trainer"]
+
+
+def _installed_trl() -> str | None:
+    from reference.trl import _installed_trl as installed
+
+    return installed()
+
+
+def installed_trainers() -> tuple[str, ...]:
+    """The trainers the installed trl is generated with (SFT first)."""
+    return available_trainers(_installed_trl())
+
+
+def rules_of(trainer: str) -> TrainerRules | None:
+    """The installed trl's row of ``trainer`` (None for SFT, whose rules are the trl flow's)."""
+    if trainer == "sft":
+        return None
+    version = _installed_trl()
+    return trainer_rules(trainer, version) if version else None
+
+
+def trainer_task(trainer: str) -> str:
+    rules = rules_of(trainer)
+    return rules.task if rules is not None else "CAUSAL_LM"
+
+
+def pair_rule(trainer: str) -> str:
+    """What ``trainer`` does with a PeftModel and a ``peft_config`` together: ``merge``,
+    ``ignore``, ``reject`` or ``none`` (not generated)."""
+    rules = rules_of(trainer)
+    if rules is None:
+        from reference.trl import select_trl_flow
+
+        return select_trl_flow().peft_model_with_config
+    return rules.peft_model_with_config
+
+
+def trainers(pinned: str | None = None, model_types: tuple[str, ...] | None = None) -> st.SearchStrategy[str]:
+    """A trainer name: ``pinned``, else SFT half the time (shrinks to it), else another one whose
+    model task one of ``model_types`` (default: the zoo's) has."""
+    if pinned is not None:
+        return st.just(pinned)
+    from strategies.zoo import model_types as zoo_types
+    from strategies.zoo import tasks_of
+
+    types = model_types or zoo_types()
+    names = installed_trainers()
+    others = tuple(n for n in names if n != "sft" and any(trainer_task(n) in tasks_of(t) for t in types))
+    return st.sampled_from(("sft",) * max(1, len(others)) + others)
+
+
+def with_trainer(model: ModelSpec, trainer: str) -> ModelSpec:
+    """``model`` as ``trainer`` needs it: a reward model has one label."""
+    if trainer_task(trainer) == "SEQ_CLS" and trainer == "reward":
+        return dataclasses.replace(model, num_labels=1)
+    return model
+
+
+def trainer_training(training: TrainingSpec, trainer: str) -> TrainingSpec:
+    """``training`` for ``trainer`` (the field is left out for SFT, its default)."""
+    if trainer == "sft":
+        return training
+    rules = rules_of(trainer)
+    if rules is not None and not rules.loads_paths:
+        training = dataclasses.replace(training, model_from_path=False)
+    return dataclasses.replace(training, trainer=trainer)
+
+
+def trainer_of(case: Any) -> str:
+    """The trainer of a case in its JSON form (``sft`` when not given)."""
+    training = case.get("training", {})
+    return training.get("trainer", "sft") if training.get("level") == "trl" else "-"
+
