@@ -256,7 +256,6 @@ def prepare_wrapped(
     if not deferred and wrapped:  # parameters alone: no module walk counted excludes
         warn_unused(settings, profile, None, wrapped)
     _mark_trainable(model, settings.bias, profile.bias_all_substring)
-    _arrange_input_grads_for_checkpointing(model)
     _wrap_saved(model, _saved_names(settings, profile, guarded=False), profile.saved_module_may_be_lora,
                 trains=not settings.inference_mode)
     for key in tying.saved:  # tied modules to save: their trained copy holds the embedding copy's weight
@@ -265,6 +264,8 @@ def prepare_wrapped(
                                              trained_copy=tied_saved_copy(embedding_copy)))
     if settings.trainable_token_indices:
         wrap_trainable_tokens(model, settings.trainable_token_indices, ADAPTER, autocast, (LoraLinear, LoraEmbedding))
+    # (after every wrapper: peft arranges it once the tuner, its saved modules and token rows are in place)
+    _arrange_input_grads_for_checkpointing(model)
     if settings.inference_mode:
         _freeze_for_inference(model)
     return model, wrapper_of(settings, stored_config(settings, stored_targets, fan_in_fan_out), ADAPTER)

@@ -122,24 +122,29 @@ def _inline(model: nn.Module, s: _Step):
 
     quantized = is_kbit(model)
     if s.training.peft_model_in:
-        if s.training.peft_config_too:
-            _passed_in(model, s)
-            raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
         wrapper = _passed_in(model, s)
-        if s.rules.ref_adapter:
+        if s.training.peft_config_too:
+            if s.rules.peft_model_with_config == "reject":
+                raise InvalidConfig("trl_peft_model_with_config", "a PeftModel together with a peft_config is rejected")
+            merge_and_unload(model, s.profile)
+            _, wrapper = prepare_wrapped(model, s.adapter, _peft_step(s.training), s.profile)
+        elif s.rules.ref_adapter:
             wrapper = _ref_adapter(model, wrapper, s.profile)
     else:
         _, wrapper = prepare_wrapped(model, s.adapter, _peft_step(s.training), s.profile)
-    result = _current_after_peft(model, s.gc, quantized, _skips_magnitudes(), wrapper)
+    _current_after_peft(model, s.gc, quantized, s.rules, wrapper)
     if s.rules.rejects_head_lora:
         _reject_head_lora(model)
-    return result.model, wrapper
+    return model, wrapper
 
 
-def _skips_magnitudes():
-    from reference.trl import TRL_FLOWS
+def _helper(model: nn.Module, s: _Step):
+    """trl's module-level ``prepare_peft_model``, as SFTTrainer 0.25 calls it (``reference.trl``)."""
+    from reference.trl import TRL_FLOWS, _prepare_trl
 
-    return TRL_FLOWS["current"]  # the 1.16 trainers' bf16 cast skips DoRA magnitudes, as SFTTrainer's does
+    training = dataclasses.replace(s.training, trainer=ABSENT, gradient_checkpointing=s.gc)
+    result = _prepare_trl(model, s.adapter, training, s.profile, TRL_FLOWS["helper-0.25"], s.trained_seed)
+    return result.model, result.wrapper, result.trainer_gradient_checkpointing
 
 
 _SHAPES: dict[str, Callable] = {
@@ -147,6 +152,7 @@ _SHAPES: dict[str, Callable] = {
     "reward_classic": _reward_classic,
     "grpo_classic": _grpo_classic,
     "inline": _inline,
+    "helper": _helper,
 }
 
 
@@ -167,7 +173,8 @@ def prepare_trainer(model: nn.Module, adapter: AdapterSpec, training: TrainingSp
     gc = rules.gradient_checkpointing_default if gc is ABSENT else bool(gc)
     kwargs = {} if training.use_reentrant is ABSENT else {"use_reentrant": training.use_reentrant}
     step = _Step(adapter, training, profile, rules, gc, kwargs, trained_seed)
-    model, wrapper = _SHAPES[rules.preparation](model, step)
+    model, wrapper, *turned = _SHAPES[rules.preparation](model, step)
+    gc = turned[0] if turned else gc  # the helper turns the trainer's checkpointing off after its k-bit step
     if rules.disables_dropout:
         disable_dropout(model)
     if rules.mirrors_pad_token and pad_token_id is not None:

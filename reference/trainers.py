@@ -19,10 +19,14 @@ module is the table of what each one does; :mod:`reference.trl` holds the steps 
 * ``grpo_classic`` (trl 0.19's GRPOTrainer): plain ``get_peft_model``, no k-bit step; with
   checkpointing, ``use_cache`` off, the model's ``gradient_checkpointing_enable()`` and input
   grads unless ``use_reentrant`` is False.
-* ``inline`` (trl 1.16's DPO, KTO, Reward, GRPO and RLOO, each with its own copy of SFTTrainer's
-  block): plain ``get_peft_model``; input grads with checkpointing; every trainable parameter of
-  a quantized model cast to bf16 (DoRA magnitudes excepted); a PeftModel with a ``peft_config``
-  is rejected.
+* ``helper`` (trl 0.25's Reward): trl's module-level
+  ``prepare_peft_model``, the one SFTTrainer 0.25 calls (:data:`reference.trl.TRL_FLOWS`
+  ``helper-0.25``: trl's own norms-only k-bit step, checkpointing turned on at construction,
+  the bf16 module cast of a non-sharded 4-bit model, a PeftModel with a config merged first).
+* ``inline`` (trl 0.26's Reward, 1.16's DPO, KTO, Reward, GRPO and RLOO, each with its
+  own copy of the block): plain ``get_peft_model``; input grads with checkpointing; every trainable
+  parameter of a quantized model cast to bf16 (from 1.16: DoRA magnitudes excepted); a PeftModel
+  with a ``peft_config`` is merged first (0.26) or rejected (1.16).
 
 The other columns: ``ref_adapter`` (a PeftModel given without a ``peft_config`` and without a
 ``ref_model`` gets ``add_adapter("ref", <its config>)``, a frozen, inactive copy of its adapter's
@@ -32,8 +36,10 @@ default: every ``nn.Dropout`` of the model, LoRA's included, gets ``p=0``); ``mi
 ``gradient_checkpointing_default`` (the config's default); ``task`` (the model class it trains)
 and ``dataset`` (the smallest dataset it accepts, ``conformance.engine.offline``).
 
-Rows were read from each trainer's source (to find where to probe) and observed on trl 0.19.1
-and 1.16.0 (CPU, the zoo's tiny models): ``docs/spec/trl-notes.md`` section 8.  An era without a
+Rows were read from each trainer's source (to find where to probe) and observed on trl 0.19.1,
+0.25.1, 0.26.0 and 1.16.0 (CPU, the zoo's tiny models): ``docs/spec/trl-notes.md`` section 8.
+On trl 0.25.1 / 0.26.0 (run under transformers 5) only RewardTrainer works at all (see the rows),
+so the others have no row there.  An era without a
 row for a trainer does not generate it: the harness claims nothing it has not checked.
 """
 
@@ -59,7 +65,7 @@ class TrainerRules:
     trl: str
     """The trl versions the row was checked on, as a PEP 440 specifier."""
     preparation: str
-    """``sft``, ``family``, ``reward_classic``, ``grpo_classic`` or ``inline`` (module docstring)."""
+    """``sft``, ``family``, ``reward_classic``, ``grpo_classic``, ``helper`` or ``inline`` (module docstring)."""
     dataset: str
     """``text`` (SFT), ``preference``, ``unpaired``, ``pairs`` or ``prompts``."""
     task: str = "CAUSAL_LM"
@@ -75,9 +81,13 @@ class TrainerRules:
     loads_paths: bool = True
     """The trainer takes a checkpoint path and ``model_init_kwargs`` (trl 0.19's RewardConfig has
     no ``model_init_kwargs``)."""
+    bf16_cast_skips_dora_magnitude: bool = False
+    """inline: the bf16 cast of a quantized model's trainables leaves DoRA magnitudes in fp32."""
 
 
 _SEED = ">=0.19,<0.20"
+_025 = ">=0.25,<0.26"
+_026 = ">=0.26,<0.27"
 _CURRENT = ">=1.16"
 
 
@@ -85,9 +95,15 @@ def _family(name: str, dataset: str) -> TrainerRules:
     return TrainerRules(name, _SEED, "family", dataset, disables_dropout=True)
 
 
-def _inline(name: str, dataset: str, **rules) -> TrainerRules:
-    return TrainerRules(name, _CURRENT, "inline", dataset, mirrors_pad_token=True, rejects_head_lora=True,
-                        gradient_checkpointing_default=True, peft_model_with_config="reject", **rules)
+def _helper(name: str, dataset: str, trl: str, **rules) -> TrainerRules:
+    return TrainerRules(name, trl, "helper", dataset, gradient_checkpointing_default=True, **rules)
+
+
+def _inline(name: str, dataset: str, trl: str = _CURRENT, **rules) -> TrainerRules:
+    current = trl == _CURRENT
+    defaults = dict(mirrors_pad_token=current, rejects_head_lora=current, bf16_cast_skips_dora_magnitude=current,
+                    peft_model_with_config="reject" if current else "merge")
+    return TrainerRules(name, trl, "inline", dataset, gradient_checkpointing_default=True, **(defaults | rules))
 
 
 TRAINERS: tuple[TrainerRules, ...] = (
@@ -101,8 +117,17 @@ TRAINERS: tuple[TrainerRules, ...] = (
     TrainerRules("reward", _SEED, "reward_classic", "pairs", task="SEQ_CLS", disables_dropout=True,
                  peft_model_with_config="ignore", loads_paths=False),
     TrainerRules("grpo", _SEED, "grpo_classic", "prompts", peft_model_with_config="none"),
-    # trl 0.22 - 1.15: SFTTrainer only (the other trainers' rows were not checked there)
+    # trl 0.22 - 0.24, 0.27 - 1.15: SFTTrainer only (the other trainers' rows were not checked there)
     TrainerRules("sft", ">=0.22", "sft", "text"),
+    # trl 0.25.1 and 0.26.0 under transformers 5 (the gate's release stacks): only RewardTrainer works
+    # there.  trl <= 0.28 reads transformers' `_is_package_available`, which transformers 5 made return a
+    # `(bool, version)` tuple, always truthy, so DPO, GRPO, RLOO and BCO import mergekit / weave /
+    # requests / vllm / joblib unconditionally and fail (trl 0.29 vendors its own check); KTO, ORPO and
+    # CPO read `model.warnings_issued`, which transformers 5 removed.
+    # 0.25.1: Reward calls the module-level helper.
+    _helper("reward", "pairs", _025, task="SEQ_CLS", disables_dropout=True, mirrors_pad_token=True),
+    # 0.26.0 (PR 4577 "Clean up model preparation"): Reward inlines its own block.
+    _inline("reward", "pairs", _026, task="SEQ_CLS", disables_dropout=True, mirrors_pad_token=True),
     # trl 1.16.0
     _inline("dpo", "preference", disables_dropout=True, ref_adapter=True),
     _inline("kto", "unpaired", disables_dropout=True, ref_adapter=True),

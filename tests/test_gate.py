@@ -280,6 +280,29 @@ def _row(field, cases, before, after, *, role="model", kind="-", model_type="lla
                          "case": {"model": {"model_type": model_type}}, "replay": "python -m conformance compare c --case x"}}
 
 
+def test_default_size_meets_every_trainer_of_the_installed_trl(default_corpus):
+    from strategies.trainers import installed_trainers
+
+    met = {c.training.trainer_name for _, c in default_corpus.cases if c.training.level == "trl" and not c.invalid}
+    assert met == set(installed_trainers())
+    groups = {g.name for s in design.strata(("trl",)) for g in s.groups}
+    assert "trl-4bit: trainer x training" in groups
+
+
+def test_markdown_groups_changes_by_trainer():
+    rows = [dict(_row("dtype", 5, "'float32'", "'bfloat16'"), level="trl", trainer="reward"),
+            dict(_row("dtype", 7, "'float32'", "'bfloat16'"), level="trl", trainer="sft"),
+            dict(_row("requires_grad", 2, "False", "True"), level="trl", trainer="reward")]
+    report = {"stack_changes": {}, "changes": rows, "by_trainer": {"-": {"cases": 9, "changed": 0},
+                                                                   "reward": {"cases": 6, "changed": 5},
+                                                                   "sft": {"cases": 8, "changed": 7}},
+              "totals": {"cases": 23, "changed": 12, "changes": 14, "groups": 3, "before": {}, "after": {}}}
+    text = markdown(report)
+    assert "| reward | 6 | 5 |" in text and "| sft | 8 | 7 |" in text and "| - | 9 |" not in text
+    table = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| trl |")]
+    assert table == ["reward", "reward", "sft"]  # grouped by trainer, each one's largest groups first
+
+
 def test_markdown_puts_status_changes_first_and_keeps_the_table_whole():
     rows = [
         _row("dtype", 40, "'float32'", "'bfloat16'", role="lora_A", kind="bnb4bit", model_type="gpt2"),
@@ -291,7 +314,7 @@ def test_markdown_puts_status_changes_first_and_keeps_the_table_whole():
               "totals": {"cases": 50, "changed": 45, "changes": 64, "groups": 4, "before": {}, "after": {}}}
     text = markdown(report)
     table = [line for line in text.splitlines() if line.startswith("| peft |")]
-    assert [line.split(" | ")[1] for line in table] == ["`<error>.raised`", "`dtype`", "`requires_grad`",
+    assert [line.split(" | ")[2] for line in table] == ["`<error>.raised`", "`dtype`", "`requires_grad`",
                                                         "`<warning>.added`"]
     assert "| model type |" in text and "| mixtral |" in table[0] and "| gpt2 |" in table[1]
     # a value holding backticks is fenced by a longer run of them, and a pipe is escaped: each row keeps its cells

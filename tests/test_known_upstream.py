@@ -141,6 +141,13 @@ MINIMAL = {
         adapter=AdapterSpec(target_modules="all-linear", task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # ...and with rsLoRA, the rank and alpha the reference doubles on a named fused expert change its scaling
+    "moe-conversion-skips-qwen2-moe-rslora-scaling": Case(
+        ModelSpec("qwen2_moe", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(target_modules="all-linear", target_parameters=("gate_up_proj", "down_proj"),
+                            use_rslora=True, task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # inference_mode=True with bias="all": peft freezes the adapters, not the biases it marked
     "inference-mode-leaves-biases-trainable": Case(
         ModelSpec("gpt2", num_layers=1),
@@ -270,7 +277,8 @@ MINIMAL = {
         training=TrainingSpec(level="trl", prepare_kbit=False, trainer="kto", peft_model_in=True, peft_config_too=True),
     ),
 }
-ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"}}
+ALSO = {"qdora-after-olora-8bit-magnitude-from-stale-scales": {"qdora-8bit-cpu-weight-loses-int8-scales"},
+        "moe-conversion-skips-qwen2-moe-rslora-scaling": {"moe-conversion-skips-qwen2-moe"}}
 """Entries a minimal case may also meet: QDoRA on 8-bit on the CPU always meets the lost-scales one."""
 
 

@@ -323,6 +323,17 @@ def test_qwen2_moe_entry_catches_doubled_scaling_on_named_experts(monkeypatch):
     _fails(case, "adapter[default].scaling")
 
 
+def test_qwen2_moe_rslora_entry_excuses_only_the_experts_scaling(monkeypatch):
+    """With rsLoRA the experts' scaling is excused (the reference's doubled rank and alpha), a
+    wrong scaling elsewhere in the same case still fails."""
+    _active("moe-conversion-skips-qwen2-moe-rslora-scaling")
+    case = dataclasses.replace(QWEN2_MOE_ALL_LINEAR, adapter=dataclasses.replace(
+        QWEN2_MOE_ALL_LINEAR.adapter, target_parameters=("gate_up_proj",), use_rslora=True))
+    _in_scope("moe-conversion-skips-qwen2-moe-rslora-scaling", case)
+    _double_scaling(monkeypatch, "shared_expert.down_proj")
+    _fails(case, "adapter[default].scaling", path="model.layers.0.mlp.shared_expert.down_proj")
+
+
 def test_qwen2_moe_entry_needs_the_conversion(monkeypatch):
     """A list of attention names converts nothing: LoRA on the router there is a fault."""
     _active("moe-conversion-skips-qwen2-moe")

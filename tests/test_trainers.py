@@ -55,7 +55,11 @@ PASSED_IN = {"peft_model_in": True, "peft_config_too": False, "gradient_checkpoi
 def test_each_pinned_stack_generates_the_trainers_it_ships_with_peft_support():
     assert available_trainers("0.19.1") == ("sft", "dpo", "kto", "reward", "grpo", "orpo", "cpo", "bco")
     assert available_trainers("1.16.0") == ("sft", "dpo", "kto", "reward", "grpo", "rloo")
-    assert available_trainers("0.25.1") == ("sft",)  # no row was checked there: nothing else is claimed
+    for release in ("0.25.1", "0.26.0"):  # the gate's release stacks: only Reward runs there (transformers 5)
+        assert available_trainers(release) == ("sft", "reward")
+    assert trainer_rules("reward", "0.25.1").preparation == "helper"
+    assert trainer_rules("reward", "0.26.0").preparation == "inline"
+    assert available_trainers("0.24.0") == ("sft",)  # no row was checked there: nothing else is claimed
     assert available_trainers(None) == ("sft",)
 
 

@@ -13,7 +13,9 @@ the factors that exist there:
   autocast; trl: bf16 / fp16 / neither, checkpointing, use_reentrant, model from a path,
   a PeftModel passed in, with or without a config);
 * ``adapter``, 2-way: the ``LoraConfig`` fields, at abstract levels (absent / given...;
-  list targets with and without an embedding among them).
+  list targets with and without an embedding among them);
+* trl level, ``trainer x training``, 2-way: the trl trainer (each one the installed trl is
+  generated with) against the trl training settings.
 
 Combinations a valid case cannot hold (``lora_bias`` with the gaussian init, a layer filter
 with string targets...) are excluded by a constraint, computed, and reported as infeasible.
@@ -86,7 +88,21 @@ def _quant_training_factors(level: str, kind: str) -> dict[str, tuple[Any, ...]]
         out["training.use_reentrant"] = tri
         out["training.model_from_path"] = (False, True)
         out["training.peft_model"] = ("no", "peft_model", "peft_model+config")
+        out["training.trainer"] = _trainers()
     return out
+
+
+def _trainers() -> tuple[str, ...]:
+    """The trl trainers the installed trl is generated with (``strategies.trainers``)."""
+    from strategies.trainers import installed_trainers
+
+    return installed_trainers()
+
+
+_TRAINER_TRAINING = ("training.trainer", "training.precision", "training.gradient_checkpointing",
+                     "training.model_from_path", "training.peft_model")
+"""The trl factors each trainer meets pairwise: a trainer's own copy of the preparation code reads
+them (its bf16 cast, its checkpointing, its loading of a path, its handling of a PeftModel)."""
 
 
 ADAPTER_FACTORS: dict[str, tuple[Any, ...]] = {
@@ -115,6 +131,11 @@ EMBEDDING = "list+embedding"
 
 def _valid(level: str, rejects_peft_model_with_config: bool) -> Callable[[Mapping[str, Any]], bool]:
     """The rules a *valid* case obeys (strategies.cases), over partial rows."""
+    from strategies.trainers import pair_rule, rules_of
+
+    trainers = _trainers() if level == "trl" else ()
+    pair_rules = {t: pair_rule(t) for t in trainers}
+    no_paths = {t for t in trainers if (r := rules_of(t)) is not None and not r.loads_paths}
 
     def valid(row: Mapping[str, Any]) -> bool:
         get = row.get
@@ -137,11 +158,17 @@ def _valid(level: str, rejects_peft_model_with_config: bool) -> Callable[[Mappin
         if get("adapter.exclude_modules") == "regex" and get("adapter.layers_to_transform", "absent") != "absent":
             return False
         if level == "trl":
+            trainer = get("training.trainer", "sft")
+            # A trainer's own rules: what it does with a PeftModel and a config, whether it loads a path.
+            if get("training.peft_model") == "peft_model+config" and pair_rules.get(trainer) in ("reject", "none"):
+                return False
+            if get("training.model_from_path") is True and trainer in no_paths:
+                return False
             # A PeftModel is passed as an object, never as a checkpoint path.
             if get("training.peft_model", "no") != "no" and get("training.model_from_path") is True:
                 return False
             # trl >= 0.27 rejects a PeftModel with a peft_config: only an invalid case has it.
-            if rejects_peft_model_with_config and get("training.peft_model") == "peft_model+config":
+            if rejects_peft_model_with_config and trainer == "sft" and get("training.peft_model") == "peft_model+config":
                 return False
         return True
 
@@ -160,20 +187,23 @@ def strata(levels: tuple[str, ...]) -> list[Stratum]:
         for kind in QUANT_KINDS:
             qt = _quant_training_factors(level, kind)
             factors = {**qt, **ADAPTER_FACTORS}
+            three_way = tuple(k for k in qt if k != "training.trainer")
             groups = (
-                Group(f"{level}-{kind}: quantization x training", tuple(qt), min(3, len(qt))),
+                Group(f"{level}-{kind}: quantization x training", three_way, min(3, len(three_way))),
                 Group(f"{level}-{kind}: adapter", tuple(ADAPTER_FACTORS), 2),
-            )
+            ) + ((Group(f"{level}-{kind}: trainer x training", _TRAINER_TRAINING, 2),) if level == "trl" else ())
             out.append(Stratum(level, kind, factors, groups, valid))
     return out
 
 
 def compatible_model_types(level: str, row: Mapping[str, Any], profile: Profile) -> tuple[str, ...]:
-    """The zoo types a valid case of ``row`` can use: SFTTrainer trains causal LMs, and
-    default targets need a type that has them (without, only an invalid case remains)."""
+    """The zoo types a valid case of ``row`` can use: a trl trainer trains its task's models
+    (causal LMs; RewardTrainer sequence classifiers), and default targets need a type that has
+    them (without, only an invalid case remains)."""
+    from strategies.trainers import trainer_task
     from strategies.zoo import model_types
 
-    types = model_types("CAUSAL_LM") if level == "trl" else model_types()
+    types = model_types(trainer_task(row.get("training.trainer", "sft"))) if level == "trl" else model_types()
     if row.get("adapter.target_kind") == "default":
         types = tuple(t for t in types if t in profile.default_targets)
     return types
@@ -224,6 +254,8 @@ def features(case: Case) -> dict[str, Any]:
             out[name] = "bf16" if t.bf16 else "fp16" if t.fp16 else "neither"
         elif name == "training.peft_model":
             out[name] = "no" if not t.peft_model_in else "peft_model+config" if t.peft_config_too else "peft_model"
+        elif name == "training.trainer":
+            out[name] = t.trainer_name
         else:
             out[name] = getattr({"quant": q, "model": case.model, "training": t}[section], field)
     out.update({
@@ -255,7 +287,8 @@ def row_case(stratum: Stratum, row: Mapping[str, Any], model_type: str, profile:
 
     kind = "list" if row["adapter.target_kind"] == EMBEDDING else row["adapter.target_kind"]
     drawn = cases(level=stratum.level, model_types=(model_type,), quant_kinds=(stratum.kind,),
-                  target_kinds=(kind,), invalid_rate=0.0, profile=profile)
+                  target_kinds=(kind,), invalid_rate=0.0, profile=profile,
+                  trainer=row.get("training.trainer") if stratum.level == "trl" else None)
     return drawn.flatmap(lambda case: _pinned(case, row, profile))
 
 

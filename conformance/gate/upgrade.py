@@ -8,6 +8,9 @@ one and groups the differences by (field, module kind, parameter role):
   ``<error>.raised`` / ``<error>.kind``, ``<warning>.added`` / ``<warning>.removed``;
 * the *level* is the case's preparation level (``peft`` or ``trl``): the same field
   often changes for different reasons at the two levels;
+* the *trainer* is, at the trl level, the trl trainer that prepared the case (``sft``, ``dpo``,
+  ``reward``...; ``-`` at the peft level): each trainer carries its own copy of the preparation
+  code, so a release changes them one by one, and the report groups and counts per trainer;
 * the *module kind* is the LoRA layer's base kind (``linear``, ``conv1d``, ``bnb4bit``...)
   of the module the difference is in, or ``-``;
 * the *parameter role* says what the parameter is to training: ``base weight``,
@@ -73,6 +76,7 @@ class Change:
     role: str
     before: Any
     after: Any
+    trainer: str = "-"
 
 
 @dataclass
@@ -136,13 +140,33 @@ def changes_of(case_id: str, before: Observation, after: Observation, level: str
     return out
 
 
+def trainer_of(case: Any) -> str:
+    """The trl trainer of a case (``-`` at the peft level)."""
+    return case.training.trainer_name if case.training.level == "trl" else "-"
+
+
 def compare(corpus: Corpus, replayed: dict[str, Observation]) -> list[Change]:
     """All changes between ``corpus``'s observations and ``replayed`` (same ids)."""
+    import dataclasses
+
     out: list[Change] = []
     for case_id in sorted(corpus.cases):
-        level = corpus.cases[case_id].training.level
-        out.extend(changes_of(case_id, corpus.observations[case_id], replayed[case_id], level))
+        case = corpus.cases[case_id]
+        trainer = trainer_of(case)
+        out.extend(dataclasses.replace(c, trainer=trainer) for c in
+                   changes_of(case_id, corpus.observations[case_id], replayed[case_id], case.training.level))
     return out
+
+
+def _by_trainer(corpus: Corpus, changes: list[Change]) -> dict[str, dict[str, int]]:
+    """Per trainer (trl level; ``-`` for the peft level): the corpus's cases and how many changed."""
+    changed = {c.case_id for c in changes}
+    out: dict[str, dict[str, int]] = {}
+    for case_id, case in corpus.cases.items():
+        row = out.setdefault(trainer_of(case), {"cases": 0, "changed": 0})
+        row["cases"] += 1
+        row["changed"] += case_id in changed
+    return dict(sorted(out.items()))
 
 
 def _plain(value: Any) -> Any:
@@ -167,9 +191,9 @@ def report_json(corpus: Corpus, replayed: dict[str, Observation], to_stack: dict
                 corpus_path: str, max_values: int = 5) -> dict[str, Any]:
     """The upgrade report: stacks, totals and the grouped changes (largest groups first)."""
     changes = compare(corpus, replayed)
-    groups: dict[tuple[str, str, str, str], _Group] = {}
+    groups: dict[tuple[str, str, str, str, str], _Group] = {}
     for c in changes:
-        g = groups.setdefault((c.level, c.field, c.module_kind, c.role), _Group())
+        g = groups.setdefault((c.level, c.trainer, c.field, c.module_kind, c.role), _Group())
         g.count += 1
         g.cases.add(c.case_id)
         g.values[(repr(c.before), repr(c.after))] += 1
@@ -178,11 +202,12 @@ def report_json(corpus: Corpus, replayed: dict[str, Observation], to_stack: dict
             g.smallest = (size, c)
     from_stack = corpus.stack
     rows = []
-    for (level, field_name, kind, role), g in sorted(groups.items(), key=lambda kv: (-len(kv[1].cases), kv[0])):
+    for (level, trainer, field_name, kind, role), g in sorted(groups.items(), key=lambda kv: (-len(kv[1].cases), kv[0])):
         c: Change = g.smallest[1]
         values = [{"before": b, "after": a, "count": n} for (b, a), n in g.values.most_common(max_values)]
         rows.append({
             "level": level,
+            "trainer": trainer,
             "field": field_name,
             "module_kind": kind,
             "role": role,
@@ -218,6 +243,7 @@ def report_json(corpus: Corpus, replayed: dict[str, Observation], to_stack: dict
             "before": _statuses(corpus.observations.values()),
             "after": _statuses(replayed.values()),
         },
+        "by_trainer": _by_trainer(corpus, changes),
         "changes": rows,
     }
 
@@ -275,9 +301,17 @@ def markdown(report: dict[str, Any], max_rows: int = 30) -> str:
     if not report["changes"]:
         lines.append("No observable change in how these cases are prepared.")
         return "\n".join(lines) + "\n"
-    rows = sorted(report["changes"], key=lambda r: not r["field"].startswith(STATUS_FIELDS))  # stable: sizes kept
-    lines += ["| level | field | module kind | role | model type | cases | before → after (most common) | smallest case |",
-              "| --- | --- | --- | --- | --- | ---: | --- | --- |"]
+    trainers = {k: v for k, v in report.get("by_trainer", {}).items() if k != "-"}
+    if len(trainers) > 1 or set(trainers) - {"sft"}:
+        lines += ["Per trl trainer (each carries its own copy of the preparation code):", "",
+                  "| trainer | cases | changed |", "| --- | ---: | ---: |"]
+        lines += [f"| {k} | {v['cases']} | {v['changed']} |" for k, v in trainers.items()]
+        lines.append("")
+    # status changes first, then by trainer, each trainer's largest groups first (stable: sizes kept)
+    rows = sorted(report["changes"], key=lambda r: (not r["field"].startswith(STATUS_FIELDS), r.get("trainer", "-")))
+    lines += ["| level | trainer | field | module kind | role | model type | cases | before → after (most common) | "
+              "smallest case |",
+              "| --- | --- | --- | --- | --- | --- | ---: | --- | --- |"]
     any_more = False
     for row in rows[:max_rows]:
         top = row["values"][0]
@@ -285,7 +319,8 @@ def markdown(report: dict[str, Any], max_rows: int = 30) -> str:
         any_more = any_more or bool(more)
         change = f"{_code(top['before'])} → {_code(top['after'])}" + (f" (+{more} more)" if more else "")
         model_type = ((row["smallest"].get("case") or {}).get("model") or {}).get("model_type", "?")
-        lines.append(f"| {row['level']} | {_code(row['field'], 70)} | {row['module_kind']} | {row['role']} | {model_type} | "
+        lines.append(f"| {row['level']} | {row.get('trainer', '-')} | {_code(row['field'], 70)} | {row['module_kind']} | "
+                     f"{row['role']} | {model_type} | "
                      f"{row['cases']} | {change} | `{row['smallest']['id']}` |")
     if len(rows) > max_rows:
         lines.append(f"\n… and {len(rows) - max_rows} smaller groups in the JSON report.")
