@@ -22,10 +22,14 @@ from reference.peft_model import PeftWrapper
 from reference.prepare import ADAPTER, prepare_wrapped
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
-from reference.trainers import TrainerRules
+from reference.trainers import TrainerRules, trainer_rules
 from reference.trained import give_trained_values
+from reference.trl import (
+    TRL_FLOWS, TrlFlow, TrlResult, _cast_for_bf16, _current_after_peft, _finish, _helper_checkpointing,
+    _installed_trl, _prepare_trl, _reject_head_lora, prepare_trl,
+)
 
-__all__ = ["REF", "disable_dropout", "prepare_trainer"]
+__all__ = ["REF", "disable_dropout", "prepare_trainer", "prepare_trl_level", "rules_for"]
 
 REF = "ref"
 """The name the DPO family gives the frozen copy of a passed-in adapter."""
@@ -58,8 +62,6 @@ def _passed_in(model: nn.Module, s: _Step) -> PeftWrapper:
 
 
 def _family(model: nn.Module, s: _Step):
-    from reference.trl import _cast_for_bf16
-
     wrapper = _passed_in(model, s) if s.training.peft_model_in else None
     if wrapper is not None and not s.training.peft_config_too:
         if s.gc:
@@ -87,8 +89,6 @@ def _reward_classic(model: nn.Module, s: _Step):
 
 
 def _grpo_classic(model: nn.Module, s: _Step):
-    from reference.trl import _helper_checkpointing
-
     if s.training.peft_model_in:
         wrapper = _passed_in(model, s)
     else:
@@ -118,8 +118,6 @@ def _ref_adapter(model: nn.Module, wrapper: PeftWrapper, profile: Profile) -> Pe
 
 
 def _inline(model: nn.Module, s: _Step):
-    from reference.trl import _current_after_peft, _reject_head_lora
-
     quantized = is_kbit(model)
     if s.training.peft_model_in:
         wrapper = _passed_in(model, s)
@@ -140,8 +138,6 @@ def _inline(model: nn.Module, s: _Step):
 
 def _helper(model: nn.Module, s: _Step):
     """trl's module-level ``prepare_peft_model``, as SFTTrainer 0.25 calls it (``reference.trl``)."""
-    from reference.trl import TRL_FLOWS, _prepare_trl
-
     training = dataclasses.replace(s.training, trainer=ABSENT, gradient_checkpointing=s.gc)
     result = _prepare_trl(model, s.adapter, training, s.profile, TRL_FLOWS["helper-0.25"], s.trained_seed)
     return result.model, result.wrapper, result.trainer_gradient_checkpointing
@@ -167,7 +163,6 @@ def prepare_trainer(model: nn.Module, adapter: AdapterSpec, training: TrainingSp
                     rules: TrainerRules, *, pad_token_id: int | None, trained_seed: int | None):
     """``<Trainer>(model, args, peft_config=..., processing_class=tokenizer, ...)`` of a trainer
     other than SFTTrainer, at construction (a ``reference.trl.TrlResult``)."""
-    from reference.trl import _finish
 
     gc = training.gradient_checkpointing
     gc = rules.gradient_checkpointing_default if gc is ABSENT else bool(gc)
@@ -181,3 +176,23 @@ def prepare_trainer(model: nn.Module, adapter: AdapterSpec, training: TrainingSp
         config = model.config
         (config.get_text_config() if hasattr(config, "get_text_config") else config).pad_token_id = pad_token_id
     return _finish(model, gc, wrapper)
+
+
+def rules_for(trainer: str, version: str | None = None) -> TrainerRules:
+    """The ``reference.trainers`` row of ``trainer`` for trl ``version`` (default: the installed
+    one); an error where none was checked."""
+    version = version or _installed_trl() or "1.16"
+    rules = trainer_rules(trainer, version)
+    if rules is None:
+        raise ValueError(f"trainer={trainer!r} has no checked rules for trl {version} (reference.trainers)")
+    return rules
+
+
+def prepare_trl_level(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile,
+                      flow: TrlFlow, *, pad_token_id: int | None = None, trained_seed: int | None = None) -> TrlResult:
+    """A trl-level case's preparation: SFTTrainer's by its trl ``flow`` (``reference.trl``), any
+    other trainer's (``training.trainer``) by its row of ``reference.trainers`` for the installed trl."""
+    if training.trainer_name == "sft":
+        return prepare_trl(model, adapter, training, profile, flow, pad_token_id=pad_token_id, trained_seed=trained_seed)
+    return prepare_trainer(model, adapter, training, profile, rules_for(training.trainer_name),
+                           pad_token_id=pad_token_id, trained_seed=trained_seed)

@@ -171,6 +171,9 @@ def table(rows: Iterable[TrainerRules] = TRAINERS) -> str:
            "checkpointing default | PeftModel + config | loads a path |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.preparation == "sft":  # SFTTrainer's rules are its trl flow's (reference.trl.TRL_FLOWS)
+            out.append(f"| {r.trainer} | `{r.trl}` | sft (trl flows) | {r.task} | {r.dataset} |" + " flow |" * 7)
+            continue
         out.append(f"| {r.trainer} | `{r.trl}` | {r.preparation} | {r.task} | {r.dataset} | {mark(r.disables_dropout)} | "
                    f"{mark(r.ref_adapter)} | {mark(r.mirrors_pad_token)} | {mark(r.rejects_head_lora)} | "
                    f"{mark(r.gradient_checkpointing_default)} | {r.peft_model_with_config} | {mark(r.loads_paths)} |")

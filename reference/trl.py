@@ -42,7 +42,7 @@ from reference.profiles import Profile
 from reference.versions import release
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
 
-__all__ = ["TRL_FLOWS", "TrlFlow", "TrlResult", "prepare_trl", "rules_for", "select_trl_flow", "trl_selection_note"]
+__all__ = ["TRL_FLOWS", "TrlFlow", "TrlResult", "prepare_trl", "select_trl_flow", "trl_selection_note"]
 
 
 @dataclass(frozen=True)
@@ -332,33 +332,14 @@ def prepare_trl(
 ) -> TrlResult:
     """Prepare ``model`` as ``SFTTrainer(model, args, peft_config=..., processing_class=tokenizer)``
     does at construction; ``pad_token_id`` is the tokenizer's, and ``trained_seed`` gives a
-    passed-in PeftModel's adapter its trained values (``reference.trained``).
-
-    A case for another trainer (``training.trainer``) takes that trainer's row of
-    ``reference.trainers`` for the installed trl (``reference.trainer_flows``)."""
-    if training.trainer_name != "sft":
-        from reference.trainer_flows import prepare_trainer
-
-        return prepare_trainer(model, adapter, training, profile, rules_for(training.trainer_name),
-                               pad_token_id=pad_token_id, trained_seed=trained_seed)
+    passed-in PeftModel's adapter its trained values (``reference.trained``).  (The other trainers:
+    ``reference.trainer_flows``.)"""
     result = _prepare_trl(model, adapter, training, profile, flow, trained_seed)
     if flow.syncs_router_aux_loss:
         _sync_router_aux_loss(result.model)
     if flow.mirrors_pad_token and pad_token_id is not None:
         _text_config(result.model).pad_token_id = pad_token_id
     return result
-
-
-def rules_for(trainer: str, version: str | None = None):
-    """The ``reference.trainers`` row of ``trainer`` for trl ``version`` (default: the installed
-    one); an error where none was checked."""
-    from reference.trainers import trainer_rules
-
-    version = version or _installed_trl() or "1.16"
-    rules = trainer_rules(trainer, version)
-    if rules is None:
-        raise ValueError(f"trainer={trainer!r} has no checked rules for trl {version} (reference.trainers)")
-    return rules
 
 
 def _text_config(model: nn.Module):

@@ -63,11 +63,14 @@ def test_each_pinned_stack_generates_the_trainers_it_ships_with_peft_support():
     assert available_trainers(None) == ("sft",)
 
 
-def test_one_row_per_trainer_and_era_and_the_table_renders():
+def test_one_row_per_trainer_and_era_and_the_readme_shows_the_table():
+    from fault_kit import REPO
+
     keys = [(r.trainer, r.trl) for r in TRAINERS]
     assert len(keys) == len(set(keys))
     text = table()
     assert text.count("\n") == len(TRAINERS) + 1 and "| dpo | `>=1.16` | inline |" in text
+    assert text in (REPO / "README.md").read_text(), "README's trainer table is stale: print reference.trainers.table()"
 
 
 # -- the reference's flows, per era (whatever trl is installed) ------------------------------------

@@ -34,7 +34,8 @@ from reference.resume import resume
 from reference.adapters import with_second_adapter
 from reference.trained import trained_seed
 from reference.notices import PreparationWarning
-from reference.trl import prepare_trl, select_trl_flow
+from reference.trainer_flows import prepare_trl_level
+from reference.trl import select_trl_flow
 from reference.spec import Case
 
 __all__ = ["Outcome", "cache_dir", "conformance_command", "nox_session_prefix", "replay_command", "run_case", "same_structure"]
@@ -137,7 +138,7 @@ def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Modu
         warnings.simplefilter("always")
         try:
             if case.training.level == "trl":
-                result = prepare_trl(model, case.adapter, case.training, profile, select_trl_flow(),
+                result = prepare_trl_level(model, case.adapter, case.training, profile, select_trl_flow(),
                                      pad_token_id=offline.tokenizer().pad_token_id, trained_seed=trained_seed(case))
                 prepared, trainer_gc, wrapper = result.model, result.trainer_gradient_checkpointing, result.wrapper
             elif case.training.load_saved:
