@@ -37,7 +37,7 @@ default: every ``nn.Dropout`` of the model, LoRA's included, gets ``p=0``); ``mi
 and ``dataset`` (the smallest dataset it accepts, ``conformance.engine.offline``).
 
 Rows were read from each trainer's source (to find where to probe) and observed on trl 0.19.1,
-0.25.1, 0.26.0 and 1.16.0 (CPU, the zoo's tiny models): ``docs/spec/trl-notes.md`` section 8.
+0.25.1, 0.26.0 and 1.16.0 (CPU, the zoo's tiny models): ``docs/spec/trl-notes.md`` section 7.
 On trl 0.25.1 / 0.26.0 (run under transformers 5) only RewardTrainer works at all (see the rows),
 so the others have no row there.  An era without a
 row for a trainer does not generate it: the harness claims nothing it has not checked.

@@ -218,3 +218,12 @@ def test_valid_cases_upstream_rejected_are_split_by_whether_a_registry_entry_nam
     text = "\n".join(summary_lines(report))
     assert ("valid cases upstream rejected anyway: 3 of 10 (30.0%; 1 of them upstream bugs the registry names, "
             "the rest 20.0%)") in text
+
+
+def test_the_report_counts_trl_examples_per_trainer():
+    trl = {"model": {"model_type": "llama"}, "training": {"level": "trl", "trainer": "dpo"}}
+    entries = [_entry(trl, level="trl", trainer="dpo"), _entry(trl, "known", level="trl", trainer="dpo"),
+               _entry(GPT2, level="trl", trainer="sft"), _entry(GPT2)]
+    report = build_report(_settings(), entries)
+    assert report["trainers"] == {"dpo": {"agree": 1, "known": 1}, "sft": {"agree": 1}}
+    assert "trl-level examples per trainer: dpo 2 (1 agree, 1 known); sft 1 (1 agree)" in summary_lines(report)

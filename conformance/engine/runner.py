@@ -71,6 +71,7 @@ class Outcome:
             "quantization": self.case.quant.kind,
             "load_dtype": self.case.model.load_dtype,
             "level": self.case.training.level,
+            **({"trainer": self.case.training.trainer_name} if self.case.training.level == "trl" else {}),
             "invalid": self.case.invalid,
             "rejected": bool(self.upstream is not None and self.upstream.error is not None),
             "outcome": self.status,

@@ -116,7 +116,10 @@ def build_report(
     by_outcome: dict[str, Counter] = defaultdict(Counter)
     tests: dict[str, dict[str, int]] = {}
     groups: dict[tuple[str, str], dict[str, Any]] = {}
+    trainers: dict[str, Counter] = defaultdict(Counter)
     for index, e in enumerate(entries):
+        if e.get("level") == "trl":
+            trainers[e.get("trainer", "sft")][e["outcome"]] += 1
         if e.get("test"):
             test = tests.setdefault(e["test"], {"asked": int(e.get("asked") or 0), "ran": 0})
             test["ran"] += 1
@@ -163,6 +166,7 @@ def build_report(
         "totals": {"examples": len(entries),
                    **{k: totals[k] for k in (*OUTCOMES, "invalid", "rejected", "valid", "unintended_rejections",
                                               "rejections_by_known_bugs")}},
+        "trainers": {t: dict(c) for t, c in sorted(trainers.items())},
         "unintended_rejections": dict(unintended.most_common()),
         "known": dict(hits),
         "known_by_outcome": {k: dict(c) for k, c in by_outcome.items()},

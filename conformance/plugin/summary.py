@@ -57,7 +57,17 @@ def _headline(report: dict[str, Any]) -> list[str]:
         + (f"; {bugs} of them upstream bugs the registry names, the rest "
            f"{_pct(t.get('unintended_rejections', 0) - bugs, t.get('valid', 0))}" if bugs else "")
         + ")" + (f": {kinds}" if kinds else ""),
-    ]
+    ] + _trainer_lines(report)
+
+
+def _trainer_lines(report: dict[str, Any]) -> list[str]:
+    """The trl-level examples per trainer, and their outcomes."""
+    trainers = report.get("trainers") or {}
+    if not trainers:
+        return []
+    parts = [f"{name} {sum(c.values())} ({', '.join(f'{n} {k}' for k, n in sorted(c.items()))})"
+             for name, c in trainers.items()]
+    return ["trl-level examples per trainer: " + "; ".join(parts)]
 
 
 def _coverage_lines(report: dict[str, Any]) -> list[str]:
