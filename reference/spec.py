@@ -196,6 +196,12 @@ class TrainingSpec:
     """trl level: which trainer prepares the model, by trl's short name (``sft``, ``dpo``, ``kto``,
     ``reward``, ``grpo``, ``rloo``, ``orpo``, ``cpo``, ``bco``; ABSENT: ``sft``).  Its rules per trl
     era: ``reference.trainers``."""
+    quantization_config_in: Any = ABSENT
+    """trl level, quantized cases: where the bitsandbytes config goes.  ABSENT (or
+    ``"model_init_kwargs"``): ``args.model_init_kwargs`` when the trainer loads a path (a model
+    object is loaded quantized beforehand); ``"trainer"``: the trainer's own ``quantization_config``
+    argument (trl >= 1.16; beside a model object it is documented as ignored); ``"both"``: both
+    places (an error)."""
     device: Literal["cpu", "cuda"] = "cpu"
 
     @property

@@ -191,7 +191,14 @@ def rules_for(trainer: str, version: str | None = None) -> TrainerRules:
 def prepare_trl_level(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile,
                       flow: TrlFlow, *, pad_token_id: int | None = None, trained_seed: int | None = None) -> TrlResult:
     """A trl-level case's preparation: SFTTrainer's by its trl ``flow`` (``reference.trl``), any
-    other trainer's (``training.trainer``) by its row of ``reference.trainers`` for the installed trl."""
+    other trainer's (``training.trainer``) by its row of ``reference.trainers`` for the installed trl.
+
+    A bitsandbytes config given to the trainer (``training.quantization_config_in``) is merged into
+    the path load's ``model_init_kwargs``, so the model loads as it would from there; given in both
+    places it is an error; beside a model object it is ignored, as every trainer documents."""
+    if training.quantization_config_in == "both" and training.model_from_path:
+        raise InvalidConfig("quantization_config_twice",
+                            "quantization_config set both as a trainer argument and in args.model_init_kwargs")
     if training.trainer_name == "sft":
         return prepare_trl(model, adapter, training, profile, flow, pad_token_id=pad_token_id, trained_seed=trained_seed)
     return prepare_trainer(model, adapter, training, profile, rules_for(training.trainer_name),

@@ -83,6 +83,8 @@ class TrainerRules:
     no ``model_init_kwargs``)."""
     bf16_cast_skips_dora_magnitude: bool = False
     """inline: the bf16 cast of a quantized model's trainables leaves DoRA magnitudes in fp32."""
+    takes_quantization_config: bool = False
+    """The trainer has a ``quantization_config`` argument (trl PR #6157, KTO #6276; observed on 1.16)."""
 
 
 _SEED = ">=0.19,<0.20"
@@ -102,7 +104,7 @@ def _helper(name: str, dataset: str, trl: str, **rules) -> TrainerRules:
 def _inline(name: str, dataset: str, trl: str = _CURRENT, **rules) -> TrainerRules:
     current = trl == _CURRENT
     defaults = dict(mirrors_pad_token=current, rejects_head_lora=current, bf16_cast_skips_dora_magnitude=current,
-                    peft_model_with_config="reject" if current else "merge")
+                    peft_model_with_config="reject" if current else "merge", takes_quantization_config=current)
     return TrainerRules(name, trl, "inline", dataset, gradient_checkpointing_default=True, **(defaults | rules))
 
 

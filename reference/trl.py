@@ -76,6 +76,8 @@ class TrlFlow:
     (``output_router_logits`` on whenever the coefficient is non-zero)."""
     mirrors_pad_token: bool = True
     """The trainer writes its tokenizer's pad token id into the model's (text) config."""
+    takes_quantization_config: bool = False
+    """The trainer has a ``quantization_config`` argument (trl PR #6157; observed on 1.16)."""
     kbit_step: str = "peft"
     """Which k-bit step the classic / helper shapes run: ``peft`` (peft's
     ``prepare_model_for_kbit_training``: every fp16/bf16 parameter that is not 4-bit-packed
@@ -126,8 +128,11 @@ _INLINE_17 = dataclasses.replace(_INLINE_027, name="inline-1.7", trl=">=1.7,<1.1
 _INLINE_114 = dataclasses.replace(_INLINE_17, name="inline-1.14", trl=">=1.14,<1.15", mirrors_pad_token=True)
 # trl 1.15.0: LoRA on the output head is rejected (the loss reads lm_head.weight directly), and the QLoRA
 # bf16 cast skips DoRA's lora_magnitude_vector (trl issue #7268).
+# trl PR #6157 (June 2026; observed on 1.16.0): a `quantization_config` trainer argument, merged into the
+# model_init_kwargs of a path load (both places: ValueError), documented as ignored beside a model object.
 _CURRENT = dataclasses.replace(
     _INLINE_114, name="current", trl=">=1.15", rejects_head_lora=True, bf16_cast_skips_dora_magnitude=True,
+    takes_quantization_config=True,
 )
 
 TRL_FLOWS: dict[str, TrlFlow] = {

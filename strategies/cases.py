@@ -34,7 +34,9 @@ from strategies.tokens import TOKENS_INVALID_KINDS, has_tokens, with_tokens
 from strategies.tying import with_tying
 from strategies.resume import with_resume
 from strategies.adapters import with_second_adapter
-from strategies.trainers import pair_rule, trainer_task, trainer_training, trainers, with_trainer
+from strategies.trainers import (
+    pair_rule, takes_quantization_config, trainer_task, trainer_training, trainers, with_quantization_config, with_trainer,
+)
 from strategies.inits import INIT_INVALID_KINDS, init_values, init_variant, invalid_kind_possible, keeps_pinned_init
 from strategies.validation import check_kinds, check_rate
 from strategies.zoo import TASKS, ZOO, ZooEntry, tasks_of
@@ -70,6 +72,7 @@ INVALID_KINDS = (
     "container_target",
     "no_default_targets",
     "peft_model_with_config",
+    "quantization_config_twice",
     "dora_with_lora_bias",
     *INIT_INVALID_KINDS,
     *TOKENS_INVALID_KINDS,
@@ -88,6 +91,7 @@ _INVALID_TARGET_KINDS = {
     "container_target": ("list",),
     "no_default_targets": ("default",),
     "peft_model_with_config": TARGET_KINDS,
+    "quantization_config_twice": TARGET_KINDS,
     "dora_with_lora_bias": TARGET_KINDS,
     # (targets that reach a quantized / Linear layer: a list may reach an embedding alone)
     "pissa_on_quantized": ("all-linear", "default"),
@@ -128,6 +132,9 @@ def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, pro
         if kind == "lora_bias_on_embedding" and not entry.embedding_names:
             continue
         if kind == "peft_model_with_config" and (level != "trl" or not _rejects_peft_model_with_config(trainer)):
+            continue
+        if kind == "quantization_config_twice" and (level != "trl" or quantized is not True
+                                                    or not takes_quantization_config(trainer)):
             continue
         if kind == "peft_model_with_config" and dora:
             continue  # DoRA is not drawn on a passed-in PeftModel (cases())
@@ -488,6 +495,9 @@ def cases(
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
                                         False if pair_rule(trainer_name) in ("reject", "none") else None)
     training = trainer_training(draw(training_specs(level, quant, peft_model_with_config=pair)), trainer_name)
+    if level == "trl":
+        training = draw(with_quantization_config(training, trainer_name, quant.quantized,
+                                                 twice=invalid == "quantization_config_twice"))
     if level == "trl" and adapter.inference_mode is not ABSENT:
         adapter = dataclasses.replace(adapter, inference_mode=ABSENT)  # a trainer trains: peft level only
     if training.peft_model_in and init_variant(adapter.init_lora_weights) != "default":

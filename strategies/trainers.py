@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from reference.spec import ModelSpec, TrainingSpec
 from reference.trainers import TrainerRules, available_trainers, trainer_rules
 
-__all__ = ["installed_trainers", "pair_rule", "rules_of", "trainer_of", "trainer_task", "trainer_training", "trainers",
-           "with_trainer"]
+__all__ = ["installed_trainers", "pair_rule", "rules_of", "takes_quantization_config", "trainer_of", "trainer_task",
+           "trainer_training", "trainers", "with_quantization_config", "with_trainer"]
 
 
 def _installed_trl() -> str | None:
@@ -37,6 +37,33 @@ def rules_of(trainer: str) -> TrainerRules | None:
         return None
     version = _installed_trl()
     return trainer_rules(trainer, version) if version else None
+
+
+def takes_quantization_config(trainer: str) -> bool:
+    """Whether the installed trl's ``trainer`` has a ``quantization_config`` argument."""
+    rules = rules_of(trainer)
+    if rules is None:
+        from reference.trl import select_trl_flow
+
+        return trainer == "sft" and select_trl_flow().takes_quantization_config
+    return rules.takes_quantization_config
+
+
+@st.composite
+def with_quantization_config(draw, training: TrainingSpec, trainer: str, quantized: bool, *,
+                             twice: bool = False) -> TrainingSpec:
+    """``training`` with where a quantized case's bitsandbytes config goes: a third of the cases whose
+    trainer has the argument pass it to the trainer (beside a model object too, where it is
+    documented as ignored); ``twice`` (the invalid kind ``quantization_config_twice``) puts it in
+    both places, on a path load."""
+    if twice:
+        return dataclasses.replace(training, quantization_config_in="both", model_from_path=True,
+                                   peft_model_in=False, peft_config_too=False)
+    if not (quantized and takes_quantization_config(trainer)):
+        return training
+    if draw(st.integers(0, 2), label="quantization_config_roll") != 2:
+        return training
+    return dataclasses.replace(training, quantization_config_in="trainer")
 
 
 def trainer_task(trainer: str) -> str:

@@ -262,6 +262,13 @@ MINIMAL = {
         training=TrainingSpec(prepare_kbit=False),
         second_adapter=AdapterSpec(r=2, target_modules=("v_proj",)),
     ),
+    # trl 1.16's DPOTrainer and KTOTrainer refuse a quantization_config beside a loaded model (documented: ignored)
+    "dpo-kto-refuse-quantization-config-beside-a-model": Case(
+        ModelSpec("llama", num_layers=1),
+        QuantSpec(kind="8bit"),
+        AdapterSpec(r=4, target_modules=("q_proj",), task_type="CAUSAL_LM"),
+        TrainingSpec(level="trl", prepare_kbit=False, trainer="kto", quantization_config_in="trainer"),
+    ),
     # trl 0.19's DPO family merges a PeftModel given with a peft_config: peft 0.15's 8-bit merge reads a
     # missing base bias (llama's q_proj has none)...
     "dpo-family-merge-reads-a-missing-bias": Case(

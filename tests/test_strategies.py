@@ -100,6 +100,8 @@ def invalid_kind(case: Case) -> str | None:
         return "r_not_positive"
     if case.training.peft_model_in and case.training.peft_config_too:
         return "peft_model_with_config"
+    if case.training.quantization_config_in == "both":
+        return "quantization_config_twice"
     if isinstance(targets, str) and a.layers_to_transform not in (ABSENT, None):
         return "layers_with_regex_targets"
     if a.layers_to_transform is ABSENT and a.layers_pattern not in (ABSENT, None):
@@ -249,7 +251,8 @@ def test_cases_reach_every_invalid_kind(sample):
             from strategies.params import fused_types
 
             types = fused_types() or None
-        level = "trl" if kind == "peft_model_with_config" else "peft"  # a trl-level input (trl >= 0.27)
+        # trl-level inputs (trl >= 0.27; >= 1.16 for the trainer's quantization_config)
+        level = "trl" if kind in ("peft_model_with_config", "quantization_config_twice") else "peft"
         found = find_any(cases(profile=CURRENT, model_types=types, level=level),
                          lambda c, kind=kind: invalid_kind(c) == kind)
         assert found.invalid

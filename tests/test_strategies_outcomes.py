@@ -29,6 +29,7 @@ EXPECTED = {
     "container_target": {"unsupported_module"},
     "no_default_targets": {"no_default_targets"},
     "peft_model_with_config": {"trl_peft_model_with_config"},
+    "quantization_config_twice": {"quantization_config_twice"},
     "dora_with_lora_bias": {"dora_lora_bias"},
     "pissa_on_quantized": {"pissa_quantized"},
     "orthogonal_odd_rank": {"orthogonal_odd_rank"},
@@ -42,6 +43,24 @@ def _cache(monkeypatch, cache):
     monkeypatch.setenv("CONFORMANCE_CACHE", str(cache))
 
 
+def _meets_parameter_refusals(case, kind: str) -> bool:
+    """A valid case on a fused-expert type that meets ParamWrapper's refusals on purpose
+    (``strategies.params``: one valid case in four keeps the options parameters refuse), or the
+    half of a fused pair the MoE conversion refuses (qwen2_moe: ``moe-conversion-skips-qwen2-moe``)."""
+    from strategies.params import fused_types
+
+    return case.model.model_type in fused_types() and kind in ("param_wrapper_unsupported", "moe_fused_half")
+
+
+def _merges_a_lora_bias(case, kind: str) -> bool:
+    """A passed-in PeftModel with ``lora_bias`` that the trainer merges before applying the new
+    config (trl 0.19's DPO family): a targeted layer without a bias cannot take the merge, on both
+    sides (the merge-bias registry entries), and the strategies keep such cases to check that."""
+    t = case.training
+    return kind == "merge_lora_bias_without_base_bias" and t.peft_model_in and t.peft_config_too \
+        and case.adapter.lora_bias is True
+
+
 @pytest.mark.parametrize("level", ["peft", "trl"])
 def test_valid_cases_are_prepared_and_invalid_ones_rejected_for_their_reason(level):
     profile = select_profile()
@@ -50,7 +69,8 @@ def test_valid_cases_are_prepared_and_invalid_ones_rejected_for_their_reason(lev
     for case in drawn:
         snap = _reference_side(case, profile)
         if not case.invalid:
-            if snap.error is not None:
+            if snap.error is not None and not _meets_parameter_refusals(case, snap.error.kind) \
+                    and not _merges_a_lora_bias(case, snap.error.kind):
                 rejected[snap.error.kind] += 1
             continue
         built = invalid_kind(case)

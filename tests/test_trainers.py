@@ -134,6 +134,22 @@ def test_inline_trainers_reject_a_peft_model_with_a_config():
     assert caught.value.kind == "trl_peft_model_with_config"
 
 
+def test_a_quantization_config_in_both_places_is_an_error_and_beside_a_model_is_ignored():
+    from reference.errors import InvalidConfig
+    from reference.trainer_flows import prepare_trl_level
+    from reference.trl import select_trl_flow
+
+    q4 = QuantSpec(kind="4bit", compute_dtype="bfloat16")
+    twice = _case("dpo", q4, model_from_path=True, quantization_config_in="both")
+    with pytest.raises(InvalidConfig) as caught:
+        prepare_trl_level(load_model(twice.model, q4, cache_dir()), twice.adapter, twice.training, PROFILE,
+                          select_trl_flow("current"))
+    assert caught.value.kind == "quantization_config_twice"
+    beside, _ = _reference(_case("grpo", q4, quantization_config_in="trainer"), "1.16.0")
+    plain, _ = _reference(_case("grpo", q4), "1.16.0")
+    assert [(n, p.dtype) for n, p in beside.named_parameters()] == [(n, p.dtype) for n, p in plain.named_parameters()]
+
+
 # -- agreement with the installed trl --------------------------------------------------------------
 
 
@@ -228,6 +244,41 @@ def test_catches_reward_quantized_trainables_cast_to_the_wrong_dtype(monkeypatch
     proxy.bfloat16 = torch.float16
     monkeypatch.setattr(reward, "torch", proxy)
     assert "dtype" in _fields(_case("reward", QuantSpec(kind="4bit", compute_dtype="bfloat16")))
+
+
+def _takes_quantization_config(trainer: str) -> bool:
+    rules = trainer_rules(trainer, TRL)
+    return trainer in INSTALLED and rules is not None and rules.takes_quantization_config
+
+
+@pytest.mark.skipif(not _takes_quantization_config("reward"), reason=f"no quantization_config argument in trl {TRL}")
+def test_catches_a_trainer_that_drops_its_quantization_config(monkeypatch):
+    """Fault: RewardTrainer's path load loses the quantization_config given to the trainer."""
+    import trl.trainer.reward_trainer as reward
+
+    original = reward.create_model_from_path
+
+    def unquantized(*args, **kwargs):
+        kwargs.pop("quantization_config", None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reward, "create_model_from_path", unquantized)
+    case = _case("reward", QuantSpec(kind="8bit"), model_from_path=True, quantization_config_in="trainer")
+    assert run_case(case, PROFILE).status == "diverge"
+
+
+def test_the_dpo_kto_quantization_config_entry_excuses_only_their_rejection():
+    registry = load_registry(versions={"peft": "0.21.2", "transformers": "5.23.0", "trl": "1.16.0"})
+    raised = Divergence("<error>", "raised", "no error",
+                        "ValueError[quantization_config_with_model]: ValueError: You passed `quantization_config`...")
+    dpo = _case("dpo", QuantSpec(kind="8bit"), quantization_config_in="trainer")
+    assert registry.explain(CaseContext(dpo), [raised])[0] == []
+    for other in (_case("sft", QuantSpec(kind="8bit"), quantization_config_in="trainer"),  # SFT ignores it: a fault
+                  _case("dpo", QuantSpec(kind="8bit"), quantization_config_in="trainer", model_from_path=True),
+                  _case("dpo", QuantSpec(kind="8bit"))):
+        assert registry.explain(CaseContext(other), [raised])[0] == [raised]
+    dtype = Divergence("model.layers.0.self_attn.q_proj.lora_A.default.weight", "dtype", "'float32'", "'bfloat16'")
+    assert registry.explain(CaseContext(dpo), [dtype])[0] == [dtype]
 
 
 @_needs("grpo", "inline")

@@ -98,6 +98,7 @@ _ANY_FIELDS = {
     "is_trainable": (BOOL,),
     "set_adapter": (STRING,),
     "trainer": (STRING,),
+    "quantization_config_in": (STRING,),
     "num_labels": (INT,),
 }
 
@@ -140,6 +141,8 @@ def _ranges(section: str, name: str, value: Any) -> str | None:
 
         if value not in TRAINER_NAMES:
             return f"one of {', '.join(TRAINER_NAMES)}"
+    if section == "training" and name == "quantization_config_in" and value not in ("model_init_kwargs", "trainer", "both"):
+        return "one of model_init_kwargs, trainer, both"
     return None
 
 

@@ -250,9 +250,12 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
         dtype_key = "dtype" if int(trl.__version__.split(".")[0]) >= 1 else "torch_dtype"
         init: dict[str, Any] = {dtype_key: case.model.load_dtype}
         bnb = quantization_config(case.quant)
-        if bnb is not None:
+        if bnb is not None and t.quantization_config_in in (ABSENT, "model_init_kwargs", "both"):
             init["quantization_config"] = bnb
         kwargs["model_init_kwargs"] = init
+    extra: dict[str, Any] = {}
+    if t.quantization_config_in in ("trainer", "both"):  # the trainer's own argument (trl >= 1.16)
+        extra["quantization_config"] = quantization_config(case.quant)
     peft_config: Any = LoraConfig(**case.adapter.given())
     user_config = peft_config
     if t.peft_model_in:
@@ -270,6 +273,7 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
             processing_class=offline.tokenizer(),
             peft_config=peft_config,
             **_trainer_inputs(t.trainer_name),
+            **extra,
         )
         mutations = config_mutations(user_config, case.adapter.given())
         return trainer.model.base_model.model, bool(trainer.args.gradient_checkpointing), mutations, trainer.model
@@ -302,6 +306,8 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("saved_module_is_lora", r"modules_to_save cannot be applied to modules of type"),
     ("trl_lm_head_lora", r"Applying a PEFT adapter to `lm_head` is not supported"),
     ("trl_peft_model_with_config", r"You passed a `PeftModel` instance together with a `peft_config`"),
+    ("quantization_config_twice", r"You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`"),
+    ("quantization_config_with_model", r"You passed `quantization_config` to the trainer, but your model is already"),
     # Nothing targeted: one kind per reason peft gives (peft 0.15 - 0.21 choose the message from
     # what the walk saw: nothing excluded / some modules excluded / every module excluded / no targets).
     ("targets_not_found", r"Target modules .* not found in the base model"),
