@@ -72,7 +72,8 @@ def _run_cell(cell: Cell, request: pytest.FixtureRequest) -> None:
                      init=None if cell.init_variant == "default" else cell.init_variant,
                      tokens=cell.adapter_feature == "tokens", parameters=cell.adapter_feature == "parameters",
                      tying=cell.adapter_feature == "tying", resume=cell.adapter_feature == "resume",
-                     adapters=cell.adapter_feature == "adapters", trainer=cell.trainer if cell.level == "trl" else None)
+                     adapters=cell.adapter_feature == "adapters", trainer=cell.trainer if cell.level == "trl" else None,
+                     template=cell.adapter_feature == "template")
 
     @seed(_cell_seed(conf.seed, cell))
     @checks.hypothesis_settings(max_examples=conf.cell_examples, test_id=request.node.nodeid)

@@ -202,6 +202,10 @@ class TrainingSpec:
     object is loaded quantized beforehand); ``"trainer"``: the trainer's own ``quantization_config``
     argument (trl >= 1.16; beside a model object it is documented as ignored); ``"both"``: both
     places (an error)."""
+    chat_template: Any = ABSENT
+    """trl level (trainers with ``chat_template_path``, trl >= 1.16): ``"tokenizer"``, a tokenizer
+    directory whose template is cloned (tokens added, embeddings resized, the added rows made
+    trainable: ``reference.chat_template``), or ``"jinja"``, a bare template file; ABSENT: none."""
     device: Literal["cpu", "cuda"] = "cpu"
 
     @property

@@ -16,7 +16,9 @@ and their rows (:func:`wrap_trainable_tokens`).  As peft lays it out:
 
 Every other module that shares the input embedding's weight (a tied ``lm_head``; t5's encoder
 and decoder ``embed_tokens``) is wrapped too, sharing the trainable values and the buffer, so
-that tied weights stay tied.  A module that already got LoRA cannot take trainable tokens
+that tied weights stay tied; a tied head among the modules to save is wrapped whole (its saved
+module inside the token wrapper, whose forward multiplies by the active copy's weight with the
+rows replaced).  A module that already got LoRA cannot take trainable tokens
 (TypeError); a row index past the vocabulary is an IndexError.  Wrapping happens after the LoRA
 layers and the modules to save, as upstream's order is.
 """
@@ -105,7 +107,8 @@ class TokensWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("token_adapter", "active_adapters"):
+            # (a saved module inside is not this wrapper's: it is no saved module itself)
+            if name in ("token_adapter", "active_adapters", "original_module", "modules_to_save"):
                 raise
             adapter = self._modules.get("token_adapter")
             if adapter is None:
@@ -179,8 +182,19 @@ def _wrap(model: nn.Module, names: list[str], rows: list[int], adapter: str, aut
     primary.active_adapters.append(adapter)
     for name in names:
         model.set_submodule(name, primary if name == names[0] else _tied(module, primary, adapter))
-    for name in tied_names:
+    for name in dict.fromkeys(_saved_owner(model, name) for name in tied_names):
         model.set_submodule(name, _tied(model.get_submodule(name), primary, adapter))
+
+
+def _saved_owner(model: nn.Module, name: str) -> str:
+    """A tied module kept as a saved module's original is wrapped as the whole saved module (peft
+    finds the tied head by name: ``lm_head.token_adapter.base_layer`` is then the saved module)."""
+    from reference.layers import SavedModule
+
+    parent, _, leaf = name.rpartition(".")
+    if leaf == "original_module" and parent and isinstance(model.get_submodule(parent), SavedModule):
+        return parent
+    return name
 
 
 def _tied(module: nn.Module, primary: TokensWrapper, adapter: str) -> TokensWrapper:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from reference.adapter_io import spec_of_stored
+from reference.chat_template import TemplateSource, clone_chat_template, with_added_tokens
 from reference.adapters import adapters_of, add_adapter
 from reference.errors import InvalidConfig
 from reference.kbit import is_kbit, prepare_for_kbit_training
@@ -189,9 +190,12 @@ def rules_for(trainer: str, version: str | None = None) -> TrainerRules:
 
 
 def prepare_trl_level(model: nn.Module, adapter: AdapterSpec, training: TrainingSpec, profile: Profile,
-                      flow: TrlFlow, *, pad_token_id: int | None = None, trained_seed: int | None = None) -> TrlResult:
+                      flow: TrlFlow, *, pad_token_id: int | None = None, trained_seed: int | None = None,
+                      template: TemplateSource | None = None, template_seed: int = 0) -> TrlResult:
     """A trl-level case's preparation: SFTTrainer's by its trl ``flow`` (``reference.trl``), any
     other trainer's (``training.trainer``) by its row of ``reference.trainers`` for the installed trl.
+    A chat template to clone (``training.chat_template``, described by ``template``) is cloned first,
+    its new rows drawn under ``template_seed``.
 
     A bitsandbytes config given to the trainer (``training.quantization_config_in``) is merged into
     the path load's ``model_init_kwargs``, so the model loads as it would from there; given in both
@@ -199,6 +203,11 @@ def prepare_trl_level(model: nn.Module, adapter: AdapterSpec, training: Training
     if training.quantization_config_in == "both" and training.model_from_path:
         raise InvalidConfig("quantization_config_twice",
                             "quantization_config set both as a trainer argument and in args.model_init_kwargs")
+    rules = flow if training.trainer_name == "sft" else rules_for(training.trainer_name)
+    if training.chat_template == "tokenizer" and template is not None and rules.clones_chat_template:
+        added = clone_chat_template(model, template, template_seed)  # (a bare template changes nothing)
+        if rules.template_tokens_trainable:
+            adapter = with_added_tokens(model, adapter, added)
     if training.trainer_name == "sft":
         return prepare_trl(model, adapter, training, profile, flow, pad_token_id=pad_token_id, trained_seed=trained_seed)
     return prepare_trainer(model, adapter, training, profile, rules_for(training.trainer_name),

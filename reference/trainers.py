@@ -85,6 +85,10 @@ class TrainerRules:
     """inline: the bf16 cast of a quantized model's trainables leaves DoRA magnitudes in fp32."""
     takes_quantization_config: bool = False
     """The trainer has a ``quantization_config`` argument (trl PR #6157, KTO #6276; observed on 1.16)."""
+    clones_chat_template: bool = False
+    """The trainer has ``chat_template_path`` (checked on 1.16: SFT and Reward; ``reference.chat_template``)."""
+    template_tokens_trainable: bool = True
+    """The tokens a cloned template added are made trainable."""
 
 
 _SEED = ">=0.19,<0.20"
@@ -135,7 +139,7 @@ TRAINERS: tuple[TrainerRules, ...] = (
     _inline("kto", "unpaired", disables_dropout=True, ref_adapter=True),
     # RewardTrainer trains a one-label sequence classifier; it writes the pad token (a sequence
     # classifier finds the last token with it) but has no output head to reject LoRA on.
-    _inline("reward", "pairs", task="SEQ_CLS", disables_dropout=True),
+    _inline("reward", "pairs", task="SEQ_CLS", disables_dropout=True, clones_chat_template=True),
     # GRPOTrainer adds the "ref" adapter only when beta != 0, and GRPOConfig's beta is 0.0.
     _inline("grpo", "prompts"),
     _inline("rloo", "prompts", ref_adapter=True),

@@ -78,6 +78,11 @@ class TrlFlow:
     """The trainer writes its tokenizer's pad token id into the model's (text) config."""
     takes_quantization_config: bool = False
     """The trainer has a ``quantization_config`` argument (trl PR #6157; observed on 1.16)."""
+    clones_chat_template: bool = False
+    """``chat_template_path`` is checked (observed on 0.19.1 and 1.16.0): a tokenizer path is cloned
+    (``reference.chat_template``)."""
+    template_tokens_trainable: bool = True
+    """The tokens a cloned template added are made trainable (1.16; 0.19 leaves them untrained)."""
     kbit_step: str = "peft"
     """Which k-bit step the classic / helper shapes run: ``peft`` (peft's
     ``prepare_model_for_kbit_training``: every fp16/bf16 parameter that is not 4-bit-packed
@@ -91,6 +96,9 @@ _CLASSIC = TrlFlow(
     "classic", ">=0.15,<0.22", gradient_checkpointing_default=False, classic=True, shape="classic",
     peft_model_with_config="ignore", rejects_head_lora=False, bf16_cast_skips_dora_magnitude=False,
     syncs_router_aux_loss=False, mirrors_pad_token=False,
+    # observed on 0.19.1 (earlier classic releases not checked): a chat template is cloned (tokens
+    # added, embeddings resized), but the added rows are left untrained (no trainable tokens, no saved lm_head)
+    clones_chat_template=True, template_tokens_trainable=False,
 )
 # trl 0.22.0: _prepare_peft_model became the module-level helper trl.models.utils.prepare_peft_model:
 # SFTConfig.gradient_checkpointing defaults to True; with checkpointing and no k-bit step the model's
@@ -98,7 +106,7 @@ _CLASSIC = TrlFlow(
 # unloaded, then gets the new adapter.
 _HELPER = dataclasses.replace(
     _CLASSIC, name="helper", trl=">=0.22,<0.23", gradient_checkpointing_default=True, classic=False,
-    shape="helper", peft_model_with_config="merge",
+    shape="helper", peft_model_with_config="merge", clones_chat_template=False,  # (chat templates not checked there)
 )
 # trl 0.23.0, PR #3981 (fixes #3980): `args.gradient_checkpointing = False` instead of
 # `dataclasses.replace(args, ...)`, so the trainer's args lose checkpointing after the k-bit step.
@@ -132,7 +140,7 @@ _INLINE_114 = dataclasses.replace(_INLINE_17, name="inline-1.14", trl=">=1.14,<1
 # model_init_kwargs of a path load (both places: ValueError), documented as ignored beside a model object.
 _CURRENT = dataclasses.replace(
     _INLINE_114, name="current", trl=">=1.15", rejects_head_lora=True, bf16_cast_skips_dora_magnitude=True,
-    takes_quantization_config=True,
+    takes_quantization_config=True, clones_chat_template=True, template_tokens_trainable=True,
 )
 
 TRL_FLOWS: dict[str, TrlFlow] = {

@@ -35,7 +35,8 @@ from strategies.tying import with_tying
 from strategies.resume import with_resume
 from strategies.adapters import with_second_adapter
 from strategies.trainers import (
-    pair_rule, takes_quantization_config, trainer_task, trainer_training, trainers, with_quantization_config, with_trainer,
+    pair_rule, takes_quantization_config, trainer_task, trainer_training, trainers, with_chat_template,
+    with_quantization_config, with_trainer,
 )
 from strategies.inits import INIT_INVALID_KINDS, init_values, init_variant, invalid_kind_possible, keeps_pinned_init
 from strategies.validation import check_kinds, check_rate
@@ -428,6 +429,7 @@ def cases(
     resume: bool = False,
     adapters: bool = False,
     trainer: str | None = None,
+    template: bool = False,
 ) -> Case:
     """A whole case; about ``invalid_rate`` of them deliberately invalid (one rule broken).
 
@@ -439,7 +441,8 @@ def cases(
     ``ensure_weight_tying`` (a tying cell: ``strategies.tying``), ``resume`` True a resumed
     adapter (a resume cell: ``strategies.resume``), ``adapters`` True a second adapter (an
     adapters cell: ``strategies.adapters``); ``trainer`` pins the trl-level trainer (a trainer
-    cell: ``strategies.trainers``; drawn otherwise).  ``inference_mode`` is
+    cell: ``strategies.trainers``; drawn otherwise); ``template`` True a ``chat_template_path`` (a
+    template cell).  ``inference_mode`` is
     drawn at the peft level only (a trainer is given a config to train).  A passed-in PeftModel
     carries no DoRA adapter (the trained values of ``reference.trained`` leave magnitudes at
     their initial norms, and a merge of them is not modelled bit for bit): such a draw drops
@@ -498,6 +501,9 @@ def cases(
     if level == "trl":
         training = draw(with_quantization_config(training, trainer_name, quant.quantized,
                                                  twice=invalid == "quantization_config_twice"))
+        if invalid is None and not tokens:
+            training, adapter = draw(with_chat_template(training, adapter, trainer_name,
+                                                        ZOO[model.model_type].embedding_names, pinned=template))
     if level == "trl" and adapter.inference_mode is not ABSENT:
         adapter = dataclasses.replace(adapter, inference_mode=ABSENT)  # a trainer trains: peft level only
     if training.peft_model_in and init_variant(adapter.init_lora_weights) != "default":

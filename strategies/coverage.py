@@ -18,6 +18,8 @@ per level, the few cells that together reach every value pair of the coverage
   the peft level one cell per fused type and quantization kind (target kinds list, all-linear,
   regex rotating), at the trl level one per quantization kind; the dimension
   ``parameter_targets x model_type`` asks for every fused type with parameter targets;
+* trl level: ``template`` (a ``chat_template_path`` pinned, SFTTrainer), one cell per quantization
+  kind where the installed trl's SFTTrainer clones templates;
 * trl level: trainer x quantization kind, where the trainer is each one the installed trl is
   generated with (``strategies.trainers``): one cell per trainer other than SFT and quantization
   kind, the model types of the trainer's task rotating (SFT's cells are the plain ones above, which
@@ -45,20 +47,21 @@ from typing import Any, Callable, Iterable, Mapping
 from reference.profiles import select_profile
 from strategies.inits import init_variant
 from strategies.targets import TARGET_KINDS, target_kind
-from strategies.trainers import installed_trainers, trainer_of, trainer_task
-from strategies.zoo import model_types, tasks_of
+from strategies.trainers import clones_chat_template, installed_trainers, trainer_of, trainer_task
+from strategies.zoo import ZOO, model_types, tasks_of
 
 __all__ = ["ADAPTER_FEATURES", "DIMENSIONS", "QUANT_KINDS", "Cell", "adapter_feature", "cells", "dimension_cells",
            "expected_cells", "init_quant_kinds"]
 
 QUANT_KINDS = ("none", "8bit", "4bit")
-ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters", "tying", "resume", "adapters")
+ADAPTER_FEATURES = ("lora", "dora", "tokens", "parameters", "tying", "resume", "adapters", "template")
 """The adapter features a cell may pin: ``lora`` leaves them to the draw (its first example is
 plain LoRA), ``dora`` pins ``use_dora=True``, ``tokens`` pins ``trainable_token_indices``,
 ``parameters`` pins ``target_parameters`` (on the fused-expert types only: ``strategies.params``),
 ``tying`` pins ``ensure_weight_tying`` (peft level, on types with tied embeddings: ``strategies.tying``),
 ``resume`` pins ``training.load_saved`` (peft level: ``strategies.resume``), ``adapters`` pins a second
-adapter (peft level: ``strategies.adapters``)."""
+adapter (peft level: ``strategies.adapters``), ``template`` pins a ``chat_template_path`` (trl level, where
+SFTTrainer clones templates: ``strategies.trainers``)."""
 
 DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "peft: model_type x quantization": ("peft", ("model_type", "quantization")),
@@ -164,6 +167,11 @@ def cells(level: str, *, quant_kinds: Iterable[str] = QUANT_KINDS,
         fused = _fused_types()
         for row, quant in enumerate(quants if fused else ()):
             out.append(Cell("trl", fused[row % len(fused)], quant, _PARAMETER_KINDS[row % 3], "CAUSAL_LM", "parameters"))
+        # (on types whose input embedding is `embed_tokens`: trl's name for it, see chat-template-assumes-embed-tokens)
+        named = tuple(t for t in causal if ZOO[t].embedding_names[:1] == ("embed_tokens",))
+        for row, quant in enumerate(quants if clones_chat_template("sft") else ()):
+            model_type = named[(row * 13 + 8) % len(named)]
+            out.append(Cell("trl", model_type, quant, ("list", "default", "all-linear")[row % 3], "CAUSAL_LM", "template"))
         for t, trainer in enumerate(n for n in installed_trainers() if n != "sft"):
             task = trainer_task(trainer)
             typed = _with_defaults(model_types(task))
@@ -218,7 +226,8 @@ def _features(case: Mapping[str, Any]) -> dict[str, str]:
         "target_kind": target_kind(adapter.get("target_modules")),
         "task": model.get("task", "CAUSAL_LM"),
         "adapter_feature": "resume" if case.get("training", {}).get("load_saved") else
-        "adapters" if case.get("second_adapter") else adapter_feature(adapter),
+        "adapters" if case.get("second_adapter") else
+        "template" if case.get("training", {}).get("chat_template") else adapter_feature(adapter),
         "init_variant": init_variant(adapter.get("init_lora_weights")),
         "parameter_targets": "given" if adapter.get("target_parameters") else "-",
         "trainer": trainer_of(case),

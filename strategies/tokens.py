@@ -4,11 +4,10 @@ About one case in six trains a few rows of the input embedding (list form, indic
 the zoo's 256-entry vocabulary); a third of those at the peft level, on causal types with an
 ``lm_head`` (not encoder-decoders), take the dict form instead: ``{<embedding>: rows}``,
 ``{"lm_head": rows}`` or both, each with rows of its own (``lm_head`` then leaves the targets).  A valid case keeps them apart from what would reject or nest
-them: no LoRA on an embedding (TypeError upstream), no ``lm_head`` among the modules to save (on
-a tied model the saved copy would nest inside the token wrapper: not modelled yet), and no
-passed-in PeftModel (``reference.trained`` writes LoRA values only).  A cell may pin them (the
+them: no LoRA on an embedding (TypeError upstream) and no passed-in PeftModel (``reference.trained`` writes LoRA values only).  A cell may pin them (the
 ``tokens`` adapter feature); the invalid kind ``token_index_out_of_range`` asks for a row past
-the vocabulary.
+the vocabulary.  A saved ``lm_head`` stays beside the rows: on a tied model peft then wraps the saved
+module itself for the rows (``reference.tokens``; registry ``tokens-around-a-saved-tied-head-cannot-run``).
 """
 
 from __future__ import annotations
@@ -63,10 +62,9 @@ def with_tokens(draw, adapter: AdapterSpec, entry: ZooEntry, profile: Profile, *
     else:
         rows = tuple(draw(st.lists(st.integers(0, VOCAB_ROWS - 1), min_size=1, max_size=3, unique=True),
                           label="token_indices"))
-    targets, saved = adapter.target_modules, adapter.modules_to_save
+    targets = adapter.target_modules
     on_embedding = isinstance(targets, tuple) and any(t in entry.embedding_names for t in targets)
-    saves_head = isinstance(saved, tuple) and "lm_head" in saved
-    if (on_embedding or saves_head) and not forced:
+    if on_embedding and not forced:
         return adapter
     changes: dict = {"trainable_token_indices": rows}
     if level == "peft" and task == "CAUSAL_LM" and model_type in dict_form_types() and draw(st.integers(0, 2), label="tokens_form") == 2:
@@ -82,8 +80,6 @@ def with_tokens(draw, adapter: AdapterSpec, entry: ZooEntry, profile: Profile, *
             changes["target_modules"] = targets
     if on_embedding:
         changes["target_modules"] = tuple(t for t in targets if t not in entry.embedding_names)
-    if saves_head:
-        changes["modules_to_save"] = tuple(n for n in saved if n != "lm_head") or None
     if pinned and adapter.use_dora is True:
         changes["use_dora"] = ABSENT  # a tokens cell is not a DoRA cell
     return dataclasses.replace(adapter, **changes)

@@ -13,11 +13,11 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from reference.spec import ModelSpec, TrainingSpec
+from reference.spec import ABSENT, AdapterSpec, ModelSpec, TrainingSpec
 from reference.trainers import TrainerRules, available_trainers, trainer_rules
 
-__all__ = ["installed_trainers", "pair_rule", "rules_of", "takes_quantization_config", "trainer_of", "trainer_task",
-           "trainer_training", "trainers", "with_quantization_config", "with_trainer"]
+__all__ = ["clones_chat_template", "installed_trainers", "pair_rule", "rules_of", "takes_quantization_config", "trainer_of", "trainer_task",
+           "trainer_training", "trainers", "with_chat_template", "with_quantization_config", "with_trainer"]
 
 
 def _installed_trl() -> str | None:
@@ -64,6 +64,42 @@ def with_quantization_config(draw, training: TrainingSpec, trainer: str, quantiz
     if draw(st.integers(0, 2), label="quantization_config_roll") != 2:
         return training
     return dataclasses.replace(training, quantization_config_in="trainer")
+
+
+def clones_chat_template(trainer: str) -> bool:
+    """Whether the installed trl's ``trainer`` clones a ``chat_template_path`` (as the reference models)."""
+    rules = rules_of(trainer)
+    if rules is None:
+        from reference.trl import select_trl_flow
+
+        return trainer == "sft" and select_trl_flow().clones_chat_template
+    return rules.clones_chat_template
+
+
+@st.composite
+def with_chat_template(draw, training: TrainingSpec, adapter: AdapterSpec, trainer: str, embedding_names: tuple[str, ...],
+                       *, pinned: bool = False) -> tuple[TrainingSpec, AdapterSpec]:
+    """(training, adapter) with a ``chat_template_path``: always when ``pinned``, else one valid case
+    in six whose trainer clones templates (a tokenizer to clone two times in three, a bare
+    ``.jinja`` file otherwise).  Cloning adds token rows the trainer makes trainable itself, so the
+    adapter's own rows and LoRA on the embedding are cleared; a passed-in PeftModel is not combined."""
+    if training.peft_model_in or not clones_chat_template(trainer):
+        return training, adapter
+    if not pinned and draw(st.integers(0, 5), label="chat_template_roll") != 5:
+        return training, adapter
+    kind = draw(st.sampled_from(("tokenizer", "tokenizer", "jinja")), label="chat_template")
+    training = dataclasses.replace(training, chat_template=kind)
+    changes: dict = {}
+    if kind == "tokenizer":
+        if adapter.trainable_token_indices is not ABSENT:
+            changes["trainable_token_indices"] = ABSENT
+        targets = adapter.target_modules
+        if isinstance(targets, tuple) and any(t in embedding_names for t in targets):
+            kept = tuple(t for t in targets if t not in embedding_names)
+            if not kept:  # LoRA on the embedding alone: this case keeps it, without a template
+                return dataclasses.replace(training, chat_template=ABSENT), adapter
+            changes["target_modules"] = kept
+    return training, dataclasses.replace(adapter, **changes) if changes else adapter
 
 
 def trainer_task(trainer: str) -> str:

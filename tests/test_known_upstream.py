@@ -262,6 +262,18 @@ MINIMAL = {
         training=TrainingSpec(prepare_kbit=False),
         second_adapter=AdapterSpec(r=2, target_modules=("v_proj",)),
     ),
+    # trainable tokens with a saved, tied lm_head: peft wraps the saved module for the rows, and its token layer refuses to run
+    "tokens-around-a-saved-tied-head-cannot-run": Case(
+        ModelSpec("opt", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(3, 5), modules_to_save=("lm_head",)),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
+    # trl 1.16 puts a cloned chat template's rows under `embed_tokens`, which GPT-2 does not have
+    "chat-template-assumes-embed-tokens": Case(
+        ModelSpec("gpt2", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("c_attn",), task_type="CAUSAL_LM"),
+        training=TrainingSpec(level="trl", prepare_kbit=False, chat_template="tokenizer"),
+    ),
     # trl 1.16's DPOTrainer and KTOTrainer refuse a quantization_config beside a loaded model (documented: ignored)
     "dpo-kto-refuse-quantization-config-beside-a-model": Case(
         ModelSpec("llama", num_layers=1),

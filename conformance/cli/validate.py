@@ -99,6 +99,7 @@ _ANY_FIELDS = {
     "set_adapter": (STRING,),
     "trainer": (STRING,),
     "quantization_config_in": (STRING,),
+    "chat_template": (STRING,),
     "num_labels": (INT,),
 }
 
@@ -143,6 +144,8 @@ def _ranges(section: str, name: str, value: Any) -> str | None:
             return f"one of {', '.join(TRAINER_NAMES)}"
     if section == "training" and name == "quantization_config_in" and value not in ("model_init_kwargs", "trainer", "both"):
         return "one of model_init_kwargs, trainer, both"
+    if section == "training" and name == "chat_template" and value not in ("tokenizer", "jinja"):
+        return "one of tokenizer, jinja"
     return None
 
 

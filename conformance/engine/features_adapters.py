@@ -1,6 +1,6 @@
-"""Registry features of resumed adapters (``training.load_saved``) and of several adapters
-(``second_adapter``, ``training.set_adapter``): what the known-divergence entries about loading and
-switching adapters key on.  Registered into ``conformance.engine.features``' tables."""
+"""Registry features of resumed adapters (``training.load_saved``), of several adapters
+(``second_adapter``, ``training.set_adapter``), and of token rows around saved modules and cloned
+chat templates: what the known-divergence entries about them key on.  Registered into ``conformance.engine.features``' tables."""
 
 from __future__ import annotations
 
@@ -71,16 +71,33 @@ def _tied_to_saved_originals(ctx: CaseContext) -> frozenset[str]:
     return frozenset(out)
 
 
+def _tokens_around_a_saved_module(ctx: CaseContext) -> bool:
+    """The reference wraps a saved module for trainable token rows: a tied ``lm_head`` saved beside
+    trainable tokens (given, or added by a cloned chat template)."""
+    snap = ctx.reference
+    return snap is not None and any(t.base_kind == "saved module" for t in snap.tokens)
+
+
+def _template_rows_off_embed_tokens(ctx: CaseContext) -> bool:
+    """A cloned chat template's rows go to an input embedding not named ``embed_tokens``."""
+    if ctx.case.training.level != "trl" or ctx.case.training.chat_template != "tokenizer":
+        return False
+    embedding = ctx.model.get_input_embeddings()
+    name = next((n for n, m in ctx.model.named_modules() if m is embedding), "")
+    return name.rsplit(".", 1)[-1] != "embed_tokens"
+
 
 ADAPTER_FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "inference_model": _inference_model,
     "second_adapter_saves_anew": _second_adapter_saves_anew,
     "switch_leaves_a_saved_module_bare": _switch_leaves_a_saved_module_bare,
     "first_saves_alone": _first_saves_alone,
+    "tokens_around_a_saved_module": _tokens_around_a_saved_module,
+    "template_rows_off_embed_tokens": _template_rows_off_embed_tokens,
 }
-"""Scalar features for ``when`` (all computed from the case alone)."""
+"""Scalar features for ``when``."""
 
-ADAPTER_CASE_ONLY = frozenset(ADAPTER_FEATURES)
+ADAPTER_CASE_ONLY = frozenset(ADAPTER_FEATURES) - {"tokens_around_a_saved_module", "template_rows_off_embed_tokens"}
 
 ADAPTER_SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "tied_to_saved_originals": _tied_to_saved_originals,

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["DATASET_KWARGS", "dataset", "reward_function", "tokenizer", "trainer_dataset"]
+__all__ = ["DATASET_KWARGS", "chat_template_paths", "dataset", "reward_function", "template_source", "tokenizer",
+           "trainer_dataset"]
 
 DATASET_KWARGS = {"skip_prepare_dataset": True}
 """``SFTConfig.dataset_kwargs`` for :func:`dataset` (trl 0.19 and 1.x read the same key)."""
@@ -68,3 +69,42 @@ def trainer_dataset(kind: str):
 def reward_function(completions, **kwargs):
     """GRPO's / RLOO's reward: a constant (it is never called: nothing trains)."""
     return [0.0 for _ in completions]
+
+
+TEMPLATE_ADDED = ("<|im_start|>", "<|im_end|>")
+"""The special tokens the chat-template tokenizer has beyond the zoo's vocabulary."""
+TEMPLATE_EOS = "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def chat_template_paths() -> dict[str, str]:
+    """``SFTConfig.chat_template_path`` values, written once per process under a temporary folder:
+    ``tokenizer``, a tokenizer directory whose template brings two special tokens (trl then clones
+    it: tokens added, embeddings resized); ``jinja``, the bare template file (nothing added)."""
+    import atexit
+    import copy
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="conformance-chat-template-"))
+    atexit.register(shutil.rmtree, root, True)
+    source = copy.deepcopy(tokenizer())
+    source.add_special_tokens({"additional_special_tokens": list(TEMPLATE_ADDED)})
+    source.eos_token = TEMPLATE_EOS
+    source.chat_template = CHAT_TEMPLATE
+    source.save_pretrained(root / "tokenizer")
+    (root / "template.jinja").write_text(CHAT_TEMPLATE)
+    return {"tokenizer": str(root / "tokenizer"), "jinja": str(root / "template.jinja")}
+
+
+def template_source():
+    """The chat-template tokenizer as the reference describes it (``reference.chat_template``)."""
+    from reference.chat_template import TemplateSource
+
+    return TemplateSource(vocab_size=len(tokenizer().get_vocab()), added=TEMPLATE_ADDED,
+                          eos_index=TEMPLATE_ADDED.index(TEMPLATE_EOS))

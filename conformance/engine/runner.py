@@ -119,6 +119,11 @@ def _fresh(case: Case) -> nn.Module:
     return load_model(case.model, case.quant, cache_dir(), device=case.training.device)
 
 
+def template_seed(case: Case) -> int:
+    """The seed of the embedding rows a cloned chat template adds (both sides draw them under it)."""
+    return trained_seed(case) % (2**31)
+
+
 def seeded_values(case: Case) -> bool:
     """Whether every new parameter of ``case``'s prepared model holds seeded values both sides
     must agree on (``reference.trained``), so that the snapshot fingerprints them: an adapter
@@ -140,7 +145,8 @@ def _reference_prepared(case: Case, profile: Profile) -> tuple[Snapshot, nn.Modu
         try:
             if case.training.level == "trl":
                 result = prepare_trl_level(model, case.adapter, case.training, profile, select_trl_flow(),
-                                     pad_token_id=offline.tokenizer().pad_token_id, trained_seed=trained_seed(case))
+                                           pad_token_id=offline.tokenizer().pad_token_id, trained_seed=trained_seed(case),
+                                           template=offline.template_source(), template_seed=template_seed(case))
                 prepared, trainer_gc, wrapper = result.model, result.trainer_gradient_checkpointing, result.wrapper
             elif case.training.load_saved:
                 prepared, wrapper = resume(model, _fresh(case), case.adapter, case.training, profile,

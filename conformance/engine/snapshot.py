@@ -118,7 +118,8 @@ class TokenWrapperFacts:
 
     path: str
     base_kind: str
-    """``embedding``, ``linear`` or the wrapped module's class name."""
+    """``embedding``, ``linear``, ``saved module`` (a modules-to-save wrapper) or the wrapped
+    module's class name."""
     tied: bool
     """It shares another wrapper's trainable rows (a tied output embedding, an aliased embedding)."""
     indices: tuple[tuple[str, tuple[int, ...]], ...]
@@ -362,7 +363,8 @@ def _is_token_wrapper(module: nn.Module) -> bool:
 def _token_facts(path: str, wrapper: nn.Module) -> TokenWrapperFacts:
     adapter = wrapper.token_adapter
     base = adapter.base_layer
-    kind = "embedding" if isinstance(base, nn.Embedding) else "linear" if isinstance(base, nn.Linear) else type(base).__name__
+    kind = ("embedding" if isinstance(base, nn.Embedding) else "linear" if isinstance(base, nn.Linear)
+            else "saved module" if _is_saved_wrapper(base) else type(base).__name__)
     indices = tuple((name, tuple(int(i) for i in rows)) for name, rows in sorted(adapter.token_indices.items()))
     return TokenWrapperFacts(path, kind, getattr(adapter, "tied_adapter", None) is not None, indices)
 

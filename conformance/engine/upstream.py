@@ -266,11 +266,22 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
         model = get_peft_model(model, peft_config)
         give_trained_values(model.base_model.model, trained_seed(case))  # a trained adapter is handed over
         peft_config = LoraConfig(**case.adapter.given()) if t.peft_config_too else None
+    processing_class = offline.tokenizer()
+    if t.chat_template is not ABSENT:  # the trainer adds the template's tokens to its tokenizer: give it a copy
+        import copy
+
+        import torch
+
+        from conformance.engine.runner import template_seed
+
+        kwargs["chat_template_path"] = offline.chat_template_paths()[t.chat_template]
+        processing_class = copy.deepcopy(processing_class)
+        torch.manual_seed(template_seed(case))  # the new embedding rows are drawn as the reference draws them
     try:
         trainer = trainer_class(
             model=model,
             args=config_class(**_trainer_args(t.trainer_name, kwargs)),
-            processing_class=offline.tokenizer(),
+            processing_class=processing_class,
             peft_config=peft_config,
             **_trainer_inputs(t.trainer_name),
             **extra,
