@@ -20,7 +20,7 @@ from reference.notices import warn
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec, TrainingSpec
 from reference.targets import effective_targets, iter_targets, pattern_value, warn_unused
-from reference.tokens import wrap_trainable_tokens
+from reference.tokens import is_dict_form, token_mapping, wrap_trainable_tokens
 from reference.tying import TyingPlan, plan_tying, tie_factors, tied_saved_copy
 
 __all__ = ["ADAPTER", "TASK_HEADS", "prepare", "prepare_wrapped"]
@@ -78,6 +78,23 @@ def _mark_trainable(model: nn.Module, bias: str, substring: bool) -> None:
                 base_bias = getattr(module.base_layer, "bias", None)
                 if base_bias is not None:
                     base_bias.requires_grad = True
+
+
+def _refuse_tokens_on_saved_names(model: nn.Module, settings: LoraSettings) -> None:
+    """A module given trainable rows by a name that ``modules_to_save`` also lists, verbatim (a dict
+    key; for the list form the input embedding's full dotted name) is refused: it would train in
+    full and by rows at once (ValueError, peft 0.15.2 and 0.21.2)."""
+    indices = settings.trainable_token_indices
+    if is_dict_form(indices):
+        keys = list(token_mapping(indices))
+    else:
+        embedding = model.get_input_embeddings()
+        keys = [next((n for n, m in model.named_modules() if m is embedding), "embed_tokens")]
+    for key in keys:
+        if key in tuple(settings.modules_to_save or ()):
+            raise InvalidConfig("tokens_on_saved_module",
+                                f"{key!r} is both in modules_to_save and a key of trainable_token_indices: "
+                                "train it in full or by rows, not both")
 
 
 def _arrange_input_grads_for_checkpointing(model: nn.Module) -> None:
@@ -263,6 +280,7 @@ def prepare_wrapped(
         model.set_submodule(key, SavedModule(model.get_submodule(key), ADAPTER, trains=not settings.inference_mode,
                                              trained_copy=tied_saved_copy(embedding_copy)))
     if settings.trainable_token_indices:
+        _refuse_tokens_on_saved_names(model, settings)
         wrap_trainable_tokens(model, settings.trainable_token_indices, ADAPTER, autocast, (LoraLinear, LoraEmbedding))
     # (after every wrapper: peft arranges it once the tuner, its saved modules and token rows are in place)
     _arrange_input_grads_for_checkpointing(model)

@@ -183,7 +183,20 @@ def _wrap(model: nn.Module, names: list[str], rows: list[int], adapter: str, aut
     for name in names:
         model.set_submodule(name, primary if name == names[0] else _tied(module, primary, adapter))
     for name in dict.fromkeys(_saved_owner(model, name) for name in tied_names):
-        model.set_submodule(name, _tied(model.get_submodule(name), primary, adapter))
+        owner = model.get_submodule(name)
+        model.set_submodule(name, _tied(owner, primary, adapter))
+        copies = owner.modules_to_save if _is_saved(owner) else None
+        if copies is not None and adapter in copies:
+            # the token layer's adapter dtype policy reaches the saved copy it now holds (peft casts
+            # every adapter-named entry under a tuner layer: peft 0.15.2 and 0.21.2)
+            for param in copies[adapter].parameters():
+                param.data = param.data.to(adapter_dtype(param.dtype, autocast))
+
+
+def _is_saved(module: nn.Module) -> bool:
+    from reference.layers import SavedModule
+
+    return isinstance(module, SavedModule)
 
 
 def _saved_owner(model: nn.Module, name: str) -> str:

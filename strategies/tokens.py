@@ -78,6 +78,9 @@ def with_tokens(draw, adapter: AdapterSpec, entry: ZooEntry, profile: Profile, *
         if "lm_head" in keys and isinstance(targets, tuple) and "lm_head" in targets:
             targets = tuple(t for t in targets if t != "lm_head")
             changes["target_modules"] = targets
+        saved = adapter.modules_to_save
+        if isinstance(saved, tuple) and any(k in saved for k in keys):  # rows and full training at once: refused
+            changes["modules_to_save"] = tuple(n for n in saved if n not in keys) or None
     if on_embedding:
         changes["target_modules"] = tuple(t for t in targets if t not in entry.embedding_names)
     if pinned and adapter.use_dora is True:

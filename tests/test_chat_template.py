@@ -144,3 +144,20 @@ def test_the_saved_head_entry_excuses_only_the_token_layers_refusal():
     untied = dataclasses.replace(case, model=ModelSpec("llama", num_layers=1))  # no tied head: out of scope
     assert run_case(untied, PROFILE).status in ("agree", "known")
     assert "tokens-around-a-saved-tied-head-cannot-run" not in run_case(untied, PROFILE).known
+
+
+def test_rows_and_full_training_of_one_module_are_refused_and_a_nested_saved_copy_follows_the_adapter_dtype():
+    from reference.errors import InvalidConfig
+    from reference.prepare import prepare_wrapped
+
+    both = AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(("lm_head", (0,)),),
+                       modules_to_save=("lm_head",))
+    model = load_model(ModelSpec("qwen2", num_layers=1), QuantSpec(), cache_dir())
+    with pytest.raises(InvalidConfig) as caught:
+        prepare_wrapped(model, both, TrainingSpec(prepare_kbit=False), PROFILE)
+    assert caught.value.kind == "tokens_on_saved_module"
+    tied = load_model(ModelSpec("gemma2", num_layers=1, load_dtype="float16"), QuantSpec(), cache_dir())
+    prepared, _ = prepare_wrapped(tied, AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(3,),
+                                                    modules_to_save=("lm_head",)), TrainingSpec(prepare_kbit=False), PROFILE)
+    copy = prepared.lm_head.token_adapter.base_layer.modules_to_save["default"]
+    assert copy.weight.dtype == torch.float32  # upcast with the rows (autocast_adapter_dtype), as peft does

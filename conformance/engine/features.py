@@ -145,9 +145,12 @@ def _targets_reach_head(ctx: CaseContext) -> bool:
 
 
 def _saved_module_quantized(ctx: CaseContext) -> bool:
-    """A module to be trained in full (modules_to_save, or the task's head) holds a quantized parameter."""
+    """A module to be trained in full (modules_to_save, the task's head, or the ``lm_head`` a trainer
+    saves for a cloned chat template's tokens) holds a quantized parameter."""
     names = tuple(ctx.case.adapter.modules_to_save or ()) if ctx.case.adapter.modules_to_save is not ABSENT else ()
     names += _task_heads(ctx)
+    if ctx.case.training.level == "trl" and ctx.case.training.chat_template == "tokenizer":
+        names += ("lm_head",)
     for key, module in ctx.model.named_modules():
         if key and any(key.endswith(n) for n in names):
             if any(not p.dtype.is_floating_point for p in module.parameters()):

@@ -311,6 +311,7 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("pissa_quantized", r"Please initialize PiSSA under float32"),
     ("orthogonal_odd_rank", r"Orthogonal initialization requires the LoRA rank to be even"),
     ("tokens_on_lora_layer", r"trainable_token_indices cannot be applied to modules of type"),
+    ("tokens_on_saved_module", r"The embedding layer is already marked to be trained fully"),
     ("token_index_out_of_range", r"index -?\d+ is out of bounds for dimension 0 with size \d+"),
     ("invalid_dropout", r"dropout probability has to be between 0 and 1"),
     ("saved_module_quantized", r"only Tensors of floating point dtype can require gradients"),
