@@ -16,7 +16,7 @@ from conformance.engine.models import cache_dir, load_model
 from conformance.engine.runner import run_case
 from reference import select_profile
 from reference.chat_template import PAD_TO, TemplateSource, clone_chat_template, with_added_tokens
-from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
+from reference.spec import ABSENT, AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies.trainers import clones_chat_template
 from reference.trl import select_trl_flow
 
@@ -161,3 +161,21 @@ def test_rows_and_full_training_of_one_module_are_refused_and_a_nested_saved_cop
                                                     modules_to_save=("lm_head",)), TrainingSpec(prepare_kbit=False), PROFILE)
     copy = prepared.lm_head.token_adapter.base_layer.modules_to_save["default"]
     assert copy.weight.dtype == torch.float32  # upcast with the rows (autocast_adapter_dtype), as peft does
+
+
+def test_the_tied_head_lookup_entry_needs_a_saved_module_around_the_tied_layer():
+    entry = _entry("tokens-tied-head-inside-a-saved-module-not-found")
+    roberta = Case(ModelSpec("roberta", num_layers=1), adapter=AdapterSpec(
+        r=4, target_modules=("query",), trainable_token_indices=(0,), modules_to_save=("lm_head",)),
+        training=TrainingSpec(prepare_kbit=False))
+    ctx = CaseContext(roberta, profile=PROFILE)
+    assert entry.holds_for(ctx)
+    raised = Divergence("<error>", "raised", "no error",
+                        "ValueError[targets_not_found]: ValueError: Target modules {'lm_head.decoder'} not found in the base model.")
+    assert entry.explains(raised, ctx)
+    other = Divergence("<error>", "raised", "no error", "ValueError[targets_not_found]: ValueError: Target modules {'query'} not found")
+    assert not entry.explains(other, ctx)
+    for out in (dataclasses.replace(roberta, adapter=dataclasses.replace(roberta.adapter, modules_to_save=ABSENT)),
+                dataclasses.replace(roberta, adapter=dataclasses.replace(roberta.adapter, trainable_token_indices=ABSENT)),
+                dataclasses.replace(roberta, model=ModelSpec("opt", num_layers=1))):  # opt's lm_head *is* the tied layer
+        assert not entry.holds_for(CaseContext(out, profile=PROFILE))

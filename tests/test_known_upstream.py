@@ -268,6 +268,12 @@ MINIMAL = {
         adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(3, 5), modules_to_save=("lm_head",)),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # ...and where a module to save contains the tied layer, peft cannot find it by its old path
+    "tokens-tied-head-inside-a-saved-module-not-found": Case(
+        ModelSpec("roberta", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("query",), trainable_token_indices=(0,), modules_to_save=("lm_head",)),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # trl 1.16 puts a cloned chat template's rows under `embed_tokens`, which GPT-2 does not have
     "chat-template-assumes-embed-tokens": Case(
         ModelSpec("gpt2", num_layers=1),

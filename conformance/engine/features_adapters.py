@@ -78,6 +78,20 @@ def _tokens_around_a_saved_module(ctx: CaseContext) -> bool:
     return snap is not None and any(t.base_kind == "saved module" for t in snap.tokens)
 
 
+def _tied_head_inside_a_saved_module(ctx: CaseContext) -> bool:
+    """Trainable token rows on the input embedding while a module to save *contains* a module tied to
+    that embedding (roberta's ``lm_head`` holds the tied ``lm_head.decoder``, bert's ``cls`` its
+    ``cls.predictions.decoder``)."""
+    adapter = ctx.case.adapter
+    if adapter.trainable_token_indices in (ABSENT, None) or adapter.modules_to_save in (ABSENT, None):
+        return False
+    weight = getattr(ctx.model.get_input_embeddings(), "weight", None)
+    tied = [n for n, m in ctx.model.named_modules(remove_duplicate=False)
+            if n and getattr(m, "weight", None) is weight and m is not ctx.model.get_input_embeddings()]
+    saved = [n for n, _ in ctx.model.named_modules() if n and any(n == s or n.endswith("." + s) for s in adapter.modules_to_save)]
+    return any(t.startswith(s + ".") for t in tied for s in saved)
+
+
 def _template_rows_off_embed_tokens(ctx: CaseContext) -> bool:
     """A cloned chat template's rows go to an input embedding not named ``embed_tokens``."""
     if ctx.case.training.level != "trl" or ctx.case.training.chat_template != "tokenizer":
@@ -93,11 +107,13 @@ ADAPTER_FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "switch_leaves_a_saved_module_bare": _switch_leaves_a_saved_module_bare,
     "first_saves_alone": _first_saves_alone,
     "tokens_around_a_saved_module": _tokens_around_a_saved_module,
+    "tied_head_inside_a_saved_module": _tied_head_inside_a_saved_module,
     "template_rows_off_embed_tokens": _template_rows_off_embed_tokens,
 }
 """Scalar features for ``when``."""
 
-ADAPTER_CASE_ONLY = frozenset(ADAPTER_FEATURES) - {"tokens_around_a_saved_module", "template_rows_off_embed_tokens"}
+ADAPTER_CASE_ONLY = frozenset(ADAPTER_FEATURES) - {"tokens_around_a_saved_module", "template_rows_off_embed_tokens",
+                                                   "tied_head_inside_a_saved_module"}
 
 ADAPTER_SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "tied_to_saved_originals": _tied_to_saved_originals,
