@@ -488,6 +488,8 @@ def cases(
                                                   tokens=tokens, parameters=parameters, trainer=trainer_name)))
         invalid = draw(st.sampled_from(possible), label="invalid_kind")
     adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind, dora=dora, init=init))
+    if invalid == "dora_with_lora_bias" and adapter.init_lora_weights not in (ABSENT, True, False) and init is None:
+        adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)  # lora_bias would refuse the init first
     adapter = draw(with_tokens(adapter, ZOO[model.model_type], profile, pinned=tokens, invalid=invalid,
                                model_type=model.model_type, level=level, task=model.task))
     adapter = draw(with_parameters(adapter, model, profile, pinned=parameters, invalid=invalid, keep_dora=dora is True,

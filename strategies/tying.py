@@ -44,7 +44,9 @@ def with_tying(draw, adapter: AdapterSpec, model: ModelSpec, profile: Profile, *
     if "ensure_weight_tying" not in profile.features or level != "peft" or model.model_type in ENCODER_DECODERS:
         return adapter
     if adapter.trainable_token_indices not in (ABSENT, None, ()):
-        return adapter
+        if not pinned:
+            return adapter
+        adapter = dataclasses.replace(adapter, trainable_token_indices=ABSENT)  # a tying cell: tying, not token rows
     if not pinned and draw(st.integers(0, 5), label="tying_roll") != 5:
         return adapter
     changes: dict = {"ensure_weight_tying": True}

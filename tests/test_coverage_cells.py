@@ -27,7 +27,7 @@ def test_peft_cells_reach_every_pair_of_each_dimension():
 
 
 def test_trl_cells_reach_every_causal_type_with_every_quantization():
-    trl = tuple(c for c in cells("trl") if c.adapter_feature == "lora")
+    trl = tuple(c for c in cells("trl") if c.adapter_feature == "lora" and c.trainer == "sft")
     causal = model_types("CAUSAL_LM")
     assert {(c.model_type, c.quantization) for c in trl} == set(itertools.product(causal, QUANTS))
     assert {c.task for c in trl} == {"CAUSAL_LM"}
@@ -127,18 +127,27 @@ def test_expected_cells_are_the_projections_of_the_cells():
     expected = expected_cells(("peft", "trl"))
     assert set(expected) == set(DIMENSIONS)
     assert len(expected["peft: model_type x quantization"]) == len(model_types()) * 3
-    assert len(expected["trl: model_type x quantization"]) == len(model_types("CAUSAL_LM")) * 3
+    trl_pairs = set(expected["trl: model_type x quantization"])
+    assert set(itertools.product(model_types("CAUSAL_LM"), QUANTS)) <= trl_pairs
+    # (beyond the causal types: the sequence classifiers a RewardTrainer cell meets)
+    assert {t for t, _ in trl_pairs} - set(model_types("CAUSAL_LM")) <= set(model_types("SEQ_CLS"))
     from strategies.params import fused_types
 
     features = ("dora", "lora", "tokens") + (("parameters",) if fused_types()
                                               and "target_parameters" in select_profile().features else ())
     tying = ("tying",) if "ensure_weight_tying" in select_profile().features else ()
+    from strategies.trainers import clones_chat_template, installed_trainers
+
+    template = ("template",) if clones_chat_template("sft") else ()
     for level in ("peft", "trl"):
         assert expected[f"{level}: adapter_feature x quantization"] == sorted(
-            itertools.product(features + (tying + ("resume", "adapters") if level == "peft" else ()), QUANTS))
+            itertools.product(features + (tying + ("resume", "adapters") if level == "peft" else template), QUANTS))
+    assert expected["trl: trainer x quantization"] == sorted(
+        itertools.product(installed_trainers(), QUANTS))
     assert {c for c in expected["peft: parameter_targets x model_type"] if c[0] == "given"} == {
         ("given", t) for t in (fused_types() if "parameters" in features else ())}
-    assert set(expected_cells(("trl",))) == {"trl: model_type x quantization", "trl: adapter_feature x quantization"}
+    assert set(expected_cells(("trl",))) == {"trl: model_type x quantization", "trl: adapter_feature x quantization",
+                                              "trl: trainer x quantization"}
 
 
 def test_a_case_falls_in_the_cells_of_its_level():
@@ -158,7 +167,12 @@ def test_a_case_falls_in_the_cells_of_its_level():
     case["training"]["level"] = "trl"
     case["adapter"]["use_dora"] = True
     assert dimension_cells(case) == {"trl: model_type x quantization": ("gpt2", "8bit"),
-                                     "trl: adapter_feature x quantization": ("dora", "8bit")}
+                                     "trl: adapter_feature x quantization": ("dora", "8bit"),
+                                     "trl: trainer x quantization": ("sft", "8bit")}
+    case["training"]["trainer"] = "kto"
+    case["training"]["chat_template"] = "jinja"
+    assert dimension_cells(case)["trl: trainer x quantization"] == ("kto", "8bit")
+    assert dimension_cells(case)["trl: adapter_feature x quantization"] == ("template", "8bit")
 
 
 @pytest.mark.parametrize("targets, kind", [(None, "default"), ("ALL-LINEAR", "all-linear"), (".*q", "regex"),
@@ -189,7 +203,8 @@ def test_a_pinned_cell_draws_only_cases_of_that_cell(model_type, quant, kind, ta
 def test_every_trl_cell_draws_causal_lm_cases():
     for cell in cells("trl")[:9]:
         for case in draw_many(cases(level="trl", profile=CURRENT, model_types=(cell.model_type,),
-                                    quant_kinds=(cell.quantization,), target_kinds=(cell.target_kind,)), 5):
+                                    quant_kinds=(cell.quantization,), target_kinds=(cell.target_kind,),
+                                    trainer=cell.trainer), 5):
             assert case.model.task == "CAUSAL_LM" and case.training.level == "trl"
             assert target_kind(case.adapter.target_modules) == cell.target_kind
             assert case.model.model_type in ZOO
