@@ -280,6 +280,12 @@ MINIMAL = {
         adapter=AdapterSpec(r=4, target_modules=("c_attn",), task_type="CAUSAL_LM"),
         training=TrainingSpec(level="trl", prepare_kbit=False, chat_template="tokenizer"),
     ),
+    # trl 1.16's DPO-family `ref` copy matches '.default.' in names: an embedding's LoRA factors are skipped
+    "ref-adapter-copy-skips-embedding-factors": Case(
+        ModelSpec("gpt2", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("c_attn", "wte"), task_type="CAUSAL_LM"),
+        training=TrainingSpec(level="trl", prepare_kbit=False, trainer="dpo", peft_model_in=True, peft_config_too=False),
+    ),
     # trl 1.16's DPOTrainer and KTOTrainer refuse a quantization_config beside a loaded model (documented: ignored)
     "dpo-kto-refuse-quantization-config-beside-a-model": Case(
         ModelSpec("llama", num_layers=1),

@@ -218,6 +218,26 @@ def test_catches_a_ref_adapter_that_keeps_its_initial_values(monkeypatch):
     assert "value" in _fields(_case("kto", **PASSED_IN), f".{REF}.")
 
 
+@_needs("dpo", "inline")
+def test_the_embedding_ref_copy_entry_still_catches_a_linear_factor_left_uncopied(monkeypatch):
+    """In the scope of ref-adapter-copy-skips-embedding-factors (LoRA on gpt2's wte), a ref copy that
+    misses the Linear factors too is a fault: the entry excuses the embedding's factors only."""
+    import peft
+
+    original = torch.nn.Module.get_parameter
+
+    def detached(self, target):
+        param = original(self, target)
+        return torch.nn.Parameter(param.detach().clone()) if f".{REF}." in target else param
+
+    monkeypatch.setattr(peft.PeftModel, "get_parameter", detached, raising=False)
+    case = Case(ModelSpec("gpt2", num_layers=1), adapter=AdapterSpec(r=4, target_modules=("c_attn", "wte"),
+                task_type="CAUSAL_LM"), training=TrainingSpec(level="trl", trainer="dpo", **PASSED_IN))
+    outcome = run_case(case, PROFILE)
+    assert outcome.status == "diverge"
+    assert any(d.field == "value" and ".c_attn.lora_A.ref" in d.path for d in outcome.divergences)
+
+
 @_needs("rloo", "inline")
 def test_catches_rloo_activating_its_ref_adapter(monkeypatch):
     """Fault: RLOOTrainer's ``ref`` copy of a passed-in adapter becomes the active, trained one."""
