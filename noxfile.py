@@ -165,7 +165,7 @@ def faults(session: nox.Session, stack: str) -> None:
     session.run(python, "-m", "pytest", "tests/test_faults_trl.py", "tests/test_known_upstream.py", "tests/test_known_narrow.py",
                 "tests/test_dora.py", "tests/test_inference_mode.py", "tests/test_inits.py", "tests/test_tokens.py",
                 "tests/test_params.py", "tests/test_tying.py", "tests/test_resume.py", "tests/test_tokens_dict.py",
-                "tests/test_adapters.py", "tests/test_trainers.py",
+                "tests/test_adapters.py", "tests/test_trainers.py", "tests/test_chat_template.py",
                 *(session.posargs or ["-q", "-rs"]), env=stack_env(stack), external=True)
 
 
