@@ -39,14 +39,22 @@ def rules_of(trainer: str) -> TrainerRules | None:
     return trainer_rules(trainer, version) if version else None
 
 
+def _rule(trainer: str, name: str):
+    """The installed trl's rule ``name`` for ``trainer``: its row's (``reference.trainers``), or for
+    SFTTrainer its trl flow's (``reference.trl``), where both carry the rule under one name."""
+    rules = rules_of(trainer)
+    if rules is not None:
+        return getattr(rules, name)
+    if trainer != "sft":
+        return None  # no checked row: the trainer is not generated
+    from reference.trl import select_trl_flow
+
+    return getattr(select_trl_flow(), name)
+
+
 def takes_quantization_config(trainer: str) -> bool:
     """Whether the installed trl's ``trainer`` has a ``quantization_config`` argument."""
-    rules = rules_of(trainer)
-    if rules is None:
-        from reference.trl import select_trl_flow
-
-        return trainer == "sft" and select_trl_flow().takes_quantization_config
-    return rules.takes_quantization_config
+    return bool(_rule(trainer, "takes_quantization_config"))
 
 
 @st.composite
@@ -68,12 +76,7 @@ def with_quantization_config(draw, training: TrainingSpec, trainer: str, quantiz
 
 def clones_chat_template(trainer: str) -> bool:
     """Whether the installed trl's ``trainer`` clones a ``chat_template_path`` (as the reference models)."""
-    rules = rules_of(trainer)
-    if rules is None:
-        from reference.trl import select_trl_flow
-
-        return trainer == "sft" and select_trl_flow().clones_chat_template
-    return rules.clones_chat_template
+    return bool(_rule(trainer, "clones_chat_template"))
 
 
 @st.composite
@@ -110,12 +113,7 @@ def trainer_task(trainer: str) -> str:
 def pair_rule(trainer: str) -> str:
     """What ``trainer`` does with a PeftModel and a ``peft_config`` together: ``merge``,
     ``ignore``, ``reject`` or ``none`` (not generated)."""
-    rules = rules_of(trainer)
-    if rules is None:
-        from reference.trl import select_trl_flow
-
-        return select_trl_flow().peft_model_with_config
-    return rules.peft_model_with_config
+    return _rule(trainer, "peft_model_with_config")
 
 
 def trainers(pinned: str | None = None, model_types: tuple[str, ...] | None = None) -> st.SearchStrategy[str]:

@@ -310,13 +310,17 @@ def test_catches_grpo_without_input_grads(monkeypatch):
     assert "input_grads" in _fields(_case("grpo", gradient_checkpointing=True))
 
 
-@_needs("dpo", "family")
-def test_catches_a_seed_family_trainer_skipping_its_kbit_step(monkeypatch):
-    """Fault: DPOTrainer 0.19 no longer runs prepare_model_for_kbit_training on a quantized model."""
-    import trl.trainer.dpo_trainer as dpo
+@pytest.mark.parametrize("trainer, module", [
+    pytest.param("dpo", "dpo_trainer", marks=_needs("dpo", "family")),
+    pytest.param("reward", "reward_trainer", marks=_needs("reward", "reward_classic")),
+])
+def test_catches_a_seed_trainer_skipping_its_kbit_step(monkeypatch, trainer, module):
+    """Fault: DPOTrainer / RewardTrainer 0.19 no longer run prepare_model_for_kbit_training on an 8-bit model."""
+    import importlib
 
-    monkeypatch.setattr(dpo, "prepare_model_for_kbit_training", lambda model, **kwargs: model)
-    assert "dtype" in _fields(_case("dpo", QuantSpec(kind="8bit")))
+    monkeypatch.setattr(importlib.import_module(f"trl.trainer.{module}"), "prepare_model_for_kbit_training",
+                        lambda model, **kwargs: model)
+    assert "dtype" in _fields(_case(trainer, QuantSpec(kind="8bit")))
 
 
 @_needs("cpo", "family")
@@ -326,15 +330,6 @@ def test_catches_a_seed_family_trainer_skipping_its_bf16_cast(monkeypatch):
 
     monkeypatch.setattr(cpo, "peft_module_casting_to_bf16", lambda model: None)
     assert "dtype" in _fields(_case("cpo", QuantSpec(kind="4bit", compute_dtype="bfloat16"), bf16=True))
-
-
-@_needs("reward", "reward_classic")
-def test_catches_seed_reward_skipping_its_kbit_step(monkeypatch):
-    """Fault: RewardTrainer 0.19 no longer runs the k-bit step on an 8-bit model."""
-    import trl.trainer.reward_trainer as reward
-
-    monkeypatch.setattr(reward, "prepare_model_for_kbit_training", lambda model, **kwargs: model)
-    assert "dtype" in _fields(_case("reward", QuantSpec(kind="8bit")))
 
 
 @_needs("grpo", "grpo_classic")
