@@ -1,4 +1,6 @@
-"""The preparation of the trl trainers other than SFTTrainer, one function per shape.
+"""The trl level's entry (:func:`prepare_trl_level`: the trainer's ``quantization_config`` and
+``chat_template_path``, then SFTTrainer's flow or another trainer's shape) and the preparation of
+the trl trainers other than SFTTrainer, one function per shape.
 
 Which trainer takes which shape, and its other rules, is the table of :mod:`reference.trainers`;
 the steps the shapes share (the k-bit step, input grads, the bf16 casts, the head-LoRA check)
