@@ -17,7 +17,7 @@ from torch import nn
 
 from reference.spec import Case
 
-__all__ = ["TRAINED_STD", "give_trained_copies", "give_trained_values", "trained_seed"]
+__all__ = ["TRAINED_STD", "give_trained_copies", "give_trained_values", "template_seed", "trained_seed"]
 
 TRAINED_STD = 0.05
 """The std of the trained factors' values: a visible update, small beside the base weights."""
@@ -26,6 +26,12 @@ TRAINED_STD = 0.05
 def trained_seed(case: Case) -> int:
     """The seed of a case's trained adapter (the case alone decides it)."""
     return int.from_bytes(hashlib.sha256((case.dumps() + "|trained").encode()).digest()[:8], "little")
+
+
+def template_seed(case: Case) -> int:
+    """The seed of the embedding rows a cloned chat template adds (``reference.chat_template``):
+    both sides draw them under it."""
+    return trained_seed(case) % (2**31)
 
 
 def give_trained_values(model: nn.Module, seed: int) -> None:

@@ -32,7 +32,7 @@ from reference import PreparationError, Profile, builtin_class
 from reference.prepare import prepare_wrapped
 from reference.resume import resume
 from reference.adapters import with_second_adapter
-from reference.trained import trained_seed
+from reference.trained import template_seed, trained_seed
 from reference.notices import PreparationWarning
 from reference.trainer_flows import prepare_trl_level
 from reference.trl import select_trl_flow
@@ -117,11 +117,6 @@ def _pristine(case: Case) -> nn.Module:
 def _fresh(case: Case) -> nn.Module:
     """Another load of the case's model: the one a resumed adapter was trained and saved from."""
     return load_model(case.model, case.quant, cache_dir(), device=case.training.device)
-
-
-def template_seed(case: Case) -> int:
-    """The seed of the embedding rows a cloned chat template adds (both sides draw them under it)."""
-    return trained_seed(case) % (2**31)
 
 
 def seeded_values(case: Case) -> bool:

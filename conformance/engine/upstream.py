@@ -272,7 +272,7 @@ def prepare_trl(model: nn.Module | str, case: Case) -> tuple[nn.Module, bool, tu
 
         import torch
 
-        from conformance.engine.runner import template_seed
+        from reference.trained import template_seed
 
         kwargs["chat_template_path"] = offline.chat_template_paths()[t.chat_template]
         processing_class = copy.deepcopy(processing_class)
