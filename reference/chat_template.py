@@ -52,14 +52,16 @@ def _embedding_name(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is embedding).rsplit(".", 1)[-1]
 
 
-def clone_chat_template(model: nn.Module, source: TemplateSource, seed: int) -> list[int]:
+def clone_chat_template(model: nn.Module, source: TemplateSource, seed: int, eos_on_text_config: bool = True) -> list[int]:
     """Clone ``source``'s template onto ``model``: the ids of every token added (dummies included).
-    ``seed`` seeds the new rows' draw (the harness seeds upstream's draw alike)."""
+    ``seed`` seeds the new rows' draw (the harness seeds upstream's draw alike).  The end-of-sequence
+    id goes to the text config (trl 1.16), or to the top-level config (``eos_on_text_config`` False:
+    trl 0.19; the two differ for a vision-language model's composite config)."""
     wanted = source.vocab_size + len(source.added)
     padded = -(-wanted // PAD_TO) * PAD_TO
     eos = source.vocab_size + source.eos_index
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    text_config.eos_token_id = eos
+    (text_config if eos_on_text_config else model.config).eos_token_id = eos
     if model.can_generate():
         model.generation_config.eos_token_id = eos
     torch.manual_seed(seed)

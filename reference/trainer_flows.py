@@ -207,7 +207,7 @@ def prepare_trl_level(model: nn.Module, adapter: AdapterSpec, training: Training
                             "quantization_config set both as a trainer argument and in args.model_init_kwargs")
     rules = flow if training.trainer_name == "sft" else rules_for(training.trainer_name)
     if training.chat_template == "tokenizer" and template is not None and rules.clones_chat_template:
-        added = clone_chat_template(model, template, template_seed)  # (a bare template changes nothing)
+        added = clone_chat_template(model, template, template_seed, rules.template_eos_on_text_config)  # (a bare template changes nothing)
         if rules.template_tokens_trainable:
             adapter = with_added_tokens(model, adapter, added)
     if training.trainer_name == "sft":

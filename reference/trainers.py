@@ -89,6 +89,11 @@ class TrainerRules:
     """The trainer has ``chat_template_path`` (checked on 1.16: SFT and Reward; ``reference.chat_template``)."""
     template_tokens_trainable: bool = True
     """The tokens a cloned template added are made trainable."""
+    template_eos_on_text_config: bool = True
+    """A cloned template's end-of-sequence id goes to the text config (``reference.trl.TrlFlow``)."""
+    loads_image_text_paths: bool = True
+    """A vision-language checkpoint path loads as its own class (``reference.trl.TrlFlow``); trl
+    0.19's trainers load every path with ``AutoModelForCausalLM`` (trl#3099)."""
 
 
 _SEED = ">=0.19,<0.20"
@@ -98,7 +103,7 @@ _CURRENT = ">=1.16"
 
 
 def _family(name: str, dataset: str) -> TrainerRules:
-    return TrainerRules(name, _SEED, "family", dataset, disables_dropout=True)
+    return TrainerRules(name, _SEED, "family", dataset, disables_dropout=True, loads_image_text_paths=False)
 
 
 def _helper(name: str, dataset: str, trl: str, **rules) -> TrainerRules:
@@ -122,7 +127,7 @@ TRAINERS: tuple[TrainerRules, ...] = (
     _family("bco", "unpaired"),
     TrainerRules("reward", _SEED, "reward_classic", "pairs", task="SEQ_CLS", disables_dropout=True,
                  peft_model_with_config="ignore", loads_paths=False),
-    TrainerRules("grpo", _SEED, "grpo_classic", "prompts", peft_model_with_config="none"),
+    TrainerRules("grpo", _SEED, "grpo_classic", "prompts", peft_model_with_config="none", loads_image_text_paths=False),
     # trl 0.22 - 0.24, 0.27 - 1.15: SFTTrainer only (the other trainers' rows were not checked there)
     TrainerRules("sft", ">=0.22", "sft", "text"),
     # trl 0.25.1 and 0.26.0 under transformers 5 (the gate's release stacks): only RewardTrainer works

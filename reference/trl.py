@@ -83,6 +83,15 @@ class TrlFlow:
     (``reference.chat_template``)."""
     template_tokens_trainable: bool = True
     """The tokens a cloned template added are made trainable (1.16; 0.19 leaves them untrained)."""
+    template_eos_on_text_config: bool = True
+    """A cloned template's end-of-sequence id is written to the text config (1.16), else to the
+    top-level config (0.19): the same object but for a vision-language model's composite config."""
+    loads_image_text_paths: bool = True
+    """A checkpoint path loads with the class its config names (``config.architectures``), so a
+    vision-language checkpoint loads as itself (trl PR #3862, Aug 2025).  Before, with
+    ``AutoModelForCausalLM`` (trl#3099; observed on 0.19.1): llava / qwen2_vl raise, mllama loads
+    the text-only ``MllamaForCausalLM`` without its vision tower.  Such path loads are not
+    generated (the harness's reference loads a checkpoint as the zoo's class)."""
     kbit_step: str = "peft"
     """Which k-bit step the classic / helper shapes run: ``peft`` (peft's
     ``prepare_model_for_kbit_training``: every fp16/bf16 parameter that is not 4-bit-packed
@@ -98,7 +107,8 @@ _CLASSIC = TrlFlow(
     syncs_router_aux_loss=False, mirrors_pad_token=False,
     # observed on 0.19.1 (earlier classic releases not checked): a chat template is cloned (tokens
     # added, embeddings resized), but the added rows are left untrained (no trainable tokens, no saved lm_head)
-    clones_chat_template=True, template_tokens_trainable=False,
+    clones_chat_template=True, template_tokens_trainable=False, loads_image_text_paths=False,
+    template_eos_on_text_config=False,
 )
 # trl 0.22.0: _prepare_peft_model became the module-level helper trl.models.utils.prepare_peft_model:
 # SFTConfig.gradient_checkpointing defaults to True; with checkpointing and no k-bit step the model's
@@ -107,6 +117,7 @@ _CLASSIC = TrlFlow(
 _HELPER = dataclasses.replace(
     _CLASSIC, name="helper", trl=">=0.22,<0.23", gradient_checkpointing_default=True, classic=False,
     shape="helper", peft_model_with_config="merge", clones_chat_template=False,  # (chat templates not checked there)
+    loads_image_text_paths=True, template_eos_on_text_config=True,
 )
 # trl 0.23.0, PR #3981 (fixes #3980): `args.gradient_checkpointing = False` instead of
 # `dataclasses.replace(args, ...)`, so the trainer's args lose checkpointing after the k-bit step.

@@ -499,7 +499,8 @@ def cases(
         adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)  # PiSSA refuses a quantized base
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
                                         False if pair_rule(trainer_name) in ("reject", "none") else None)
-    training = trainer_training(draw(training_specs(level, quant, peft_model_with_config=pair)), trainer_name)
+    training = trainer_training(draw(training_specs(level, quant, peft_model_with_config=pair)), trainer_name,
+                                ZOO[model.model_type].image_text)
     if level == "trl":
         training = draw(with_quantization_config(training, trainer_name, quant.quantized,
                                                  twice=invalid == "quantization_config_twice"))

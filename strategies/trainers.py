@@ -137,8 +137,11 @@ def with_trainer(model: ModelSpec, trainer: str) -> ModelSpec:
     return model
 
 
-def trainer_training(training: TrainingSpec, trainer: str) -> TrainingSpec:
-    """``training`` for ``trainer`` (the field is left out for SFT, its default)."""
+def trainer_training(training: TrainingSpec, trainer: str, image_text: bool = False) -> TrainingSpec:
+    """``training`` for ``trainer`` (the field is left out for SFT, its default); a vision-language
+    model (``image_text``) is passed as an object where the trainer loads paths as causal LMs."""
+    if image_text and not _rule(trainer, "loads_image_text_paths"):
+        training = dataclasses.replace(training, model_from_path=False)
     if trainer == "sft":
         return training
     rules = rules_of(trainer)

@@ -33,6 +33,8 @@ from transformers import (
     StableLmConfig, Starcoder2Config, T5Config, XLMRobertaConfig,
 )
 
+from strategies import zoo_vision
+
 __all__ = [
     "CAUSAL_NEEDS_IS_DECODER",
     "NUM_LABELS",
@@ -40,6 +42,7 @@ __all__ = [
     "ZOO",
     "ZooEntry",
     "model_types",
+    "image_text_types",
     "tasks_of",
 ]
 
@@ -74,6 +77,10 @@ class ZooEntry:
     keep_unquantized: tuple[str, ...] = ()
     """Leaf names of Linear layers narrower than the 4-bit CPU kernels take (an output width not a
     multiple of 32): a quantized case keeps them out of quantization (``QuantSpec.skip_modules``)."""
+    image_text: bool = False
+    """A vision-language type (``strategies.zoo_vision``): its ``CAUSAL_LM`` class is the
+    ``AutoModelForImageTextToText`` one, and ``linear_names`` also holds the Linear leaf names of
+    its vision tower and projector (outside the blocks of ``layer_container``)."""
 
 
 # Encoder-only types whose ``*ForCausalLM`` wants ``is_decoder=True`` (it warns
@@ -282,9 +289,15 @@ def _bart(num_layers: int, hidden: int) -> PretrainedConfig:
 # -- the catalog ---------------------------------------------------------------------
 
 
-def _e(model_type, make, tasks, container, linears, embeddings, keep_unquantized=()) -> ZooEntry:
+def _e(model_type, make, tasks, container, linears, embeddings, keep_unquantized=(), image_text=False) -> ZooEntry:
     return ZooEntry(model_type, make, tuple(tasks), container, tuple(linears), tuple(embeddings),
-                    tuple(keep_unquantized))
+                    tuple(keep_unquantized), image_text)
+
+
+def _vl(model_type, make, vision_linears, embeddings, keep_unquantized=()) -> ZooEntry:
+    """A vision-language entry: a llama-like language model (``layers``) plus ``vision_linears``."""
+    return _e(model_type, make, ("CAUSAL_LM",), "layers", vision_linears + _LLAMA, embeddings, keep_unquantized,
+              image_text=True)
 
 
 _ENTRIES = [
@@ -392,6 +405,18 @@ _ENTRIES = [
                                 share_att_key=True, pooler_dropout=0.0),
        _ENC2, "layer", ("query_proj", "key_proj", "value_proj", "dense"),
        ("word_embeddings", "rel_embeddings")),
+    # vision-language models (strategies.zoo_vision): text layers plus a vision tower
+    _vl("llava", zoo_vision.llava, ("out_proj", "fc1", "fc2", "linear_1", "linear_2"),
+        ("embed_tokens", "position_embedding")),
+    # (its vision attention's output Linear, `attn.proj`, is left out: the name also reaches the
+    # Conv3d patch embedding `patch_embed.proj`, and the reference models no convolution LoRA)
+    _vl("qwen2_vl", zoo_vision.qwen2_vl, ("qkv", "fc1", "fc2"), ("embed_tokens",)),
+    # (transformers 4.53 quantizes the SigLIP head's nn.MultiheadAttention out_proj, whose weight the
+    # attention reads directly: the quantized model's own forward raises; kept unquantized, as 5.23 does)
+    _vl("gemma3", zoo_vision.gemma3, ("out_proj", "fc1", "fc2"), ("embed_tokens", "position_embedding"),
+        keep_unquantized=("head.attention",)),
+    _vl("mllama", zoo_vision.mllama, ("fc1", "fc2", "multi_modal_projector"),
+        ("embed_tokens", "embedding", "tile_embedding")),
 ]
 
 ZOO: dict[str, ZooEntry] = {e.model_type: e for e in _ENTRIES}
@@ -402,6 +427,7 @@ def model_types(task: str | None = None) -> tuple[str, ...]:
     return tuple(t for t in ZOO if tasks_of(t) and (task is None or task in tasks_of(t)))
 
 
+_IMAGE_TEXT_MAPPING = "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"
 _AUTO_MAPPINGS = {
     "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
@@ -420,8 +446,14 @@ def tasks_of(model_type: str) -> tuple[str, ...]:
     from transformers.models.auto import modeling_auto
 
     out = []
-    for task in ZOO[model_type].tasks:
-        names = getattr(modeling_auto, _AUTO_MAPPINGS[task], {})
+    entry = ZOO[model_type]
+    for task in entry.tasks:
+        names = getattr(modeling_auto, _IMAGE_TEXT_MAPPING if entry.image_text else _AUTO_MAPPINGS[task], {})
         if model_type in names:
             out.append(task)
     return tuple(out)
+
+
+def image_text_types() -> tuple[str, ...]:
+    """The vision-language types (``ZooEntry.image_text``) the installed transformers builds."""
+    return tuple(t for t, e in ZOO.items() if e.image_text and tasks_of(t))

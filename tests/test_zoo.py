@@ -30,6 +30,15 @@ MAPPINGS = {
 }
 
 PAIRS = [(t, task) for t, e in ZOO.items() for task in e.tasks]
+IMAGE_TEXT = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+# Linear leaf names a vision-language entry leaves out of linear_names (its nn.Sequential members,
+# and qwen2_vl's attention output `proj`, a name its Conv3d patch embedding shares)
+VISION_UNNAMED = {"0", "2", "lm_head"}
+VISION_LEFT_OUT = {"qwen2_vl": {"proj"}}
+
+
+def _mapping(model_type: str, task: str) -> dict:
+    return IMAGE_TEXT if ZOO[model_type].image_text else MAPPINGS[task]
 
 
 def _linears(model: torch.nn.Module):
@@ -76,6 +85,9 @@ def test_zoo_has_types_with_and_without_peft_defaults():
 
 @pytest.mark.parametrize("model_type", sorted(ZOO))
 def test_tasks_match_auto_mappings(model_type):
+    if ZOO[model_type].image_text:  # built as its image-text-to-text class, prepared as a causal LM
+        assert ZOO[model_type].tasks == ("CAUSAL_LM",) and model_type in IMAGE_TEXT
+        return
     expected = tuple(task for task in TASKS if model_type in MAPPINGS[task])
     assert ZOO[model_type].tasks == expected
 
@@ -87,6 +99,10 @@ def test_config_factory(model_type):
         a, b = make(layers, hidden), make(layers, hidden)
         assert a is not b and a.to_dict() == b.to_dict()
         assert a.model_type == model_type
+        if ZOO[model_type].image_text:  # a composite config: the text config holds the vocabulary
+            text = a.get_text_config()
+            assert text.vocab_size == 256 and text.pad_token_id == 0 and a.pad_token_id == 0
+            continue
         assert a.vocab_size == 256 and a.pad_token_id == 0 and a.num_labels == NUM_LABELS
     with pytest.raises(ValueError, match="multiple of 64"):
         make(2, 96)
@@ -100,7 +116,7 @@ def test_module_names(model_type):
     for task in entry.tasks:
         model = build_model(ModelSpec(model_type, task))
         for name, _, _, _ in _linears(model):
-            if _block_parts(name, entry.layer_container):
+            if _block_parts(name, entry.layer_container) or entry.image_text:
                 linear.add(name.rsplit(".", 1)[-1])
         for name, module in model.named_modules(remove_duplicate=False):
             if isinstance(module, torch.nn.Embedding):
@@ -108,6 +124,8 @@ def test_module_names(model_type):
         blocks = [m for n, m in model.named_modules()
                   if n.rsplit(".", 1)[-1] == entry.layer_container]
         assert blocks and all(isinstance(m, torch.nn.ModuleList) and len(m) == 2 for m in blocks)
+    if entry.image_text:
+        linear -= VISION_UNNAMED | VISION_LEFT_OUT.get(model_type, set())
     assert linear == set(entry.linear_names)
     assert embedding == set(entry.embedding_names)
 
@@ -123,7 +141,7 @@ def test_build_model(model_type, task):
     model = build_model(spec)
     assert torch.equal(torch.get_rng_state(), state), "global RNG disturbed"
     assert model.config.model_type == model_type and not model.training
-    assert type(model).__name__ == MAPPINGS[task][model_type]
+    assert type(model).__name__ == _mapping(model_type, task)[model_type]
     for name, _, fan_in, fan_out in _linears(model):
         assert fan_in % 64 == 0, (name, fan_in)
         # (a layer narrower than the kernels take is kept out of quantization: keep_unquantized)

@@ -101,6 +101,20 @@ def _template_rows_off_embed_tokens(ctx: CaseContext) -> bool:
     return name.rsplit(".", 1)[-1] != "embed_tokens"
 
 
+def _head_tied_by_config_only(ctx: CaseContext) -> bool:
+    """Trainable token rows on a model whose top-level config says ``tie_word_embeddings=True`` while
+    its output embedding does not share the input embedding's weight (transformers 4's composite
+    vision-language configs default the flag to True; the text config says False)."""
+    if ctx.case.adapter.trainable_token_indices in (ABSENT, None):
+        return False
+    model = ctx.model
+    if not getattr(model.config, "tie_word_embeddings", False) or not getattr(model, "_tied_weights_keys", None):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    return head is not None and weight is not None and getattr(head, "weight", None) is not weight
+
+
 ADAPTER_FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "inference_model": _inference_model,
     "second_adapter_saves_anew": _second_adapter_saves_anew,
@@ -109,11 +123,12 @@ ADAPTER_FEATURES: dict[str, Callable[[CaseContext], Any]] = {
     "tokens_around_a_saved_module": _tokens_around_a_saved_module,
     "tied_head_inside_a_saved_module": _tied_head_inside_a_saved_module,
     "template_rows_off_embed_tokens": _template_rows_off_embed_tokens,
+    "head_tied_by_config_only": _head_tied_by_config_only,
 }
 """Scalar features for ``when``."""
 
 ADAPTER_CASE_ONLY = frozenset(ADAPTER_FEATURES) - {"tokens_around_a_saved_module", "template_rows_off_embed_tokens",
-                                                   "tied_head_inside_a_saved_module"}
+                                                   "tied_head_inside_a_saved_module", "head_tied_by_config_only"}
 
 ADAPTER_SET_FEATURES: dict[str, Callable[[CaseContext], frozenset[str]]] = {
     "tied_to_saved_originals": _tied_to_saved_originals,

@@ -24,6 +24,7 @@ import torch
 import transformers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -36,6 +37,7 @@ from strategies.zoo import CAUSAL_NEEDS_IS_DECODER, ZOO, tasks_of
 
 __all__ = [
     "AUTO_CLASSES",
+    "auto_class",
     "build_model",
     "cache_dir",
     "checkpoint_path",
@@ -54,6 +56,14 @@ AUTO_CLASSES = {
     "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
     "TOKEN_CLS": AutoModelForTokenClassification,
 }
+
+
+def auto_class(spec: ModelSpec) -> type:
+    """The auto class that builds and loads ``spec``: its task's, or ``AutoModelForImageTextToText``
+    for a vision-language type (whose ``CAUSAL_LM`` class it is)."""
+    if ZOO[spec.model_type].image_text:
+        return AutoModelForImageTextToText
+    return AUTO_CLASSES[spec.task]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -116,7 +126,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     inside a forked RNG context, so the caller's RNG state is not disturbed.
     """
     config = make_config(spec)
-    auto = AUTO_CLASSES[spec.task]
+    auto = auto_class(spec)
     dtype = _dtype(spec.load_dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -320,7 +330,7 @@ def load_fresh(
     and ``device_map`` on ``device`` (bitsandbytes quantizes as weights land there).
     """
     bnb = quantization_config(quant)
-    auto = AUTO_CLASSES[spec.task]
+    auto = auto_class(spec)
     if bnb is None:
         if via_checkpoint:
             model = auto.from_pretrained(checkpoint_path(spec, cache_dir), **{_DTYPE_KW: _dtype(spec.load_dtype)}).eval()

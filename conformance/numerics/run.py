@@ -23,7 +23,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from conformance.numerics.images import image_inputs
 from reference.spec import Case
+from strategies.zoo import ZOO
 
 __all__ = [
     "Run",
@@ -85,7 +87,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def make_inputs(case: Case, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Token ids, attention mask and labels for the case's task, from ``seed``.
+    """Token ids, attention mask and labels for the case's task (and an image for a vision-language
+    type: ``conformance.numerics.images``), from ``seed``.
 
     Pad tokens are avoided (a sequence-classification head reads the last non-pad
     token); a sequence-classification model without a pad token gets batch 1, the
@@ -111,7 +114,12 @@ def make_inputs(case: Case, model: nn.Module, seed: int) -> dict[str, torch.Tens
         input_ids = torch.where(input_ids == eos, (eos + 1) % vocab if (eos + 1) % vocab != pad else (eos + 2) % vocab,
                                 input_ids)
         input_ids[:, -1] = eos
-    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+    if ZOO[case.model.model_type].image_text:
+        # (one image per row: its placeholder tokens first; conformance.numerics.images)
+        inputs = image_inputs(case.model.model_type, model, input_ids, g)
+        input_ids = inputs["input_ids"]
+    inputs["attention_mask"] = torch.ones_like(input_ids)
     labels_n = int(getattr(config, "num_labels", 2))
     if task == "CAUSAL_LM":
         inputs["labels"] = input_ids.clone()
