@@ -160,13 +160,13 @@ def tests(session: nox.Session) -> None:
 @nox.parametrize("stack", PINNED)
 def faults(session: nox.Session, stack: str) -> None:
     """Run the stack-dependent harness tests (trl faults, known-divergence reproductions, DoRA, inference mode, init
-    variants, trainable tokens, parameter targets, weight tying, resumed adapters, several adapters, the trl
+    variants (pissa_niter_K and LoftQ too), trainable tokens, parameter targets, weight tying, resumed adapters, several adapters, the trl
     trainers, vision-language models) on one stack."""
     python = stack_python(session, stack)
     session.run(python, "-m", "pytest", "tests/test_faults_trl.py", "tests/test_known_upstream.py", "tests/test_known_narrow.py",
                 "tests/test_dora.py", "tests/test_inference_mode.py", "tests/test_inits.py", "tests/test_tokens.py",
-                "tests/test_params.py", "tests/test_tying.py", "tests/test_resume.py", "tests/test_tokens_dict.py",
-                "tests/test_adapters.py", "tests/test_trainers.py", "tests/test_chat_template.py", "tests/test_vision.py",
+                "tests/test_inits_fast_svd_loftq.py", "tests/test_params.py", "tests/test_tying.py", "tests/test_resume.py",
+                "tests/test_tokens_dict.py", "tests/test_adapters.py", "tests/test_trainers.py", "tests/test_chat_template.py", "tests/test_vision.py",
                 *(session.posargs or ["-q", "-rs"]), env=stack_env(stack), external=True)
 
 

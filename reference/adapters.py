@@ -100,7 +100,7 @@ def add_adapter(model: nn.Module, adapters: Adapters, name: str, spec: AdapterSp
             init=settings.init_lora_weights, lora_bias=settings.lora_bias, autocast=autocast,
             follow_4bit_compute=profile.adapter_dtype_follows_4bit_compute,
             warn_no_base_bias=profile.warns_lora_bias_without_base_bias, init_variants=profile.init_variants,
-            fan_in_fan_out=fifo)
+            fan_in_fan_out=fifo, loftq_config=settings.loftq_config, loftq_quantizers=profile.loftq_quantizers)
         layer = target.module
         if not isinstance(layer, _LORA):
             layer, fifo = wrap(target.name, layer, fifo, profile.embedding_keeps_fan_in_fan_out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from reference import loftq
 from reference.errors import InvalidConfig, InvalidConfigType
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec
@@ -48,6 +49,9 @@ class LoraSettings:
     """``layers_to_transform`` as given (an int stays an int): what the stored config holds."""
     given_layers_pattern: Any = None
     """``layers_pattern`` as given."""
+    loftq_config: tuple[tuple[str, int], ...] = ()
+    """``loftq_config`` as (key, value) pairs, with ``init_lora_weights="loftq"`` only (peft empties
+    it otherwise, with a warning)."""
 
 
 def _names(value: Any) -> Any:
@@ -101,6 +105,9 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
             f"layers_pattern={pattern!r} needs layers_to_transform; pass both or neither",
         )
     init = get("init_lora_weights")
+    loftq_config = get("loftq_config")
+    if init == "loftq" and "loftq" in profile.init_variants:  # between the layer checks and lora_bias's, as upstream
+        loftq.check_config(loftq_config)
     if get("lora_bias") and init not in (True, False):
         raise InvalidConfig(
             "lora_bias_init",
@@ -138,4 +145,5 @@ def resolve(spec: AdapterSpec, profile: Profile) -> LoraSettings:
         ensure_weight_tying=bool(get("ensure_weight_tying", False)),
         given_layers=layers,
         given_layers_pattern=pattern,
+        loftq_config=tuple(dict(loftq_config or ()).items()) if init == "loftq" else (),
     )

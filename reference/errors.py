@@ -9,10 +9,14 @@ kind) between the two sides.
 
 from __future__ import annotations
 
+import torch
+
 __all__ = [
     "InvalidBias",
     "InvalidConfig",
     "InvalidRank",
+    "LoftQNeedsCuda",
+    "LoftQNeedsScipy",
     "LoraBiasUnsupported",
     "MergeImpossible",
     "NoDefaultTargets",
@@ -126,6 +130,25 @@ class QuantizedInitUnsupported(PreparationError, TypeError):
     """
 
     kind = "pissa_quantized"
+
+
+class LoftQNeedsScipy(PreparationError, ImportError):
+    """``init_lora_weights="loftq"`` without scipy installed: peft's config checks for it
+    (peft 0.15 - 0.21).  Remedy: install scipy."""
+
+    kind = "loftq_needs_scipy"
+
+
+_NO_CUDA = RuntimeError if torch.backends.cuda.is_built() else AssertionError
+"""What torch raises when a tensor is moved to CUDA that is unavailable."""
+
+
+class LoftQNeedsCuda(PreparationError, _NO_CUDA):
+    """LoftQ with a bitsandbytes quantizer where CUDA is unavailable: peft computes it on CUDA
+    whatever the model's device (torch's own error: an AssertionError on a CPU-only build, a
+    RuntimeError otherwise).  Remedy: run on a CUDA machine."""
+
+    kind = "loftq_needs_cuda"
 
 
 class TokensOnLoraLayer(PreparationError, TypeError):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from reference import dora, inits
+from reference import dora, inits, loftq
 from reference.errors import InvalidConfig, InvalidRank, LoraBiasUnsupported
 from reference.notices import warn
 from reference.rules import adapter_dtype, scaling
@@ -49,6 +49,10 @@ class AdapterParams:
     """The ``init_lora_weights`` strings beyond ``"gaussian"`` that this era knows (profile)."""
     fan_in_fan_out: bool = False
     """The shared flag as the layer finds it (parameter targets refuse it; ``reference.params``)."""
+    loftq_config: tuple[tuple[str, int], ...] = ()
+    """``loftq_config`` as (key, value) pairs (``reference.loftq``)."""
+    loftq_quantizers: tuple[tuple[int, str], ...] = ()
+    """The profile's LoftQ (bits, quantizer) pairs."""
 
 
 def _check_rank(r: object) -> int:
@@ -150,7 +154,7 @@ class LoraLinear(_LoraBase):
         self.lora_A[name] = a
         self.lora_B[name] = b
         if kind in inits.RESIDUAL_INITS:
-            self._init_residual(kind, a, b, name)
+            self._init_residual(kind, a, b, name, p)
         elif kind == "orthogonal":
             weight = self.base_layer.weight
             dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -165,12 +169,19 @@ class LoraLinear(_LoraBase):
                                     self.scaling[name], dtype)
             self.lora_magnitude_vector[name] = dora.Magnitude(norm.to(device=a.weight.device, dtype=dtype))
 
-    def _init_residual(self, kind: str, a: nn.Linear, b: nn.Linear, name: str) -> None:
-        """OLoRA / PiSSA: factors from the dense (out, in) weight; the base keeps the residual."""
+    def _init_residual(self, kind: str, a: nn.Linear, b: nn.Linear, name: str, p: AdapterParams) -> None:
+        """OLoRA / PiSSA / LoftQ: factors from the dense (out, in) weight; the base keeps the
+        residual (LoftQ: the quantized weight)."""
         inits.check_residual_base(kind, self.base_layer)
+        niter = inits.pissa_niter(p.init) if kind == "pissa_niter" else None  # (after the base check, as peft)
         weight = dora.dense_weight(self.base_layer)
         dense = weight.T if self.fan_in_fan_out else weight
-        a.weight.data, b.weight.data, residual = inits.residual_factors(kind, dense, self.r[name], self.scaling[name])
+        if kind == "loftq":
+            a.weight.data, b.weight.data, residual = loftq.loftq_factors(dense, self.r[name], p.loftq_config,
+                                                                         p.loftq_quantizers)
+        else:
+            a.weight.data, b.weight.data, residual = inits.residual_factors(kind, dense, self.r[name],
+                                                                            self.scaling[name], niter)
         inits.write_residual(self.base_layer, residual, self.fan_in_fan_out)
 
     def _init(self, a: nn.Linear, b: nn.Linear, p: AdapterParams) -> None:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from reference.errors import InvalidConfig, InvalidRank
+from reference.inits import variant_family
 from reference.layers import init_linear_factors
 from reference.rules import adapter_dtype, scaling
 
@@ -200,7 +201,7 @@ class LoraParam(nn.Module):
                 raise InvalidConfig("param_wrapper_unsupported", f"{what} does not work with {label}.")
         if isinstance(p.r, bool) or not isinstance(p.r, int) or p.r <= 0:
             raise InvalidRank(f"`r` should be a positive integer value but the value passed is {p.r!r}")
-        if isinstance(p.init, str) and p.init in p.init_variants:
+        if variant_family(p.init, p.init_variants) is not None:
             raise InvalidConfig("param_wrapper_init_unsupported",
                                 f"init_lora_weights={p.init!r} decomposes a weight; parameter targets have none")
         self.r[name], self.lora_alpha[name] = p.r, p.alpha

@@ -12,6 +12,7 @@ from torch import nn
 from reference.config import LoraSettings, resolve
 from reference.dispatch import wrap
 from reference.errors import InvalidBias, InvalidConfig, NoTargetMatched, SavedModuleIsLora
+from reference.inits import variant_family
 from reference.kbit import is_kbit, prepare_for_kbit_training
 from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModule
 from reference.params import convert_moe_targets, inject_parameters
@@ -155,7 +156,7 @@ def _tie_targets(model: nn.Module, tying: TyingPlan, settings: LoraSettings, pro
     """LoRA on each tied module, its factors the input embedding's (``reference.tying``); returns the
     shared fan_in_fan_out flag."""
     for key in tying.targets:
-        if isinstance(settings.init_lora_weights, str) and settings.init_lora_weights in profile.init_variants:
+        if variant_family(settings.init_lora_weights, profile.init_variants) is not None:
             raise InvalidConfig("weight_tying_init_variant",
                                 f"init_lora_weights={settings.init_lora_weights!r} builds {key!r}'s factors from its own "
                                 "weight: they cannot also be the input embedding's (ensure_weight_tying)")
@@ -236,6 +237,8 @@ def prepare_wrapped(
             warn_no_base_bias=profile.warns_lora_bias_without_base_bias,
             init_variants=profile.init_variants,
             fan_in_fan_out=fifo,
+            loftq_config=settings.loftq_config,
+            loftq_quantizers=profile.loftq_quantizers,
         )
 
     shared_flag, deferred = [fan_in_fan_out], []

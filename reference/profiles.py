@@ -158,10 +158,15 @@ class Profile:
                                  "ensure_weight_tying")
     """The ``LoraConfig`` features beyond the base fields that this era has and the reference
     models: the strategies draw only these, and the run header lists them."""
-    init_variants: tuple[str, ...] = ("olora", "pissa", "orthogonal")
+    init_variants: tuple[str, ...] = ("olora", "pissa", "orthogonal", "pissa_niter", "loftq")
     """The ``init_lora_weights`` strings beyond ``"gaussian"`` this era knows and the reference
-    models (``reference.inits``); others are unknown inits.  ``"orthogonal"`` came with peft
-    0.17 (absent from 0.16.0's source, present in 0.17.0's)."""
+    models (``reference.inits``; ``pissa_niter`` stands for ``"pissa_niter_K"``); others are
+    unknown inits.  ``"orthogonal"`` came with peft 0.17 (absent from 0.16.0's source, present in
+    0.17.0's); ``pissa_niter`` and ``loftq`` are in 0.15.2 and 0.21.2."""
+    loftq_quantizers: tuple[tuple[int, str], ...] = ((4, "nf4"), (8, "int8"))
+    """LoftQ's (``loftq_bits``, quantizer) pairs (``reference.loftq``): peft 0.20 removed its own
+    normal-float quantizer (2 and 8 bits) for bitsandbytes' nf4 and int8 (0.15.2's and 0.21.2's
+    source; 0.16 - 0.19 assumed to be 0.15's)."""
     dora_bnb_update_rounded_first: bool = False
     """A bitsandbytes layer rounds its DoRA update to the base output's dtype before adding it,
     as it does a plain LoRA update (peft 0.15); peft 0.16's LoRA variants round the sum once."""
@@ -201,7 +206,8 @@ _SEED = Profile(
     bias_all_substring=True,
     merge_unties_diverged_embeddings=False,
     dora_bnb_update_rounded_first=True,
-    init_variants=("olora", "pissa"),
+    init_variants=("olora", "pissa", "pissa_niter", "loftq"),
+    loftq_quantizers=((2, "normal-float"), (4, "nf4"), (8, "normal-float")),
     features=("use_dora", "inference_mode", "trainable_token_indices"),
     moe_conversion=False,
     add_adapter_autocasts=False,
@@ -227,7 +233,7 @@ _PEFT_0_17 = dataclasses.replace(
     peft=">=0.17,<0.18",
     description="peft 0.17",
     features=("use_dora", "inference_mode", "trainable_token_indices", "target_parameters"),
-    init_variants=("olora", "pissa", "orthogonal"),
+    init_variants=Profile.init_variants,
 )
 # peft 0.18.0: the "lora_bias=True but the targeted layer has no bias" warning; rwkv defaults;
 # ensure_weight_tying (absent from 0.17.1's source, present in 0.18.0's).
@@ -258,7 +264,8 @@ _PEFT_0_19 = dataclasses.replace(
     moe_conversion=True,
     add_adapter_autocasts=True,  # add_adapter(..., autocast_adapter_dtype=True)
 )
-# peft 0.20.0: the layer index is the *first* digit segment after two leading segments (lazy
+# peft 0.20.0: LoftQ quantizes with bitsandbytes only (nf4, int8; its normal-float quantizer is gone);
+# the layer index is the *first* digit segment after two leading segments (lazy
 # `.*?`; before, the greedy `.*` took the last one, e.g. an MoE expert index instead of the
 # layer: huggingface/peft PR #3028 discussion); nemotron_h defaults.
 _PEFT_0_20 = dataclasses.replace(
@@ -269,6 +276,7 @@ _PEFT_0_20 = dataclasses.replace(
     default_targets=MappingProxyType(_DEFAULT_TARGETS_0_20),
     layer_index_regex=r".*?\.[^.]*\.(\d+)\.",
     layer_pattern_regex=r".*?\.{pattern}\.(\d+)\.",
+    loftq_quantizers=Profile.loftq_quantizers,
 )
 # peft 0.21.0: bias="all" by name suffix (PR #3490; 0.16 - 0.20 still matched "bias" anywhere in the
 # name, observed on 0.18.1 and 0.19.0); unused rank_pattern / alpha_pattern keys warn ("did not match any targeted

@@ -122,7 +122,10 @@ class AdapterSpec:
     use_dora: Any = ABSENT
     """DoRA (Liu et al. 2024): a trainable magnitude per output row beside the factors."""
     init_lora_weights: Any = ABSENT
-    """True, False, ``"gaussian"`` or a variant: ``"olora"``, ``"pissa"``, ``"orthogonal"``."""
+    """True, False, ``"gaussian"`` or a variant: ``"olora"``, ``"pissa"``, ``"pissa_niter_K"``,
+    ``"loftq"``, ``"orthogonal"``."""
+    loftq_config: Any = ABSENT
+    """``(key, value)`` pairs passed as a dict: ``loftq_bits``, ``loftq_iter`` (``reference.loftq``)."""
     fan_in_fan_out: Any = ABSENT
     task_type: Any = ABSENT
     """Usually the model's task; absent gives a plain ``PeftModel``."""
@@ -145,7 +148,7 @@ class AdapterSpec:
             value = getattr(self, f.name)
             if value is ABSENT:
                 continue
-            if f.name in ("rank_pattern", "alpha_pattern") and value is not None:
+            if f.name in ("rank_pattern", "alpha_pattern", "loftq_config") and value is not None:
                 value = dict(value)
             elif f.name == "trainable_token_indices" and isinstance(value, tuple) and value and all(
                     isinstance(v, tuple) for v in value):

@@ -38,7 +38,9 @@ from strategies.trainers import (
     pair_rule, takes_quantization_config, trainer_task, trainer_training, trainers, with_chat_template,
     with_quantization_config, with_trainer,
 )
-from strategies.inits import INIT_INVALID_KINDS, init_values, init_variant, invalid_kind_possible, keeps_pinned_init
+from strategies.inits import (INIT_INVALID_KINDS, UNQUANTIZED_ONLY, init_values, init_variant, invalid_init,
+                              invalid_kind_possible, keeps_pinned_init, loftq_configs, masks_invalid,
+                              variant_value)
 from strategies.validation import check_kinds, check_rate
 from strategies.zoo import TASKS, ZOO, ZooEntry, tasks_of
 from strategies.zoo import model_types as zoo_types
@@ -97,6 +99,8 @@ _INVALID_TARGET_KINDS = {
     # (targets that reach a quantized / Linear layer: a list may reach an embedding alone)
     "pissa_on_quantized": ("all-linear", "default"),
     "orthogonal_odd_rank": ("all-linear", "default"),
+    "pissa_niter_malformed": ("all-linear", "default"),
+    "loftq_without_config": ("all-linear", "default"),
     "token_index_out_of_range": TARGET_KINDS,
     "param_wrapper_option": ("list", "regex", "all-linear"),
 }
@@ -145,7 +149,7 @@ def compatible_invalid_kinds(model: ModelSpec, level: str, target_kind: str, pro
             continue
         if kind in INIT_INVALID_KINDS and not invalid_kind_possible(kind, profile, quantized, init):
             continue
-        if init is not None and not keeps_pinned_init(kind):
+        if init is not None and not keeps_pinned_init(kind, init):
             continue
         if kind in TOKENS_INVALID_KINDS and "trainable_token_indices" not in profile.features:
             continue
@@ -311,13 +315,17 @@ def adapter_specs(
     r = draw(_absent_or(st.sampled_from((1, 2, 4, 8, 16))), label="r")
     if invalid == "r_not_positive":
         r = draw(st.sampled_from((0, -1, -8)))
-    init = draw(init_values(profile), label="init") if pinned_init is None else pinned_init
+    init = draw(init_values(profile) if pinned_init is None else variant_value(pinned_init), label="init")
+    if masks_invalid(init, invalid):
+        init = ABSENT
     if invalid in ("lora_bias_on_embedding", "lora_bias_with_gaussian_init"):
         lora_bias = True
     if invalid == "lora_bias_with_gaussian_init":
         init = "gaussian"
     elif invalid == "pissa_on_quantized":
         init = "pissa"
+    elif invalid in ("pissa_niter_malformed", "loftq_without_config"):
+        init = draw(invalid_init(invalid))
     elif invalid == "orthogonal_odd_rank":
         init, r = "orthogonal", draw(st.sampled_from((1, 3)))
     elif lora_bias is True and init not in (ABSENT, True, False):
@@ -361,6 +369,7 @@ def adapter_specs(
         use_rslora=draw(_absent_or(st.booleans()), label="use_rslora"),
         use_dora=use_dora,
         init_lora_weights=init,
+        loftq_config=draw(loftq_configs(init, profile, invalid)),
         fan_in_fan_out=draw(_absent_or(st.booleans())),
         task_type=draw(st.sampled_from((model.task, model.task, ABSENT))),
         # a sixth of the cases prepare for inference (nothing trains); only where the profile models it
@@ -495,8 +504,8 @@ def cases(
     adapter = draw(with_parameters(adapter, model, profile, pinned=parameters, invalid=invalid, keep_dora=dora is True,
                                    keep_init=init is not None))
     adapter = draw(with_tying(adapter, model, profile, level=level, pinned=tying, invalid=invalid))
-    if quant.quantized and adapter.init_lora_weights == "pissa" and invalid != "pissa_on_quantized":
-        adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)  # PiSSA refuses a quantized base
+    if quant.quantized and init_variant(adapter.init_lora_weights) in UNQUANTIZED_ONLY and invalid != "pissa_on_quantized":
+        adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT, loftq_config=ABSENT)  # strategies.inits
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
                                         False if pair_rule(trainer_name) in ("reject", "none") else None)
     training = trainer_training(draw(training_specs(level, quant, peft_model_with_config=pair)), trainer_name,

@@ -30,9 +30,10 @@ per level, the few cells that together reach every value pair of the coverage
   adapter) and ``adapters`` (a second adapter pinned: ``add_adapter`` / ``set_adapter``), one cell
   each per quantization kind;
 * peft level: init variant x quantization kind, where the variant is one of the profile's
-  ``init_lora_weights`` variants (``olora``, ``pissa``, ``orthogonal``; ``default`` for the
-  rest): extra cells pin each variant, one per quantization kind it accepts (PiSSA refuses a
-  quantized base), targets ``all-linear`` / ``default`` alternating.
+  ``init_lora_weights`` variants (``olora``, ``pissa``, ``orthogonal``, ``pissa_niter``,
+  ``loftq``; ``default`` for the rest): extra cells pin each variant, one per quantization kind
+  it accepts (PiSSA and ``pissa_niter_K`` refuse a quantized base, LoftQ is drawn unquantized),
+  targets ``all-linear`` / ``default`` alternating.
 
 The conformance suite runs one test per cell, so which cells exist is decided here, not by
 the draw.  :func:`dimension_cells` reads the cells of the same dimensions off any case,
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from reference.profiles import select_profile
-from strategies.inits import init_variant
+from strategies.inits import UNQUANTIZED_ONLY, init_variant
 from strategies.targets import TARGET_KINDS, target_kind
 from strategies.trainers import clones_chat_template, installed_trainers, trainer_of, trainer_task
 from strategies.zoo import ZOO, model_types, tasks_of
@@ -204,8 +205,8 @@ def _fused_types() -> tuple[str, ...]:
 
 def init_quant_kinds(variant: str) -> tuple[str, ...]:
     """The quantization kinds a cell of init ``variant`` is drawn with: PiSSA refuses a quantized
-    base (an invalid kind, not a cell)."""
-    return ("none",) if variant == "pissa" else QUANT_KINDS
+    base (an invalid kind, not a cell), LoftQ is drawn unquantized (``strategies.inits``)."""
+    return ("none",) if variant in UNQUANTIZED_ONLY else QUANT_KINDS
 
 
 def _with_defaults(types: tuple[str, ...]) -> tuple[str, ...]:

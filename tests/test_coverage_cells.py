@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
 from reference import PROFILES, select_profile
+from reference.spec import ABSENT
 from strategies import ZOO, cases
 from strategies.coverage import DIMENSIONS, cells, dimension_cells, expected_cells
+from strategies.inits import init_variant
 from strategies.targets import TARGET_KINDS, target_kind
 from strategies.zoo import model_types, tasks_of
 from test_strategies import draw_many
@@ -93,15 +96,17 @@ def test_tying_cells_pin_weight_tying_on_tied_decoders():
 
 
 def test_init_cells_pin_each_variant_with_every_quantization_kind_it_accepts():
-    """One cell per init variant of the profile and quantization kind it accepts (PiSSA refuses a
-    quantized base), targets reaching Linear layers, on types every profile has defaults for;
-    a pinned cell draws that init, valid or as its own invalid kind."""
+    """One cell per init variant of the profile and quantization kind it accepts (PiSSA and
+    pissa_niter refuse a quantized base, LoftQ is drawn unquantized), targets reaching Linear
+    layers, on types every profile has defaults for; a pinned cell draws that init, valid or as
+    its own invalid kind (pissa_niter: "pissa_niter_K"; loftq with a loftq_config)."""
     from reference import select_profile
 
     pinned = [c for c in cells("peft") if c.init_variant != "default"]
     variants = select_profile().init_variants
     assert {(c.init_variant, c.quantization) for c in pinned} == {
-        (v, q) for v in variants for q in (("none",) if v == "pissa" else QUANTS)}
+        (v, q) for v in variants for q in (("none",) if v in ("pissa", "pissa_niter", "loftq") else QUANTS)}
+    assert {"pissa_niter", "loftq"} <= {c.init_variant for c in pinned}
     assert {c.target_kind for c in pinned} <= {"all-linear", "default"}
     assert all(c.model_type in p.default_targets for c in pinned for p in PROFILES.values())
     assert all(c.id.endswith(f"-init_{c.init_variant}") and c.adapter_feature == "lora" for c in pinned)
@@ -109,7 +114,10 @@ def test_init_cells_pin_each_variant_with_every_quantization_kind_it_accepts():
     for cell in pinned:
         drawn = draw_many(cases(profile=CURRENT, model_types=(cell.model_type,), quant_kinds=(cell.quantization,),
                                 target_kinds=(cell.target_kind,), tasks=(cell.task,), init=cell.init_variant), 15)
-        assert all(c.adapter.init_lora_weights == cell.init_variant for c in drawn), cell
+        assert all(init_variant(c.adapter.init_lora_weights) == cell.init_variant for c in drawn), cell
+        if cell.init_variant == "pissa_niter":
+            assert all(re.fullmatch(r"pissa_niter_[0-4]", c.adapter.init_lora_weights) for c in drawn if not c.invalid)
+        assert all((c.adapter.loftq_config is not ABSENT) == (cell.init_variant == "loftq") for c in drawn if not c.invalid)
         assert any(not c.invalid for c in drawn), cell
         assert all(c.adapter.lora_bias is not True for c in drawn)
 

@@ -461,7 +461,7 @@ def _run_real_suite(pytester: pytest.Pytester, conftest: str | None) -> pytest.R
     # -x: with the fault, stop after the first failing test (Hypothesis shrinks that one failure only)
     # llama's cells and the free tests: the whole suite is CI's business; these show the plugin end to end
     args = ["-p", "no:cacheprovider", "-q", "-x", "--conformance-examples", "15", "--hypothesis-seed", "1",
-            "-k", "llama or level"]
+            "-k", "(llama and not mllama) or level"]
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
         args = ["-p", "conformance.plugin", "-p", "_hypothesis_pytestplugin", *args]
     return pytester.runpytest_subprocess(*args, timeout=600)

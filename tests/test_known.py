@@ -79,6 +79,7 @@ SEED_ONLY = {"layers-to-transform-zero-read-as-missing", "orphan-lora-inside-sav
              "lora-only-bias-not-saved", "saved-copy-with-lora-inside-cannot-be-reloaded",
              "new-adapter-saved-copy-active", "set-adapter-trains-original-of-unsaved-module",
              "add-adapter-freezes-active-saved-copies", "dpo-family-merge-reads-a-missing-bias",
+             "tokens-share-rows-with-an-untied-head",
              "peft-015-merge-drops-lora-bias-scaling"}
 # Entries for upstream ranges between the pinned stacks (trl 0.20 - 0.23; peft < 0.21.2 with transformers >= 5.18).
 NEITHER = {"trl-kbit-step-freezes-passed-peft-model", "seq2seq-peft-model-transformers-5-18",

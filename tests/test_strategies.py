@@ -18,6 +18,7 @@ from hypothesis.errors import InvalidArgument
 from reference import ABSENT, PROFILES, Case
 from strategies import INVALID_KINDS, ZOO, adapter_specs, cases, model_specs, quant_specs
 from strategies.params import fused_types
+from strategies.trainers import installed_trainers, pair_rule, takes_quantization_config
 
 CURRENT = PROFILES["current"]
 # `strategies.cases` the attribute is the function; the module is reached by name.
@@ -98,8 +99,9 @@ def invalid_kind(case: Case) -> str | None:
         return "unknown_bias"
     if isinstance(a.r, int) and a.r is not ABSENT and a.r <= 0:
         return "r_not_positive"
-    if case.training.peft_model_in and case.training.peft_config_too:
-        return "peft_model_with_config"
+    if case.training.peft_model_in and case.training.peft_config_too \
+            and pair_rule(case.training.trainer if case.training.trainer is not ABSENT else "sft") == "reject":
+        return "peft_model_with_config"  # (only where the trainer rejects the pair: trl 0.19 merges it)
     if case.training.quantization_config_in == "both":
         return "quantization_config_twice"
     if isinstance(targets, str) and a.layers_to_transform not in (ABSENT, None):
@@ -118,6 +120,11 @@ def invalid_kind(case: Case) -> str | None:
         return "pissa_on_quantized"
     if a.init_lora_weights == "orthogonal" and isinstance(a.r, int) and a.r % 2:
         return "orthogonal_odd_rank"
+    if isinstance(a.init_lora_weights, str) and a.init_lora_weights.startswith("pissa_") and not re.fullmatch(
+            r"pissa_niter_\d+", a.init_lora_weights):
+        return "pissa_niter_malformed"
+    if a.init_lora_weights == "loftq" and a.loftq_config is ABSENT:
+        return "loftq_without_config"
     if a.trainable_token_indices not in (ABSENT, None) and any(i >= 256 for i in _token_rows(a.trainable_token_indices)):
         return "token_index_out_of_range"
     if targets == (entry.layer_container,):  # (rejected before any parameter option is seen)
@@ -240,6 +247,13 @@ def test_cases_reach(name):
     assert REACHABLE[name](found)
 
 
+TRL_INVALID_KINDS = {
+    "peft_model_with_config": lambda trainer: pair_rule(trainer) == "reject",
+    "quantization_config_twice": takes_quantization_config,
+}
+"""The trl-level invalid kinds, and whether a trainer of the installed trl can be given one."""
+
+
 def test_cases_reach_every_invalid_kind(sample):
     seen = {invalid_kind(c) for c in sample}
     for kind in INVALID_KINDS:
@@ -250,9 +264,13 @@ def test_cases_reach_every_invalid_kind(sample):
         if kind == "param_wrapper_option":  # (only the fused-expert types have parameters to refuse)
             from strategies.params import fused_types
 
-            types = fused_types() or None
+            types = fused_types()
+            if not types:
+                continue  # (transformers 4 has no fused experts)
         # trl-level inputs (trl >= 0.27; >= 1.16 for the trainer's quantization_config)
         level = "trl" if kind in ("peft_model_with_config", "quantization_config_twice") else "peft"
+        if kind in TRL_INVALID_KINDS and not any(TRL_INVALID_KINDS[kind](t) for t in installed_trainers()):
+            continue  # (trl 0.19's trainers merge the pair and take no quantization_config)
         found = find_any(cases(profile=CURRENT, model_types=types, level=level),
                          lambda c, kind=kind: invalid_kind(c) == kind)
         assert found.invalid
@@ -329,7 +347,9 @@ def test_every_zoo_type_is_reachable(sample):
 
 
 def test_every_task_of_the_zoo_is_reachable():
-    pairs = {(t, task) for t, e in ZOO.items() for task in e.tasks}
+    from strategies.zoo import tasks_of
+
+    pairs = {(t, task) for t in ZOO for task in tasks_of(t)}  # (the installed transformers' heads)
     drawn = {(m.model_type, m.task) for m in draw_many(model_specs(), 1500)}
     assert pairs == drawn
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from conformance.engine.models import build_model
-from conformance.engine.runner import run_case
 from conformance.numerics.run import make_inputs
-from fault_kit import PROFILE, after_get_peft_model, assert_caught, assert_clean
+from fault_kit import after_get_peft_model, assert_caught, assert_clean
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from strategies.zoo import ZOO, image_text_types
 

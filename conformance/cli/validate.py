@@ -85,6 +85,7 @@ ADAPTER_FIELDS: dict[str, tuple[_Kind, ...]] = {
     "use_rslora": (BOOL,),
     "use_dora": (BOOL,),
     "init_lora_weights": (BOOL, STRING),
+    "loftq_config": (NULL, INT_PAIRS),
     "fan_in_fan_out": (BOOL,),
     "task_type": (NULL, STRING),
     "inference_mode": (BOOL,),
@@ -176,7 +177,7 @@ def _section(where: str, section: str, data: Any, spec_cls: type) -> dict[str, A
     for name, value in data.items():
         if name not in names:
             raise CliError(f"{where}: {section}.{name} is not a field; the {section} fields are {', '.join(names)}")
-        if name in ("rank_pattern", "alpha_pattern", "trainable_token_indices") and isinstance(value, Mapping):
+        if name in ("rank_pattern", "alpha_pattern", "trainable_token_indices", "loftq_config") and isinstance(value, Mapping):
             value = [[k, v] for k, v in value.items()]  # given as an object: the spec holds (pattern, value) pairs
         out[name] = _check_field(where, section, name, value, hints[name])
     return out

@@ -363,9 +363,10 @@ def _widened_targets(ctx: CaseContext) -> frozenset[str]:
         return frozenset()
     ref_lora, up_lora = {m.path: m for m in ref.lora}, {m.path: m for m in up.lora}
     ref_params, up_params = {p.path: p for p in ref.params}, {p.path: p for p in up.params}
-    # OLoRA and PiSSA leave each module's own residual in its base weight: values differ per module
+    # OLoRA, PiSSA and LoftQ leave each module's own residual in its base weight: values differ per module
     # (and seeded trained values, fingerprinted where a passed-in adapter's are compared, are seeded per path)
-    per_module = init_variant(ctx.case.adapter.init_lora_weights) in ("olora", "pissa") or _seeded(ctx)
+    per_module = init_variant(ctx.case.adapter.init_lora_weights) in ("olora", "pissa", "pissa_niter", "loftq") \
+        or _seeded(ctx)
     skip = ("path", "value") if per_module else ("path",)
     out = set()
     for name, _ in ctx.model.named_modules():

@@ -310,6 +310,16 @@ _ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("unknown_init", r"Unknown initialization init_lora_weights"),
     ("pissa_quantized", r"Please initialize PiSSA under float32"),
     ("orthogonal_odd_rank", r"Orthogonal initialization requires the LoRA rank to be even"),
+    # "pissa_niter_K": K read with int() (a ValueError quoting the literal), other counts of "_niter_"
+    ("pissa_niter_not_int", r"^invalid literal for int\(\) with base 10"),
+    ("pissa_malformed", r"init_lora_weights should be 'pissa' or 'pissa_niter_\[number of iters\]'"),
+    ("loftq_needs_scipy", r"The required package 'scipy' is not installed"),
+    ("loftq_config_missing", r"`loftq_config` must be specified when `init_lora_weights` is 'loftq'"),
+    ("loftq_bits", r"Only nf4 and int8 quantization is supported|Only support 2, 4, 8 bits quantization"),
+    ("loftq_iter", r"Number of iterations must be greater than 0"),
+    ("loftq_block_size", r"is not dividable by block size"),
+    # peft's LoftQ moves the weight to CUDA whatever the device (peft 0.15 - 0.21)
+    ("loftq_needs_cuda", r"Torch not compiled with CUDA enabled|Found no NVIDIA driver|No CUDA GPUs are available"),
     ("tokens_on_lora_layer", r"trainable_token_indices cannot be applied to modules of type"),
     ("tokens_on_saved_module", r"The embedding layer is already marked to be trained fully"),
     ("token_index_out_of_range", r"index -?\d+ is out of bounds for dimension 0 with size \d+"),

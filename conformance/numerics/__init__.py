@@ -300,7 +300,8 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
     autocast = trainer_autocast(case)
     result = NumericsResult(tolerance=tolerance_for(reference, autocast).name)
     tol = TOLERANCES[result.tolerance]
-    init = resolve(case.adapter, profile).init_lora_weights
+    settings = resolve(case.adapter, profile)
+    init = settings.init_lora_weights
     # the variants that rewrite the base weight are checked against the loaded one
     before = loaded() if loaded is not None and variant_of(init) in RESIDUAL_INITS else None
     per_adapter = None
@@ -308,8 +309,9 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
         from reference.adapters import SECOND
 
         per_adapter = {SECOND: resolve(case.second_adapter, profile).init_lora_weights}
-    ref_init = init_problems(reference, init, before, per_adapter)
-    up_init = init_problems(upstream, init, before, per_adapter)
+    bits = dict(settings.loftq_config).get("loftq_bits")
+    ref_init = init_problems(reference, init, before, per_adapter, bits)
+    up_init = init_problems(upstream, init, before, per_adapter, bits)
     for path in sorted(ref_init.keys() | up_init.keys()):
         if ref_init.get(path) == up_init.get(path):
             continue  # the same property broken alike on both sides (a passed-in trained adapter): not a divergence
@@ -328,6 +330,8 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
             result.both_raised.append(f"init forward: {u}")
         elif r != "exact" or u != "exact":
             result.divergences.append(Divergence(MODEL, "numerics.init_output", r, u))
+    if variant_of(init) == "pissa_niter":
+        _share_drawn_residuals(upstream, reference)
     missing = assign_shared_values(upstream, reference, seed)
     if missing:  # structures agreed, so this is a harness bug: say so rather than compare garbage
         result.divergences.append(Divergence(MODEL, "numerics.layout", "missing: " + ", ".join(missing[:5]), "present"))
@@ -347,6 +351,18 @@ def check_numerics(case: Case, profile: Profile, reference: nn.Module, upstream:
             result.base_raised, result.both_raised, result.note = base.error, [], f"the loaded model raises: {base.error}"
     _device_limits(case, autocast, result)
     return result
+
+
+def _share_drawn_residuals(upstream: nn.Module, reference: nn.Module) -> None:
+    """``pissa_niter_K``'s residual comes from a randomized SVD whose draws differ between the
+    sides (each side's residual was held to its own factors above): the reference takes
+    upstream's base weights of the LoRA layers, so that the forwards compare the layers."""
+    ref_layers = dict(lora_layers(reference))
+    with torch.no_grad():
+        for path, module in lora_layers(upstream):
+            twin = ref_layers.get(path)
+            if twin is not None and twin.base_layer.weight.shape == module.base_layer.weight.shape:
+                twin.base_layer.weight.data.copy_(module.base_layer.weight.data.to(twin.base_layer.weight.device))
 
 
 _FORWARD_FIELDS = re.compile(r"numerics\.(train_)?(logits|loss|grad)")

@@ -222,12 +222,13 @@ def _stale_scales_norm(module: nn.Module, name: str, m: torch.Tensor, rounding: 
     return float((m.double() - stale).abs().max()) <= 8.0 * rounding * float(stale.abs().max())
 
 
-VARIANTS = ("olora", "pissa", "orthogonal")
+VARIANTS = ("olora", "pissa", "pissa_niter", "loftq", "orthogonal")
 """The init variants with their own properties (``conformance.numerics.init_variants``)."""
 
 
 def variant_of(init: Any) -> str | None:
-    """The init variant ``init`` names (``olora``, ``pissa``, ``orthogonal``), or None."""
+    """The init variant ``init`` names (``olora``, ``pissa``, ``pissa_niter``, ``loftq``,
+    ``orthogonal``), or None."""
     try:
         kind = init_kind(init, VARIANTS)
     except PreparationError:
@@ -236,12 +237,13 @@ def variant_of(init: Any) -> str | None:
 
 
 def init_problems(model: nn.Module, init: Any, loaded: nn.Module | None = None,
-                  per_adapter: dict[str, Any] | None = None) -> dict[str, list[str]]:
+                  per_adapter: dict[str, Any] | None = None, loftq_bits: int | None = None) -> dict[str, list[str]]:
     """Init properties that ``model``'s adapters break, by module path (``<pooled>`` for
     the pooled statistics); empty when every property holds.  ``init`` is the resolved
     ``init_lora_weights`` of the case; ``loaded``, the loaded model before preparation, lets
     the variants that rewrite the base weight be checked against it.  ``per_adapter`` gives
-    another adapter's own ``init_lora_weights`` (a second adapter: ``reference.adapters``)."""
+    another adapter's own ``init_lora_weights`` (a second adapter: ``reference.adapters``);
+    ``loftq_bits`` the case's ``loftq_config["loftq_bits"]``."""
     out: dict[str, list[str]] = {}
     pooled: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     variant = variant_of(init)
@@ -255,7 +257,8 @@ def init_problems(model: nn.Module, init: Any, loaded: nn.Module | None = None,
             if name in getattr(module, "lora_embedding_A", {}):
                 found = _embedding_problems(module, name, own, pooled, linear_as)
             elif own_variant is not None:
-                found = variant_problems(module, path, name, own_variant, loaded, mean_square_bounds_normal)
+                found = variant_problems(module, path, name, own_variant, loaded, mean_square_bounds_normal,
+                                         loftq_bits)
             else:
                 found = _linear_problems(module, name, own, pooled)
             found += _magnitude_problems(module, name)

@@ -8,6 +8,15 @@ any correct implementation satisfies, whatever its arithmetic order or random dr
   equals the loaded ``W``.
 * ``pissa``: ``A A^T`` and ``B^T B`` are the same diagonal matrix ``diag(S[:r]) / scaling``,
   ``S`` the singular values of the loaded ``W`` (largest first), and the base holds the residual.
+* ``pissa_niter`` (a randomized SVD): ``A A^T`` and ``B^T B`` are the same diagonal matrix, its
+  entries times the scaling at most the top singular values of the loaded ``W`` (they are the
+  singular values of ``W``'s projection onto the sketched subspace: interlacing; how close they
+  come depends on the draw and on K, so no lower bound), and the base holds the residual.
+* ``loftq``: with ``E = W - W_base`` (the loaded weight minus the new, quantized base), ``A A^T``
+  and ``B^T B`` are the same diagonal matrix and ``B A`` is a best rank-r approximation of ``E``:
+  ``||E - B A||_F`` equals the norm of ``E``'s singular values past the r-th (Eckart-Young),
+  *not* divided by the scaling (``reference.loftq``); and every block of 64 consecutive values of
+  the (out, in) base weight holds at most ``2^loftq_bits`` distinct values.
 * ``orthogonal``: ``B A = 0``; ``||A||_F^2 = ||X||_F^2 / 100`` for a standard normal ``X`` of
   ``numel(A) / 2`` entries (the orthogonal half-basis keeps the norm), so ``200 * ms(A)`` is
   the mean square of ``numel(A) / 2`` standard normal draws: chi-square bounds as for the
@@ -114,6 +123,57 @@ def _pissa(module: nn.Module, path: str, a: torch.Tensor, b: torch.Tensor, scali
     return out
 
 
+def _diagonal_gram(kind: str, a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[list[str], torch.Tensor]:
+    """A A^T == B^T B, diagonal (problems, A A^T)."""
+    out = []
+    aat, btb = a @ a.T, b.T @ b
+    scale = float(aat.abs().max().clamp_min(1e-30))
+    allowed = 8.0 * eps * scale * a.shape[1] ** 0.5
+    if float((aat - btb).abs().max()) > allowed:
+        out.append(f"{kind}: A A^T != B^T B (max difference {float((aat - btb).abs().max()):.3g})")
+    off = aat - torch.diag(torch.diagonal(aat))
+    if float(off.abs().max()) > allowed:
+        out.append(f"{kind}: A's rows are not orthogonal (max |off-diagonal of A A^T| {float(off.abs().max()):.3g})")
+    return out, aat
+
+
+def _pissa_niter(module: nn.Module, path: str, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                 loaded: nn.Module | None, eps: float) -> list[str]:
+    out, aat = _diagonal_gram("pissa_niter", a, b, eps)
+    original = _loaded_dense(loaded, path, getattr(module, "fan_in_fan_out", False))
+    if original is not None:
+        top = torch.linalg.svdvals(original)[: a.shape[0]]
+        got = torch.diagonal(aat) * scaling
+        slack = 8.0 * eps * float(top.max()) * a.shape[1] ** 0.5
+        if got.shape != top.shape or bool((got > top + slack).any()):
+            out.append(f"pissa_niter: scaling * diag(A A^T) {[round(float(x), 4) for x in got[:4]]} exceed the top "
+                       f"singular values of W {[round(float(x), 4) for x in top[:4]]}")
+    return out
+
+
+def _loftq(module: nn.Module, path: str, a: torch.Tensor, b: torch.Tensor, loaded: nn.Module | None,
+           eps: float, bits: int | None) -> list[str]:
+    out, _ = _diagonal_gram("loftq", a, b, eps)
+    held = _dense(module)
+    flat = held.flatten()
+    if bits is not None and flat.numel() % 64 == 0:
+        distinct = max(len(torch.unique(block)) for block in flat.reshape(-1, 64))
+        if distinct > 2**bits:
+            out.append(f"loftq: a block of 64 base weight values holds {distinct} distinct values > 2^{bits}")
+    original = _loaded_dense(loaded, path, getattr(module, "fan_in_fan_out", False))
+    if original is None or original.shape != held.shape:
+        return out
+    error = original - held
+    tail = float(torch.linalg.svdvals(error)[a.shape[0]:].norm())
+    got = float((error - b @ a).norm())
+    # the factors were computed from W - Q in fp32; the base holds Q rounded to its dtype
+    slack = 2.0 * eps * float(held.norm()) + 8.0 * 2.0**-23 * float(error.norm()) * a.shape[1] ** 0.5
+    if abs(got - tail) > slack:
+        out.append(f"loftq: ||W - W_base - B A|| {got:.4g} is not the rank-{a.shape[0]} truncation error {tail:.4g} "
+                   f"of W - W_base")
+    return out
+
+
 def _orthogonal(a: torch.Tensor, b: torch.Tensor, eps: float, bounds: Any) -> list[str]:
     out = []
     product = b @ a
@@ -131,10 +191,11 @@ def _orthogonal(a: torch.Tensor, b: torch.Tensor, eps: float, bounds: Any) -> li
 
 
 def variant_problems(module: nn.Module, path: str, name: str, kind: str, loaded: nn.Module | None,
-                     bounds: Any) -> list[str]:
+                     bounds: Any, loftq_bits: int | None = None) -> list[str]:
     """The broken properties of adapter ``name`` of LoRA layer ``module`` (at ``path``) for the
-    init ``kind`` (``olora``, ``pissa``, ``orthogonal``); ``loaded`` is the loaded model (for the
-    residual), ``bounds`` the normal mean-square bounds (``mean_square_bounds_normal``)."""
+    init ``kind`` (``olora``, ``pissa``, ``pissa_niter``, ``loftq``, ``orthogonal``); ``loaded`` is
+    the loaded model (for the residual), ``bounds`` the normal mean-square bounds
+    (``mean_square_bounds_normal``), ``loftq_bits`` the case's ``loftq_bits``."""
     a_param, b_param = module.lora_A[name].weight, module.lora_B[name].weight
     a, b = a_param.detach().double(), b_param.detach().double()
     # new factors pass through a floating base weight's dtype (bf16, a 4-bit float storage) or a
@@ -149,5 +210,10 @@ def variant_problems(module: nn.Module, path: str, name: str, kind: str, loaded:
     if a.shape[1] != _dense(module).shape[1] or b.shape[0] != _dense(module).shape[0]:
         return [f"{kind}: factors {tuple(a.shape)} / {tuple(b.shape)} do not fit the (out, in) weight "
                 f"{tuple(_dense(module).shape)}"]
-    out = _olora(a, b, eps) if kind == "olora" else _pissa(module, path, a, b, scaling, loaded, eps)
+    if kind == "loftq":
+        return _loftq(module, path, a, b, loaded, eps, loftq_bits)
+    if kind == "pissa_niter":
+        out = _pissa_niter(module, path, a, b, scaling, loaded, eps)
+    else:
+        out = _olora(a, b, eps) if kind == "olora" else _pissa(module, path, a, b, scaling, loaded, eps)
     return out + _residual(module, path, a, b, scaling, loaded, eps)
