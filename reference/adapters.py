@@ -43,7 +43,8 @@ from reference.layers import AdapterParams, LoraEmbedding, LoraLinear, SavedModu
 from reference.peft_model import CLASSIFIER_NAMES, PeftWrapper, condensed_targets, stored_config
 from reference.profiles import Profile
 from reference.spec import ABSENT, AdapterSpec
-from reference.targets import effective_targets, iter_targets
+from reference.params import add_parameter_adapter
+from reference.targets import effective_targets, iter_targets, pattern_value
 
 __all__ = ["SECOND", "add_adapter", "set_adapter", "with_second_adapter"]
 
@@ -92,21 +93,29 @@ def add_adapter(model: nn.Module, adapters: Adapters, name: str, spec: AdapterSp
     resolved = effective_targets(model, settings, profile)
     fifo = settings.fan_in_fan_out
     before = list(adapters.active)
-    for target in iter_targets(model, settings, profile, tuple(settings.modules_to_save or ()), targets=resolved):
-        if _inside_lora(target.name, model):
-            continue
-        params = AdapterParams(
-            r=target.r, alpha=target.alpha, dropout=settings.lora_dropout, use_rslora=settings.use_rslora,
+
+    def params_of(r: int, alpha: float) -> AdapterParams:
+        return AdapterParams(
+            r=r, alpha=alpha, dropout=settings.lora_dropout, use_rslora=settings.use_rslora,
             init=settings.init_lora_weights, lora_bias=settings.lora_bias, autocast=autocast,
             follow_4bit_compute=profile.adapter_dtype_follows_4bit_compute,
             warn_no_base_bias=profile.warns_lora_bias_without_base_bias, init_variants=profile.init_variants,
             fan_in_fan_out=fifo, loftq_config=settings.loftq_config, loftq_quantizers=profile.loftq_quantizers)
+
+    for target in iter_targets(model, settings, profile, tuple(settings.modules_to_save or ()), targets=resolved):
+        if _inside_lora(target.name, model):
+            continue
+        params = params_of(target.r, target.alpha)
         layer = target.module
         if not isinstance(layer, _LORA):
             layer, fifo = wrap(target.name, layer, fifo, profile.embedding_keeps_fan_in_fan_out)
             model.set_submodule(target.name, layer)
         layer.add_adapter(name, params)
         layer.active_adapters = list(before)
+    if settings.target_parameters:  # (a stored config holds the MoE conversion's parameters: reference.params)
+        add_parameter_adapter(model, frozenset(settings.target_parameters), name, lambda key: params_of(
+            pattern_value(key, settings.rank_pattern, settings.r), pattern_value(key, settings.alpha_pattern,
+                                                                                 settings.lora_alpha)))
     for path, param in model.named_parameters():
         if f".{name}." in f".{path}." and ".lora_" in path:
             param.requires_grad = False

@@ -44,7 +44,7 @@ from reference.inits import variant_family
 from reference.layers import init_linear_factors
 from reference.rules import adapter_dtype, scaling
 
-__all__ = ["FAMILIES", "LoraParam", "MoeConversion", "convert_moe_targets", "inject_parameters"]
+__all__ = ["FAMILIES", "LoraParam", "MoeConversion", "add_parameter_adapter", "convert_moe_targets", "inject_parameters"]
 
 
 @dataclass(frozen=True)
@@ -269,10 +269,37 @@ class LoraParam(nn.Module):
             host._parameters[pname] = original
 
 
-def inject_parameters(model: nn.Module, names: frozenset[str], make_params, lora_layer_types: tuple[type, ...]
-                      ) -> list[str]:
-    """Wrap every parameter whose key matches ``names``; ``make_params(key)`` gives its
-    ``AdapterParams``.  Returns the keys wrapped (the caller judges an empty list)."""
+def add_parameter_adapter(model: nn.Module, names: frozenset[str], adapter: str, make_params) -> list[str]:
+    """``add_adapter`` for parameter targets: every wrapped parameter whose key matches ``names``
+    takes the adapter ``adapter`` in its existing wrapper (nested wrappers each take it; upstream
+    updates a ParamWrapper rather than nesting another), and a matching parameter not wrapped yet
+    gets a wrapper of its own.  The adapters active before stay active.  Returns the keys."""
+    targets = sorted(names)
+    done: list[str] = []
+
+    def matches(key: str) -> bool:
+        return any(key == t or key.endswith("." + t) for t in targets)
+
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraParam):
+            key = f"{_unwrapped(path)}.{module.parameter_name}"
+            if matches(key):
+                before = list(module.active_adapters)
+                module.add_adapter(adapter, make_params(key))
+                module.active_adapters = before
+                done.append(key)
+    fresh = frozenset(t for t in targets if not any(k == t or k.endswith("." + t) for k in done))
+    if fresh:
+        for key in inject_parameters(model, fresh, make_params, (), adapter=adapter):
+            done.append(key)
+    return done
+
+
+def inject_parameters(model: nn.Module, names: frozenset[str], make_params, lora_layer_types: tuple[type, ...],
+                      adapter: str = "default") -> list[str]:
+    """Wrap every parameter whose key matches ``names`` with the adapter ``adapter``;
+    ``make_params(key)`` gives its ``AdapterParams``.  Returns the keys wrapped (the caller
+    judges an empty list)."""
     targets = sorted(names)
     wrapped: list[str] = []
     for module_name, module in list(model.named_modules()):
@@ -289,7 +316,7 @@ def inject_parameters(model: nn.Module, names: frozenset[str], make_params, lora
                                     f"Trying to wrap an `nn.Parameter` of layer {owner!r}, which is not a valid "
                                     "target: it is also targeted with target_modules")
             layer = LoraParam(current, pname)
-            layer.add_adapter("default", make_params(key))
+            layer.add_adapter(adapter, make_params(key))
             model.set_submodule(owner, layer)
             wrapped.append(key)
     return wrapped

@@ -495,7 +495,8 @@ def cases(
                 k for tk in TARGET_KINDS
                 for k in compatible_invalid_kinds(model, level, tk, profile, dora, quantized=quant.quantized, init=init,
                                                   tokens=tokens, parameters=parameters, trainer=trainer_name)))
-        invalid = draw(st.sampled_from(possible), label="invalid_kind")
+        # (a cell may allow none: an OLoRA or orthogonal init cell builds no invalid case, strategies.inits)
+        invalid = draw(st.sampled_from(possible), label="invalid_kind") if possible else None
     adapter = draw(adapter_specs(model, invalid=invalid, profile=profile, target_kind=kind, dora=dora, init=init))
     if invalid == "dora_with_lora_bias" and adapter.init_lora_weights not in (ABSENT, True, False) and init is None:
         adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT)  # lora_bias would refuse the init first

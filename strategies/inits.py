@@ -16,6 +16,7 @@ valid case valid:
 Four invalid kinds use them: ``pissa_on_quantized``, ``orthogonal_odd_rank``,
 ``pissa_niter_malformed`` (``"pissa_niter_"``, ``"pissa_niter_x"``, ``"pissa_foo"``) and
 ``loftq_without_config``.  A cell may pin a variant (:data:`strategies.coverage.INIT_FEATURES`).
+An invalid case built for any other rule takes a plain init (:func:`keeps_pinned_init`).
 """
 
 from __future__ import annotations
@@ -103,16 +104,17 @@ def invalid_kind_possible(kind: str, profile: Profile, quantized: bool | None, p
 
 
 def keeps_pinned_init(kind: str, variant: str | None = None) -> bool:
-    """Whether an invalid kind leaves a pinned init ``variant`` alone (the kinds that need
-    ``lora_bias=True`` or a gaussian init would be rejected by the init check first; LoftQ's own
-    refusals, no scipy or no CUDA, would come before any other kind's)."""
-    if variant == "loftq":
-        return kind == "loftq_without_config"
-    return kind not in ("lora_bias_on_embedding", "lora_bias_with_gaussian_init", "dora_with_lora_bias",
-                        "peft_model_with_config")
+    """Whether an invalid kind leaves a pinned init ``variant`` alone: only the kinds built from
+    that variant do.  A variant's own upstream crashes (OLoRA on a Conv1D with DoRA, orthogonal
+    on bitsandbytes, LoftQ without scipy or CUDA: registry entries and ``strategies.inits``) come
+    during injection, before the refusals checked after it (an unknown ``bias``), so an invalid
+    case built for another rule takes a plain init."""
+    return variant is not None and _NEEDS.get(kind) == variant
 
 
 def masks_invalid(init: Any, invalid: str | None) -> bool:
-    """Whether a drawn ``init`` would be refused before the refusal ``invalid`` is built for
-    (LoftQ's scipy and CUDA checks): such a draw is replaced by the default init."""
-    return invalid is not None and init_variant(init) == "loftq" and not keeps_pinned_init(invalid, "loftq")
+    """Whether a drawn ``init`` would come with the refusal ``invalid`` is built for, when that
+    refusal is not built from it (:func:`keeps_pinned_init`): such a draw is replaced by the
+    default init."""
+    variant = init_variant(init)
+    return invalid is not None and variant != "default" and not keeps_pinned_init(invalid, variant)

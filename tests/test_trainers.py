@@ -24,6 +24,7 @@ from reference import select_profile
 from reference.spec import AdapterSpec, Case, ModelSpec, QuantSpec, TrainingSpec
 from reference.trainer_flows import REF, prepare_trainer
 from reference.trainers import TRAINERS, available_trainers, table, trainer_rules
+from strategies.params import fused_types
 from strategies.trainers import installed_trainers
 
 TRL = metadata.version("trl")
@@ -201,6 +202,45 @@ def test_catches_a_trainable_dpo_ref_adapter(monkeypatch):
 
     _after_add_adapter(monkeypatch, thaw)
     assert "requires_grad" in _fields(_case("dpo", **PASSED_IN), f".{REF}.")
+
+
+def _moe_dpo_case() -> Case:
+    """DPO given a PeftModel whose all-linear adapter reaches qwen3_moe's fused experts (nested
+    parameter wrappers: gate_up_proj inside down_proj's)."""
+    return Case(ModelSpec("qwen3_moe", "CAUSAL_LM", num_layers=1), adapter=AdapterSpec(target_modules="all-linear"),
+                training=TrainingSpec(level="trl", trainer="dpo", peft_model_in=True, peft_config_too=False))
+
+
+_FUSED = pytest.mark.skipif("qwen3_moe" not in fused_types(), reason="transformers 4 keeps experts as Linear layers")
+
+
+@_needs("dpo", "inline")
+@_FUSED
+def test_the_ref_copy_reaches_every_nested_expert_parameter_wrapper():
+    """The "ref" copy is added to each nested parameter wrapper of the experts, as upstream's
+    add_adapter updates every ParamWrapper the stored config's target_parameters name."""
+    outcome = run_case(_moe_dpo_case(), PROFILE)
+    assert outcome.status in ("agree", "known") and not outcome.divergences, outcome.divergences[:3]
+    ref_params = {p.path for p in outcome.reference.params}
+    for wrapper in ("experts", "experts.base_layer"):
+        assert f"model.layers.0.mlp.{wrapper}.lora_A.{REF}.weight" in ref_params
+
+
+@_needs("dpo", "inline")
+@_FUSED
+def test_catches_a_ref_copy_missing_from_an_inner_expert_wrapper(monkeypatch):
+    """Fault: add_adapter updates only the outer of two nested parameter wrappers."""
+    def strip_inner(model, name):
+        for path, module in model.named_modules():
+            if path.endswith("experts.base_layer") and name in getattr(module, "lora_A", {}):
+                del module.lora_A[name], module.lora_B[name]
+
+    _after_add_adapter(monkeypatch, strip_inner)
+    outcome = run_case(_moe_dpo_case(), PROFILE)
+    assert outcome.status == "diverge", f"the fault went unnoticed: {outcome.status} {outcome.known}"
+    # (trl's copy then looks the inner ".ref." parameter up and raises)
+    assert {(d.path, d.field) for d in outcome.divergences} & {("<error>", "raised"), ("<error>", "error")} or \
+        any(f".{REF}." in d.path for d in outcome.divergences), outcome.divergences[:3]
 
 
 @_needs("kto", "inline")
