@@ -39,8 +39,8 @@ from strategies.trainers import (
     with_quantization_config, with_trainer,
 )
 from strategies.inits import (INIT_INVALID_KINDS, UNQUANTIZED_ONLY, init_values, init_variant, invalid_init,
-                              invalid_kind_possible, keeps_pinned_init, loftq_configs, masks_invalid,
-                              variant_value)
+                              invalid_kind_possible, keeps_pinned_init, loftq_configs, loftq_modelled,
+                              masks_invalid, variant_value)
 from strategies.validation import check_kinds, check_rate
 from strategies.zoo import TASKS, ZOO, ZooEntry, tasks_of
 from strategies.zoo import model_types as zoo_types
@@ -505,7 +505,9 @@ def cases(
     adapter = draw(with_parameters(adapter, model, profile, pinned=parameters, invalid=invalid, keep_dora=dora is True,
                                    keep_init=init is not None))
     adapter = draw(with_tying(adapter, model, profile, level=level, pinned=tying, invalid=invalid))
-    if quant.quantized and init_variant(adapter.init_lora_weights) in UNQUANTIZED_ONLY and invalid != "pissa_on_quantized":
+    if quant.quantized and init_variant(adapter.init_lora_weights) in UNQUANTIZED_ONLY and invalid != "pissa_on_quantized" \
+            or init_variant(adapter.init_lora_weights) == "loftq" and invalid != "loftq_without_config" and not loftq_modelled(
+                model.model_type, ZOO[model.model_type].embedding_names, adapter.target_modules):
         adapter = dataclasses.replace(adapter, init_lora_weights=ABSENT, loftq_config=ABSENT)  # strategies.inits
     pair = None if level != "trl" else (True if invalid == "peft_model_with_config" else
                                         False if pair_rule(trainer_name) in ("reject", "none") else None)

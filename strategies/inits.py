@@ -31,7 +31,8 @@ from reference.profiles import Profile
 from reference.spec import ABSENT
 
 __all__ = ["INIT_INVALID_KINDS", "PLAIN_INITS", "UNQUANTIZED_ONLY", "init_values", "init_variant", "invalid_init",
-           "loftq_configs", "masks_invalid", "variant_value"]
+           "loftq_configs", "loftq_modelled", "masks_invalid",
+           "variant_value"]
 
 PLAIN_INITS = (True, False, "gaussian")
 INIT_INVALID_KINDS = ("pissa_on_quantized", "orthogonal_odd_rank", "pissa_niter_malformed", "loftq_without_config")
@@ -118,3 +119,22 @@ def masks_invalid(init: Any, invalid: str | None) -> bool:
     default init."""
     variant = init_variant(init)
     return invalid is not None and variant != "default" and not keeps_pinned_init(invalid, variant)
+
+
+LOFTQ_UNMODELLED_TYPES = ("gpt2",)
+"""The zoo's types with transformers ``Conv1D`` layers (weight stored (in, out)): upstream's LoftQ
+decomposes them in that layout (peft 0.15 - 0.21), which the reference does not model."""
+
+
+def loftq_modelled(model_type: str, embedding_names: tuple[str, ...], target_modules: Any) -> bool:
+    """Whether a LoftQ case on ``model_type`` with ``target_modules`` stays where the reference
+    models LoftQ: Linear layers only.  Upstream's LoftQ on an Embedding differs per era (peft 0.15
+    ignores ``loftq_config`` there and quantizes 4-bit nf4 on CUDA, peft 0.21 raises a TypeError),
+    and on a Conv1D it decomposes the stored layout; neither is modelled, so the strategies keep
+    LoftQ off them (README: "not modelled")."""
+    if model_type in LOFTQ_UNMODELLED_TYPES:
+        return False
+    if target_modules in (ABSENT, None, "all-linear"):
+        return True
+    text = target_modules if isinstance(target_modules, str) else " ".join(map(str, target_modules))
+    return not any(name in text for name in embedding_names)

@@ -299,3 +299,23 @@ class _Proxy:
         self.lora_A = {"default": layer.lora_A[name]}
         self.lora_B = {"default": layer.lora_B[name]}
         self.base_layer = layer.get_base_layer()
+
+
+def test_strategies_keep_loftq_where_the_reference_models_it():
+    """LoftQ is drawn on Linear targets only: never on a Conv1D type (gpt2) nor beside LoRA on an
+    embedding (``strategies.inits.loftq_modelled``), but a config-time refusal still is."""
+    from strategies import cases, sample
+    from strategies.inits import init_variant, loftq_modelled
+
+    current = PROFILES["current"]
+    drawn = sample(cases(model_types=("gpt2", "llama"), quant_kinds=("none",), profile=current, init="loftq"), 60, 5)
+    loftq = [c for c in drawn if init_variant(c.adapter.init_lora_weights) == "loftq"]
+    assert any(c.model.model_type == "llama" for c in loftq)
+    for c in loftq:
+        if c.invalid:
+            continue
+        assert c.model.model_type != "gpt2", c
+        assert loftq_modelled(c.model.model_type, ("embed_tokens",), c.adapter.target_modules), c
+    assert not loftq_modelled("llama", ("embed_tokens",), ("q_proj", "embed_tokens"))
+    assert not loftq_modelled("llama", ("embed_tokens",), r".*\.(embed_tokens|q_proj)")
+    assert loftq_modelled("llama", ("embed_tokens",), "all-linear") and not loftq_modelled("gpt2", ("wte",), "all-linear")

@@ -297,6 +297,21 @@ def test_embed_scale_entry_does_not_excuse_a_structural_fault(monkeypatch):
     _fails(case, "adapter[default].dropout")
 
 
+def test_untied_head_token_entry_does_not_excuse_frozen_token_rows(monkeypatch):
+    _active("tokens-share-rows-with-an-untied-head")
+    case = Case(ModelSpec("llava", "CAUSAL_LM", num_layers=1),
+                adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(1,), task_type="CAUSAL_LM"),
+                training=NO_KBIT)
+
+    def freeze(peft_model, config):  # (the input embedding's rows, which the entry leaves compared)
+        for name, param in peft_model.named_parameters():
+            if "embed_tokens" in name and "trainable_tokens_delta" in name:
+                param.requires_grad = False
+
+    _after_get_peft_model(monkeypatch, freeze)
+    _fails(case, "requires_grad")
+
+
 # -- the count rule and the placeholders (any stack) ----------------------------------------------------------
 
 

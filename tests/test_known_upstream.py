@@ -229,6 +229,12 @@ MINIMAL = {
         adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(1,), task_type="CAUSAL_LM"),
         training=TrainingSpec(prepare_kbit=False),
     ),
+    # trainable tokens on llava (transformers 4.53): the untied lm_head is wrapped as tied, by config.
+    "tokens-share-rows-with-an-untied-head": Case(
+        ModelSpec("llava", "CAUSAL_LM", num_layers=1),
+        adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(1,), task_type="CAUSAL_LM"),
+        training=TrainingSpec(prepare_kbit=False),
+    ),
     # bias="lora_only" resumed from a saved adapter: the trained base biases were not saved.
     "lora-only-bias-not-saved": Case(
         ModelSpec("gpt2", "CAUSAL_LM", num_layers=1),
