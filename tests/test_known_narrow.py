@@ -312,6 +312,19 @@ def test_untied_head_token_entry_does_not_excuse_frozen_token_rows(monkeypatch):
     _fails(case, "requires_grad")
 
 
+def test_dpo_family_merge_entry_does_not_excuse_a_merge_that_skips_the_bias(monkeypatch):
+    _active("dpo-family-merge-reads-a-missing-bias")
+    case = Case(ModelSpec("llama", "CAUSAL_LM", num_layers=1),
+                adapter=AdapterSpec(lora_bias=True, target_modules="all-linear", task_type="CAUSAL_LM"),
+                training=TrainingSpec(level="trl", trainer="orpo", peft_model_in=True, peft_config_too=True,
+                                      prepare_kbit=False))
+    import peft
+
+    # a merge that silently drops the LoRA bias instead of refusing it (or crashing as peft 0.15 does)
+    monkeypatch.setattr(peft.tuners.lora.LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())
+    _fails(case, "raised")
+
+
 # -- the count rule and the placeholders (any stack) ----------------------------------------------------------
 
 
