@@ -69,6 +69,16 @@ def _raise_in_get_peft_model(monkeypatch: pytest.MonkeyPatch, exc: BaseException
     monkeypatch.setattr(peft, "get_peft_model", faulty)
 
 
+def _freeze_after_get_peft_model(monkeypatch: pytest.MonkeyPatch, picked) -> None:
+    """Plant frozen parameters: every parameter whose name ``picked(name)`` accepts."""
+    def freeze(peft_model, config):
+        for name, param in peft_model.named_parameters():
+            if picked(name):
+                param.requires_grad = False
+
+    _after_get_peft_model(monkeypatch, freeze)
+
+
 def _modules(peft_model, suffix: str):
     return [(n, m) for n, m in peft_model.named_modules() if n.endswith(suffix)]
 
@@ -258,13 +268,7 @@ def test_orphan_lora_entry_does_not_excuse_a_frozen_saved_copy(monkeypatch):
     case = Case(ModelSpec("roberta", "CAUSAL_LM", num_layers=1),
                 adapter=AdapterSpec(target_modules="all-linear", modules_to_save=("lm_head",)), training=NO_KBIT)
     _in_scope("orphan-lora-inside-saved-module", case)
-
-    def freeze(peft_model, config):
-        for name, param in peft_model.named_parameters():
-            if ".modules_to_save." in name:
-                param.requires_grad = False
-
-    _after_get_peft_model(monkeypatch, freeze)
+    _freeze_after_get_peft_model(monkeypatch, lambda name: ".modules_to_save." in name)
     _fails(case, "requires_grad")
 
 
@@ -302,13 +306,8 @@ def test_untied_head_token_entry_does_not_excuse_frozen_token_rows(monkeypatch):
     case = Case(ModelSpec("llava", "CAUSAL_LM", num_layers=1),
                 adapter=AdapterSpec(r=4, target_modules=("q_proj",), trainable_token_indices=(1,), task_type="CAUSAL_LM"),
                 training=NO_KBIT)
-
-    def freeze(peft_model, config):  # (the input embedding's rows, which the entry leaves compared)
-        for name, param in peft_model.named_parameters():
-            if "embed_tokens" in name and "trainable_tokens_delta" in name:
-                param.requires_grad = False
-
-    _after_get_peft_model(monkeypatch, freeze)
+    # (the input embedding's rows, which the entry leaves compared)
+    _freeze_after_get_peft_model(monkeypatch, lambda name: "embed_tokens" in name and "trainable_tokens_delta" in name)
     _fails(case, "requires_grad")
 
 
