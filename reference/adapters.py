@@ -98,6 +98,8 @@ def add_adapter(model: nn.Module, adapters: Adapters, name: str, spec: AdapterSp
         return AdapterParams(
             r=r, alpha=alpha, dropout=settings.lora_dropout, use_rslora=settings.use_rslora,
             init=settings.init_lora_weights, lora_bias=settings.lora_bias, autocast=autocast,
+            dora_update_rounded_first=profile.dora_bnb_update_rounded_first,
+            dora_norm_update_in_input_dtype=profile.dora_norm_update_in_input_dtype,
             follow_4bit_compute=profile.adapter_dtype_follows_4bit_compute,
             warn_no_base_bias=profile.warns_lora_bias_without_base_bias, init_variants=profile.init_variants,
             fan_in_fan_out=fifo, loftq_config=settings.loftq_config, loftq_quantizers=profile.loftq_quantizers)

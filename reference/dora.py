@@ -76,11 +76,14 @@ def magnitude_dtype(base: nn.Module, factors: torch.dtype) -> torch.dtype:
 
 
 def linear_norm(base: nn.Module, fan_in_fan_out: bool, a: torch.Tensor, b: torch.Tensor,
-                scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """Row norms of ``W + scaling * B @ A`` (shape (out,)), computed in ``dtype``."""
+                scaling: float, dtype: torch.dtype, update_in_dtype: bool = True) -> torch.Tensor:
+    """Row norms of ``W + scaling * B @ A`` (shape (out,)), computed in ``dtype``.  Under
+    autocast ``B @ A`` comes out in the autocast dtype: ``update_in_dtype`` casts it back to
+    ``dtype`` before the scaling (peft >= 0.19), else the scaled product is rounded there."""
     work = dtype
     w = _out_in(base, fan_in_fan_out).to(work)
-    delta = (b.to(work) @ a.to(work)) * scaling
+    delta = b.to(work) @ a.to(work)
+    delta = (delta.to(work) if update_in_dtype else delta) * scaling
     return torch.linalg.norm(w + delta, dim=1)
 
 
@@ -95,17 +98,17 @@ def embedding_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scali
 
 def linear_update(base: nn.Module, fan_in_fan_out: bool, lora_a: nn.Linear, lora_b: nn.Linear,
                   scaling: float, magnitude: torch.Tensor, dropped: torch.Tensor,
-                  base_result: torch.Tensor | None) -> torch.Tensor:
+                  base_result: torch.Tensor | None, update_in_dtype: bool = True) -> torch.Tensor:
     """What DoRA adds to ``base(x)`` for a Linear-like layer, given the dropped-out input
     (already in the factors' dtype).
 
     ``base_result`` is the base layer's own output without its bias, reused where dropout
     changes nothing (no dropout, or eval mode: so a bitsandbytes layer's rounding in its
     compute dtype carries over); None recomputes ``W x_d`` from the dense weight in the
-    factors' dtype."""
+    factors' dtype.  ``update_in_dtype``: :func:`linear_norm`."""
     dtype = lora_a.weight.dtype
     with torch.no_grad():
-        norm = linear_norm(base, fan_in_fan_out, lora_a.weight, lora_b.weight, scaling, dtype)
+        norm = linear_norm(base, fan_in_fan_out, lora_a.weight, lora_b.weight, scaling, dtype, update_in_dtype)
     scale = magnitude / norm
     if base_result is None:
         base_result = F.linear(dropped, _out_in(base, fan_in_fan_out).to(dtype))

@@ -41,6 +41,8 @@ class AdapterParams:
     dora_update_rounded_first: bool = False
     """On a bitsandbytes layer, the DoRA update is rounded to the base output's dtype before it
     is added, like a plain LoRA update (profile rule, peft 0.15); later the sum is rounded once."""
+    dora_norm_update_in_input_dtype: bool = True
+    """DoRA's forward scales ``B @ A`` in the input's dtype, not the autocast dtype (profile rule)."""
     follow_4bit_compute: bool = True
     """Factors on a bnb 4-bit layer follow its compute dtype (profile rule)."""
     warn_no_base_bias: bool = True
@@ -99,6 +101,7 @@ class _LoraBase(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
         self.dora_update_rounded_first: dict[str, bool] = {}
+        self.dora_norm_update_in_input_dtype: dict[str, bool] = {}
         self.active_adapters: list[str] = []
 
     # Model code reads the wrapped module's tensors (t5's feed-forward compares its
@@ -164,6 +167,7 @@ class LoraLinear(_LoraBase):
         self._place(list(a.parameters()) + list(b.parameters()), p)
         if p.use_dora:
             self.dora_update_rounded_first[name] = p.dora_update_rounded_first
+            self.dora_norm_update_in_input_dtype[name] = p.dora_norm_update_in_input_dtype
             dtype = dora.magnitude_dtype(self.base_layer, a.weight.dtype)
             norm = dora.linear_norm(self.base_layer, self.fan_in_fan_out, a.weight.detach(), b.weight.detach(),
                                     self.scaling[name], dtype)
@@ -211,7 +215,8 @@ class LoraLinear(_LoraBase):
                 bias = getattr(self.base_layer, "bias", None)
                 base_result = (result - bias if bias is not None else result) if reuse else None
                 update = dora.linear_update(self.base_layer, self.fan_in_fan_out, a, b, self.scaling[name],
-                                            self.lora_magnitude_vector[name].weight, h, base_result)
+                                            self.lora_magnitude_vector[name].weight, h, base_result,
+                                            self.dora_norm_update_in_input_dtype[name])
                 round_first = bnb and convert and self.dora_update_rounded_first[name]
             else:
                 update = b(a(h)) * self.scaling[name]

@@ -230,6 +230,7 @@ def prepare_wrapped(
             use_rslora=settings.use_rslora,
             use_dora=settings.use_dora,
             dora_update_rounded_first=profile.dora_bnb_update_rounded_first,
+            dora_norm_update_in_input_dtype=profile.dora_norm_update_in_input_dtype,
             init=settings.init_lora_weights,
             lora_bias=settings.lora_bias,
             autocast=autocast,

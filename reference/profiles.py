@@ -170,6 +170,11 @@ class Profile:
     dora_bnb_update_rounded_first: bool = False
     """A bitsandbytes layer rounds its DoRA update to the base output's dtype before adding it,
     as it does a plain LoRA update (peft 0.15); peft 0.16's LoRA variants round the sum once."""
+    dora_norm_update_in_input_dtype: bool = True
+    """DoRA's forward casts ``B @ A`` to the layer input's dtype before scaling it into the
+    weight norm, so under autocast the scaled update is not rounded to the autocast dtype
+    (huggingface/peft PR #2661, in 0.19.0; 0.15.2 - 0.18.1 scale the autocast-dtype product:
+    their sources; observed on 0.15.2 and 0.21.2 as bit-exact bf16-autocast gradients)."""
     add_adapter_autocasts: bool = True
     """``add_adapter`` upcasts the new adapter's half-precision factors to fp32 (its own
     ``autocast_adapter_dtype=True``, peft >= 0.19; before, they kept the base's dtype, observed on
@@ -206,6 +211,7 @@ _SEED = Profile(
     bias_all_substring=True,
     merge_unties_diverged_embeddings=False,
     dora_bnb_update_rounded_first=True,
+    dora_norm_update_in_input_dtype=False,
     init_variants=("olora", "pissa", "pissa_niter", "loftq"),
     loftq_quantizers=((2, "normal-float"), (4, "nf4"), (8, "normal-float")),
     features=("use_dora", "inference_mode", "trainable_token_indices"),
@@ -261,6 +267,7 @@ _PEFT_0_19 = dataclasses.replace(
     embedding_keeps_fan_in_fan_out=True,
     adapter_dtype_follows_4bit_compute=True,
     merge_unties_diverged_embeddings=True,
+    dora_norm_update_in_input_dtype=True,
     moe_conversion=True,
     add_adapter_autocasts=True,  # add_adapter(..., autocast_adapter_dtype=True)
 )

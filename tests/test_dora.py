@@ -326,3 +326,56 @@ def test_the_dora_cells_fail_on_a_frozen_magnitude_and_pass_clean(pytester):
     assert clean.ret == pytest.ExitCode.OK, clean.stdout.str()[-3000:]
     pinned = [c for level in ("peft", "trl") for c in cells(level) if c.adapter_feature == "dora"]
     clean.assert_outcomes(passed=len(pinned), deselected=None)
+
+
+AUTOCAST_DORA = Case(
+    ModelSpec("olmo", "CAUSAL_LM", num_layers=3),
+    adapter=AdapterSpec(target_modules="all-linear", use_dora=True, use_rslora=True, init_lora_weights=False,
+                        task_type="CAUSAL_LM"),
+    training=TrainingSpec(level="trl", bf16=True, prepare_kbit=False),
+)
+"""Found by the seed-3 suite run at 150 examples: a bf16-autocast DoRA gradient 1.2 tolerances
+off, because the reference rounded the scaled ``B @ A`` of the weight norm to bf16 where peft
+>= 0.19 scales it in the input's dtype (``Profile.dora_norm_update_in_input_dtype``)."""
+
+
+def _layer_pair(update_in_dtype: bool):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64, bias=False))
+    up = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=8, target_modules=["0"], use_dora=True,
+                                                         use_rslora=True, init_lora_weights=False))
+    ul = up.base_model.model[0]
+    rl = LoraLinear(copy.deepcopy(base[0]), 64, 64, False)
+    rl.add_adapter("default", AdapterParams(r=8, alpha=8, dropout=0.0, use_rslora=True, init=False, lora_bias=False,
+                                            autocast=True, use_dora=True, dora_norm_update_in_input_dtype=update_in_dtype))
+    with torch.no_grad():
+        for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            getattr(rl, part)["default"].weight.copy_(getattr(ul, part)["default"].weight)
+    return ul, rl
+
+
+def _autocast_grads(layer, x):
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    (y.float() ** 2).sum().backward()
+    return y.detach(), layer.lora_B["default"].weight.grad.clone()
+
+
+def test_dora_under_bf16_autocast_is_bit_exact_with_the_installed_peft():
+    rule = PROFILE.dora_norm_update_in_input_dtype
+    x = torch.randn(4, 64)
+    ul, rl = _layer_pair(rule)
+    (uy, ug), (ry, rg) = _autocast_grads(ul, x), _autocast_grads(rl, x)
+    assert torch.equal(uy, ry) and torch.equal(ug, rg)
+    # the nearest fault: the other era's rounding of the scaled update
+    _, wrong = _layer_pair(not rule)
+    wy, wg = _autocast_grads(wrong, x)
+    assert not (torch.equal(uy, wy) and torch.equal(ug, wg))
+    outcome = run_case(AUTOCAST_DORA, PROFILE)
+    assert outcome.status in ("agree", "known") and outcome.numerics["max_error_in_tolerances"] == 0.0, \
+        (outcome.divergences, outcome.numerics)
